@@ -1,0 +1,33 @@
+//! Condition types and reasons written to `status.conditions`, one constant per wire string.
+
+/// Condition types.
+pub mod types {
+    /// The pool is valid and its pods report.
+    pub const READY: &str = "Ready";
+    /// Some pods do not report, or report errors.
+    pub const DEGRADED: &str = "Degraded";
+    /// Measured usage in some pod is above a ceiling.
+    pub const CEILING_EXCEEDED: &str = "CeilingExceeded";
+    /// Another pool in the namespace selects the same pods.
+    pub const CONFLICT: &str = "Conflict";
+}
+
+/// Condition reasons (PascalCase, as the API conventions ask).
+pub mod reasons {
+    /// Every matched pod reports.
+    pub const ALL_PODS_REPORTING: &str = "AllPodsReporting";
+    /// No pod matches the selector yet.
+    pub const NO_PODS: &str = "NoPods";
+    /// Some matched pods have not reported.
+    pub const PODS_NOT_REPORTING: &str = "PodsNotReporting";
+    /// A sidecar reported an error.
+    pub const SIDECAR_ERROR: &str = "SidecarError";
+    /// Usage within the ceilings.
+    pub const WITHIN_CEILINGS: &str = "WithinCeilings";
+    /// Usage above a ceiling.
+    pub const OVER_CEILING: &str = "OverCeiling";
+    /// An older pool selects overlapping pods.
+    pub const OVERLAPPING_SELECTOR: &str = "OverlappingSelector";
+    /// No overlap with other pools.
+    pub const NO_CONFLICT: &str = "NoConflict";
+}

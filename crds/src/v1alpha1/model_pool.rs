@@ -1,0 +1,361 @@
+//! The `ModelPool` resource: which models the selected pods may load, what each needs,
+//! the per-pod ceilings and the policy that keeps them within those ceilings.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema, core::Duration};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::Quantity;
+
+/// The most models one pool may declare: keeps the CRD's CEL cost estimate bounded.
+pub const MAX_MODELS: usize = 64;
+
+/// A pool of models that the selected inference pods may load, with per-pod memory ceilings
+/// and the policy (unload after use, idle TTL, pressure eviction) the sidecar enforces.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "modelpool.io",
+    version = "v1alpha1",
+    kind = "ModelPool",
+    plural = "modelpools",
+    singular = "modelpool",
+    shortname = "mp",
+    category = "modelpool",
+    namespaced,
+    cel,
+    status = "ModelPoolStatus",
+    doc = "A pool of models that selected inference pods may load, with per-pod ceilings and an unload/eviction policy.",
+    printcolumn(
+        name = "Models",
+        type_ = "string",
+        description = "Models loaded somewhere / declared",
+        json_path = ".status.modelsLoaded"
+    ),
+    printcolumn(
+        name = "Pods",
+        type_ = "string",
+        description = "Pods reporting / matched",
+        json_path = ".status.podsReady"
+    ),
+    printcolumn(
+        name = "VRAM",
+        type_ = "string",
+        description = "VRAM held by the pool's models, summed over pods",
+        json_path = ".status.vramUsed"
+    ),
+    printcolumn(
+        name = "Ceiling",
+        type_ = "string",
+        description = "Per-pod VRAM ceiling",
+        json_path = ".spec.limits.vram"
+    ),
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.policy.mode"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("self.models.all(m, self.models.exists_one(n, n.name == m.name))").message("model names must be unique").field_path(".models"),
+    validation = Rule::new("!has(self.limits.vram) || self.models.all(m, !has(m.vram) || quantity(m.vram).compareTo(quantity(self.limits.vram)) <= 0)").message("each model's vram must fit within limits.vram").field_path(".models"),
+    validation = Rule::new("!has(self.limits.ram) || self.models.all(m, !has(m.ram) || quantity(m.ram).compareTo(quantity(self.limits.ram)) <= 0)").message("each model's ram must fit within limits.ram").field_path(".models"),
+    validation = Rule::new("!has(self.limits.vram) || self.models.filter(m, has(m.pinned) && m.pinned && has(m.vram)).map(m, quantity(m.vram).asInteger()).sum() <= quantity(self.limits.vram).asInteger()").message("pinned models together must fit within limits.vram").field_path(".models"),
+    validation = Rule::new("!has(self.limits.ram) || self.models.filter(m, has(m.pinned) && m.pinned && has(m.ram)).map(m, quantity(m.ram).asInteger()).sum() <= quantity(self.limits.ram).asInteger()").message("pinned models together must fit within limits.ram").field_path(".models")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelPoolSpec {
+    /// The pods this pool governs. Absent: pods labelled `modelpool.io/pool: <pool name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+
+    /// How the sidecar makes the app load and unload models.
+    #[serde(default)]
+    pub driver: Driver,
+
+    /// Per-pod ceilings for what the pool's models may hold together. Absent: no ceiling
+    /// beyond the device itself.
+    #[serde(default)]
+    pub limits: Resources,
+
+    /// What the app holds with nothing loaded (its runtime, CUDA context, buffers).
+    #[serde(default)]
+    pub baseline: Resources,
+
+    /// When to unload and whom to evict.
+    #[serde(default)]
+    pub policy: Policy,
+
+    /// The models pods of this pool may load.
+    #[schemars(length(min = 1, max = 64))]
+    pub models: Vec<ModelSpec>,
+}
+
+/// Memory sizes for the GPU (`vram`) and host (`ram`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// GPU memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram: Option<Quantity>,
+    /// Host memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<Quantity>,
+}
+
+/// How the sidecar drives loads and unloads in the app.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.kind != 'Http' || has(self.url)").message("driver.url is required when driver.kind is Http").field_path(".url"))]
+#[serde(rename_all = "camelCase")]
+pub struct Driver {
+    /// `Sdk`: the app's SDK session receives the commands. `Http`: the sidecar calls
+    /// `POST {url}/models/{name}/load` and `/unload` on the app.
+    #[serde(default)]
+    pub kind: DriverKind,
+    /// Base URL of the app's model API (required for `Http`), e.g. `http://127.0.0.1:8000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("driver.url must start with http:// or https://"))]
+    #[schemars(length(max = 512))]
+    pub url: Option<String>,
+}
+
+/// The kinds of driver.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DriverKind {
+    /// Commands go to the app's SDK session.
+    #[default]
+    Sdk,
+    /// The sidecar calls the app's load/unload URLs.
+    Http,
+}
+
+/// When models are unloaded and which are evicted first.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    /// `Aggressive`: unload at the last release. `Cache`: keep until idle for `idleTTL` or
+    /// evicted under pressure.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Cache mode: unload a model idle for this long (e.g. `5m`).
+    #[serde(default = "default_idle_ttl", rename = "idleTTL")]
+    pub idle_ttl: Duration,
+    /// Which idle model goes first when room is needed.
+    #[serde(default)]
+    pub eviction: Eviction,
+    /// Usage levels above which idle models are evicted.
+    #[serde(default)]
+    pub pressure: Pressure,
+    /// How long an acquire waits for room before it is refused (e.g. `60s`).
+    #[serde(default = "default_acquire_timeout")]
+    pub acquire_timeout: Duration,
+    /// What happens when measured usage exceeds a ceiling.
+    #[serde(default)]
+    pub enforcement: Enforcement,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            mode: Mode::default(),
+            idle_ttl: default_idle_ttl(),
+            eviction: Eviction::default(),
+            pressure: Pressure::default(),
+            acquire_timeout: default_acquire_timeout(),
+            enforcement: Enforcement::default(),
+        }
+    }
+}
+
+fn default_idle_ttl() -> Duration {
+    Duration::from(std::time::Duration::from_secs(300))
+}
+
+fn default_acquire_timeout() -> Duration {
+    Duration::from(std::time::Duration::from_secs(60))
+}
+
+/// The seed's `aggressive_cleanup` switch.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Mode {
+    /// Unload a model as soon as its last lease is released.
+    #[default]
+    Aggressive,
+    /// Keep released models until idle for `idleTTL` or evicted under pressure.
+    Cache,
+}
+
+/// Eviction order among idle models.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Eviction {
+    /// Least recently used first.
+    Lru,
+    /// GreedyDual-Size: cheapest to reload per byte freed, aged by recency.
+    #[default]
+    CostAware,
+}
+
+/// What to do when measured usage exceeds a ceiling.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Enforcement {
+    /// Report only (metric, condition, event).
+    Advisory,
+    /// Evict idle models until usage is back under the ceiling.
+    #[default]
+    Evict,
+    /// Evict, and restart the app container when memory is not reclaimed.
+    Restart,
+}
+
+/// Usage levels (percent of the device / pod limit) above which idle models are evicted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Pressure {
+    /// GPU memory in use on the device, in percent.
+    #[serde(default = "default_vram_percent")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("vramPercent must be between 1 and 100"))]
+    pub vram_percent: u32,
+    /// Host memory in use by the pod (cgroup) or node, in percent.
+    #[serde(default = "default_ram_percent")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("ramPercent must be between 1 and 100"))]
+    pub ram_percent: u32,
+}
+
+impl Default for Pressure {
+    fn default() -> Self {
+        Self {
+            vram_percent: default_vram_percent(),
+            ram_percent: default_ram_percent(),
+        }
+    }
+}
+
+fn default_vram_percent() -> u32 {
+    90
+}
+
+fn default_ram_percent() -> u32 {
+    80
+}
+
+/// One model pods of the pool may load.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// The name apps acquire it by: lowercase letters, digits, `-` and `_`, at most 63.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$')").message("model name must be lowercase letters, digits, '-' or '_', starting and ending with a letter or digit"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// GPU memory the model needs once loaded (before any load is measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram: Option<Quantity>,
+    /// Host memory the model needs once loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram: Option<Quantity>,
+    /// Higher goes first in the acquire queue and is evicted last.
+    #[serde(default)]
+    pub priority: i32,
+    /// Never evicted or unloaded by policy once loaded.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Reload cost hint in seconds, used until a load has been measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.0").message("loadSeconds must not be negative"))]
+    pub load_seconds: Option<f64>,
+    /// Where the weights live; a safetensors/GGUF header there can estimate the footprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ModelSource>,
+}
+
+/// Where a model's weights are.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// e.g. `file:///models/rife.safetensors`.
+    #[schemars(length(max = 1024))]
+    pub uri: String,
+}
+
+/// What the operator last saw of the pool's pods.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelPoolStatus {
+    /// The spec generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Degraded`, `CeilingExceeded`, `Conflict`.
+    #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// Pods the selector matches.
+    #[serde(default)]
+    pub pods_matched: i32,
+    /// Pods whose sidecar has reported.
+    #[serde(default)]
+    pub pods_reporting: i32,
+    /// `reporting/matched`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_ready: Option<String>,
+    /// `loaded/declared` models, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models_loaded: Option<String>,
+    /// Per-model counts over the pool's pods.
+    #[serde(default)]
+    #[schemars(schema_with = "model_status_schema")]
+    pub models: Vec<ModelStatus>,
+    /// Loads over all pods since they started.
+    #[serde(default)]
+    pub loads: i64,
+    /// Evictions over all pods since they started.
+    #[serde(default)]
+    pub evictions: i64,
+    /// VRAM held by the pool's models, summed over pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram_used: Option<Quantity>,
+    /// RAM held by the pool's models, summed over pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_used: Option<Quantity>,
+}
+
+/// One model's state across the pool's pods.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelStatus {
+    /// The model's name.
+    pub name: String,
+    /// Pods that hold it now.
+    #[serde(default)]
+    pub loaded_in: i32,
+    /// Loads over all pods.
+    #[serde(default)]
+    pub loads: i64,
+    /// Evictions over all pods.
+    #[serde(default)]
+    pub evictions: i64,
+}
+
+fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let item = generator.subschema_for::<Condition>();
+    json_schema!({
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": item
+    })
+}
+
+fn model_status_schema(generator: &mut SchemaGenerator) -> Schema {
+    let item = generator.subschema_for::<ModelStatus>();
+    json_schema!({
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+        "items": item
+    })
+}
