@@ -1,0 +1,115 @@
+//! What the engine needs to know of a pool: plain data, free of Kubernetes types, so that the
+//! sidecar, the benchmarks and the tests can all build one.
+
+use std::time::Duration;
+
+use crate::footprint::{Footprint, Resource};
+
+/// The seed's `aggressive_cleanup` switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Unload at the last release.
+    Aggressive,
+    /// Keep until idle for the TTL, or evicted.
+    Cache,
+}
+
+/// Which idle instance goes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictionPolicy {
+    /// Least recently used first.
+    Lru,
+    /// GreedyDual-Size (see `eviction.rs`).
+    CostAware,
+}
+
+/// Per-pod ceilings; `None` is no ceiling beyond the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// GPU bytes.
+    pub vram: Option<u64>,
+    /// Host bytes.
+    pub ram: Option<u64>,
+}
+
+impl Limits {
+    /// The ceiling of one resource.
+    pub fn get(self, resource: Resource) -> Option<u64> {
+        match resource {
+            Resource::Vram => self.vram,
+            Resource::Ram => self.ram,
+        }
+    }
+}
+
+/// One model of the pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Its name.
+    pub name: String,
+    /// Declared needs (zero where not declared).
+    pub declared: Footprint,
+    /// Higher is served first and evicted last.
+    pub priority: i32,
+    /// Never unloaded by policy.
+    pub pinned: bool,
+    /// Reload cost hint, used until a load is measured.
+    pub load_seconds: Option<f64>,
+}
+
+/// The pool as the engine sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolConfig {
+    /// Unload at last release, or cache.
+    pub mode: Mode,
+    /// Cache mode: unload after this long idle.
+    pub idle_ttl: Duration,
+    /// Eviction order.
+    pub eviction: EvictionPolicy,
+    /// Evict idle models while device VRAM use is above this percent.
+    pub pressure_vram_percent: u32,
+    /// Evict idle models while RAM use (of the pod limit) is above this percent.
+    pub pressure_ram_percent: u32,
+    /// How long an acquire may wait for room.
+    pub acquire_timeout: Duration,
+    /// How long an unload may take to show its memory back before it is reported lost.
+    pub reclaim_timeout: Duration,
+    /// Evict idle models when measured usage exceeds a ceiling (`Evict`/`Restart`), or only
+    /// report it (`Advisory`).
+    pub evict_over_ceiling: bool,
+    /// Per-pod ceilings.
+    pub limits: Limits,
+    /// The models.
+    pub models: Vec<ModelConfig>,
+}
+
+impl PoolConfig {
+    /// A pool with the CRD's defaults and the given models and limits (handy in tests).
+    pub fn new(limits: Limits, models: Vec<ModelConfig>) -> Self {
+        Self {
+            mode: Mode::Aggressive,
+            idle_ttl: Duration::from_secs(300),
+            eviction: EvictionPolicy::CostAware,
+            pressure_vram_percent: 90,
+            pressure_ram_percent: 80,
+            acquire_timeout: Duration::from_secs(60),
+            reclaim_timeout: Duration::from_secs(10),
+            evict_over_ceiling: true,
+            limits,
+            models,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// A model with declared needs and no priority, pinning or cost hint.
+    pub fn new(name: &str, vram: u64, ram: u64) -> Self {
+        Self {
+            name: name.to_owned(),
+            declared: Footprint::new(vram, ram),
+            priority: 0,
+            pinned: false,
+            load_seconds: None,
+        }
+    }
+}

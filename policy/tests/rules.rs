@@ -1,0 +1,503 @@
+//! One test per rule of the engine.
+
+use std::time::Duration;
+
+use modelpool_policy::*;
+
+const GIB: u64 = 1 << 30;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// The seed's pipeline: t2v 12/2 GiB, upscale 4/12 GiB, frame_interpolation 2/9 GiB,
+/// ceilings 20 GiB VRAM and 16 GiB RAM.
+fn seed_pool(mode: Mode) -> PoolConfig {
+    let mut config = PoolConfig::new(
+        Limits {
+            vram: Some(20 * GIB),
+            ram: Some(16 * GIB),
+        },
+        vec![
+            ModelConfig::new("t2v", 12 * GIB, 2 * GIB),
+            ModelConfig::new("upscale", 4 * GIB, 12 * GIB),
+            ModelConfig::new("frame_interpolation", 2 * GIB, 9 * GIB),
+        ],
+    );
+    config.mode = mode;
+    config
+}
+
+const APP: SessionId = SessionId(1);
+const OTHER: SessionId = SessionId(2);
+
+fn granted(out: &[Output]) -> Vec<(RequestId, Action, LeaseId)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Granted {
+                request,
+                action,
+                lease,
+                ..
+            } => Some((*request, *action, *lease)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn unloads(out: &[Output]) -> Vec<(String, UnloadReason)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Unload { model, reason, .. } => Some((model.clone(), *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn refusal(out: &[Output]) -> Option<Refusal> {
+    out.iter().find_map(|o| match o {
+        Output::Refused { refusal, .. } => Some((**refusal).clone()),
+        _ => None,
+    })
+}
+
+/// Acquire + loaded, returning the lease.
+fn load(
+    engine: &mut Engine,
+    now: Duration,
+    request: u64,
+    session: SessionId,
+    model: &str,
+) -> LeaseId {
+    let out = engine.acquire(now, RequestId(request), session, model);
+    let (_, action, lease) = granted(&out)[0];
+    assert_eq!(action, Action::Load);
+    engine.loaded(now, session, model, None, None);
+    lease
+}
+
+/// The app unloads and the sidecar sees the memory back.
+fn finish_unload(
+    engine: &mut Engine,
+    now: Duration,
+    session: SessionId,
+    model: &str,
+) -> Vec<Output> {
+    engine.unloaded(now, session, model);
+    engine.reclaimed(now, session, model)
+}
+
+#[test]
+fn first_acquire_loads_second_uses() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let lease = load(&mut engine, secs(0), 1, APP, "t2v");
+    engine.release(secs(1), lease);
+    let out = engine.acquire(secs(2), RequestId(2), APP, "t2v");
+    assert_eq!(granted(&out)[0].1, Action::Use);
+}
+
+#[test]
+fn aggressive_release_unloads_at_once() {
+    let mut engine = Engine::new(seed_pool(Mode::Aggressive));
+    let lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    let out = engine.release(secs(5), lease);
+    assert_eq!(
+        unloads(&out),
+        [("upscale".to_owned(), UnloadReason::Released)]
+    );
+    // Held until the memory is seen back (ModelMesh's rule).
+    assert_eq!(engine.held(), Footprint::new(4 * GIB, 12 * GIB));
+    engine.unloaded(secs(6), APP, "upscale");
+    assert_eq!(engine.held(), Footprint::new(4 * GIB, 12 * GIB));
+    engine.reclaimed(secs(6), APP, "upscale");
+    assert_eq!(engine.held(), Footprint::default());
+}
+
+#[test]
+fn aggressive_keeps_a_model_while_another_lease_lives() {
+    let mut engine = Engine::new(seed_pool(Mode::Aggressive));
+    let first = load(&mut engine, secs(0), 1, APP, "t2v");
+    let out = engine.acquire(secs(1), RequestId(2), APP, "t2v");
+    let (_, action, second) = granted(&out)[0];
+    assert_eq!(action, Action::Use);
+    assert!(unloads(&engine.release(secs(2), first)).is_empty());
+    assert_eq!(unloads(&engine.release(secs(3), second)).len(), 1);
+}
+
+#[test]
+fn cache_mode_unloads_after_idle_ttl_only() {
+    let mut config = seed_pool(Mode::Cache);
+    config.idle_ttl = secs(300);
+    let mut engine = Engine::new(config);
+    let lease = load(&mut engine, secs(0), 1, APP, "t2v");
+    assert!(unloads(&engine.release(secs(10), lease)).is_empty());
+    assert!(unloads(&engine.tick(secs(309), Readings::default())).is_empty());
+    assert_eq!(
+        unloads(&engine.tick(secs(310), Readings::default())),
+        [("t2v".to_owned(), UnloadReason::IdleTtl)]
+    );
+}
+
+#[test]
+fn over_ceiling_is_refused_with_the_numbers() {
+    let mut config = seed_pool(Mode::Aggressive);
+    config.models.push(ModelConfig::new("huge", 24 * GIB, 0));
+    let mut engine = Engine::new(config);
+    let out = engine.acquire(secs(0), RequestId(1), APP, "huge");
+    let refusal = refusal(&out).expect("refused");
+    assert_eq!(refusal.reason, RefusalReason::ExceedsCeiling);
+    assert!(
+        refusal
+            .message
+            .contains("model \"huge\" needs 24.0 GiB of vram, above the ceiling of 20.0 GiB"),
+        "{}",
+        refusal.message
+    );
+    assert_eq!(refusal.need, Footprint::new(24 * GIB, 0));
+}
+
+#[test]
+fn refusal_names_what_holds_the_rest() {
+    let mut config = seed_pool(Mode::Aggressive);
+    config.acquire_timeout = secs(30);
+    let mut engine = Engine::new(config);
+    let _t2v = load(&mut engine, secs(0), 1, APP, "t2v");
+    let _upscale = load(&mut engine, secs(0), 2, APP, "upscale");
+    // frame_interpolation needs 9 GiB RAM; 14 GiB are held by leased models.
+    let out = engine.acquire(secs(1), RequestId(3), OTHER, "frame_interpolation");
+    assert!(
+        granted(&out).is_empty() && refusal(&out).is_none(),
+        "it waits"
+    );
+    let out = engine.tick(secs(31), Readings::default());
+    let refusal = refusal(&out).expect("refused after the timeout");
+    assert_eq!(refusal.reason, RefusalReason::Timeout);
+    for part in [
+        "ram: ceiling 16.0 GiB",
+        "14.0 GiB held",
+        "upscale (12.0 GiB loaded, 1 lease)",
+        "t2v (2.0 GiB loaded, 1 lease)",
+    ] {
+        assert!(
+            refusal.message.contains(part),
+            "{part:?} missing from {}",
+            refusal.message
+        );
+    }
+}
+
+#[test]
+fn idle_models_are_evicted_to_make_room_and_the_acquire_waits_for_the_reclaim() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    engine.release(secs(1), lease);
+    // frame_interpolation (9 GiB RAM) does not fit beside idle upscale (12 GiB) under 16 GiB.
+    let out = engine.acquire(secs(2), RequestId(2), APP, "frame_interpolation");
+    assert_eq!(
+        unloads(&out),
+        [("upscale".to_owned(), UnloadReason::Evicted)]
+    );
+    assert!(granted(&out).is_empty());
+    let out = finish_unload(&mut engine, secs(3), APP, "upscale");
+    let grants = granted(&out);
+    assert_eq!(grants.len(), 1);
+    assert_eq!((grants[0].0, grants[0].1), (RequestId(2), Action::Load));
+}
+
+#[test]
+fn a_leased_model_is_never_evicted() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let _lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    let out = engine.acquire(secs(1), RequestId(2), APP, "frame_interpolation");
+    assert!(unloads(&out).is_empty());
+    assert!(granted(&out).is_empty());
+}
+
+#[test]
+fn pinned_models_stay_and_shrink_the_room() {
+    let mut config = seed_pool(Mode::Aggressive);
+    config.models[1].pinned = true; // upscale, 12 GiB RAM
+    let mut engine = Engine::new(config);
+    let lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    assert!(
+        unloads(&engine.release(secs(1), lease)).is_empty(),
+        "pinned survives release"
+    );
+    assert!(unloads(&engine.tick(secs(10_000), Readings::default())).is_empty());
+    // 9 GiB RAM can never fit beside a pinned 12 GiB under 16 GiB: refused at once.
+    let out = engine.acquire(secs(2), RequestId(2), APP, "frame_interpolation");
+    let refusal = refusal(&out).expect("refused");
+    assert_eq!(refusal.reason, RefusalReason::ExceedsCeiling);
+    assert!(
+        refusal.message.contains("held by pinned models"),
+        "{}",
+        refusal.message
+    );
+    // Only a forced cleanup unloads it.
+    assert!(unloads(&engine.cleanup(secs(3), false).0).is_empty());
+    assert_eq!(
+        unloads(&engine.cleanup(secs(3), true).0),
+        [("upscale".to_owned(), UnloadReason::Cleanup)]
+    );
+}
+
+#[test]
+fn queue_is_fifo_within_a_priority_and_priority_goes_first() {
+    let mut config = seed_pool(Mode::Aggressive);
+    config.models[0].priority = 100; // t2v
+    let mut engine = Engine::new(config);
+    let upscale = load(&mut engine, secs(0), 1, APP, "upscale"); // 12 GiB RAM, leased
+    // Both wait for RAM: frame_interpolation (prio 0) first, then t2v (prio 100)... t2v fits
+    // (2 GiB) so use a second upscale from another session to force waiting.
+    let out = engine.acquire(secs(1), RequestId(2), OTHER, "frame_interpolation");
+    assert!(granted(&out).is_empty());
+    let out = engine.acquire(secs(2), RequestId(3), OTHER, "upscale");
+    assert!(granted(&out).is_empty());
+    let out = engine.release(secs(3), upscale);
+    assert_eq!(unloads(&out).len(), 1);
+    let out = finish_unload(&mut engine, secs(4), APP, "upscale");
+    // Same priority: the earlier request (frame_interpolation) is served first.
+    assert_eq!(granted(&out)[0].0, RequestId(2));
+}
+
+#[test]
+fn higher_priority_is_served_first() {
+    let mut config = seed_pool(Mode::Aggressive);
+    config.models[2].priority = 10; // frame_interpolation
+    let mut engine = Engine::new(config);
+    let upscale = load(&mut engine, secs(0), 1, APP, "upscale");
+    engine.acquire(secs(1), RequestId(2), OTHER, "upscale");
+    engine.acquire(secs(2), RequestId(3), OTHER, "frame_interpolation");
+    engine.release(secs(3), upscale);
+    let out = finish_unload(&mut engine, secs(4), APP, "upscale");
+    assert_eq!(granted(&out)[0].0, RequestId(3));
+}
+
+#[test]
+fn acquire_times_out() {
+    let mut config = seed_pool(Mode::Aggressive);
+    config.acquire_timeout = secs(60);
+    let mut engine = Engine::new(config);
+    let _lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    engine.acquire(secs(0), RequestId(2), OTHER, "upscale");
+    assert!(refusal(&engine.tick(secs(59), Readings::default())).is_none());
+    let refused = refusal(&engine.tick(secs(60), Readings::default())).expect("timed out");
+    assert_eq!(refused.reason, RefusalReason::Timeout);
+    assert_eq!(engine.queue_len(), 0);
+}
+
+#[test]
+fn pressure_evicts_idle_models() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let t2v = load(&mut engine, secs(0), 1, APP, "t2v");
+    let upscale = load(&mut engine, secs(0), 2, APP, "upscale");
+    engine.release(secs(1), t2v);
+    engine.release(secs(2), upscale);
+    // Another tenant pushes the 80 GiB device to 95 %: 4 GiB over the 90 % line.
+    let readings = Readings {
+        vram: Some((76 * GIB, 80 * GIB)),
+        ram: None,
+    };
+    let out = engine.tick(secs(3), readings);
+    let evicted = unloads(&out);
+    assert_eq!(evicted.len(), 1, "one idle model frees enough: {evicted:?}");
+    assert_eq!(evicted[0].1, UnloadReason::Pressure);
+}
+
+#[test]
+fn device_room_counts_other_tenants() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    // 20 GiB ceiling, but the device has only 10 GiB free: t2v (12 GiB) must wait.
+    engine.tick(
+        secs(0),
+        Readings {
+            vram: Some((70 * GIB, 80 * GIB)),
+            ram: None,
+        },
+    );
+    let out = engine.acquire(secs(0), RequestId(1), APP, "t2v");
+    assert!(granted(&out).is_empty());
+    let check = engine.check(Footprint::new(12 * GIB, 0));
+    assert!(!check.available);
+    assert_eq!(check.free_vram, Some(10 * GIB));
+}
+
+#[test]
+fn learned_footprint_raises_the_need() {
+    let mut engine = Engine::new(seed_pool(Mode::Aggressive));
+    let out = engine.acquire(secs(0), RequestId(1), APP, "t2v");
+    let lease = granted(&out)[0].2;
+    // It really took 14 GiB, not the declared 12.
+    engine.loaded(
+        secs(1),
+        APP,
+        "t2v",
+        Some(Footprint::new(14 * GIB, 2 * GIB)),
+        Some(3.0),
+    );
+    assert_eq!(engine.need("t2v"), Some(Footprint::new(14 * GIB, 2 * GIB)));
+    engine.release(secs(2), lease);
+    finish_unload(&mut engine, secs(3), APP, "t2v");
+    assert_eq!(engine.need("t2v"), Some(Footprint::new(14 * GIB, 2 * GIB)));
+}
+
+#[test]
+fn a_reclaim_that_never_completes_is_lost_capacity() {
+    let mut config = seed_pool(Mode::Aggressive);
+    config.reclaim_timeout = secs(10);
+    let mut engine = Engine::new(config);
+    let lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    engine.release(secs(1), lease);
+    engine.unloaded(secs(1), APP, "upscale");
+    let out = engine.tick(secs(11), Readings::default());
+    assert!(matches!(out[0], Output::MemoryNotReclaimed { .. }));
+    assert_eq!(engine.lost(), Footprint::new(4 * GIB, 12 * GIB));
+    assert_eq!(
+        engine.held(),
+        Footprint::new(4 * GIB, 12 * GIB),
+        "still counted"
+    );
+    assert_eq!(engine.counters().not_reclaimed, 1);
+    // Seen back later after all: recovered.
+    engine.reclaimed(secs(20), APP, "upscale");
+    assert_eq!(engine.held(), Footprint::default());
+}
+
+#[test]
+fn a_dead_session_frees_its_leases_and_waits_for_the_memory() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let _lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    engine.acquire(secs(1), RequestId(2), OTHER, "frame_interpolation");
+    engine.session_gone(secs(2), APP);
+    assert!(engine.leases_of(APP).is_empty());
+    assert_eq!(engine.held().ram, 12 * GIB, "held until seen freed");
+    let out = engine.reclaimed(secs(3), APP, "upscale");
+    assert_eq!(granted(&out)[0].0, RequestId(2));
+}
+
+#[test]
+fn measured_usage_over_the_ceiling_is_reported_and_enforced() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let t2v = load(&mut engine, secs(0), 1, APP, "t2v");
+    engine.release(secs(1), t2v);
+    let out = engine.acquire(secs(2), RequestId(2), APP, "upscale");
+    // upscale turns out to take 10 GiB VRAM: 12 + 10 > 20.
+    let _lease = granted(&out)[0].2;
+    let out = engine.loaded(
+        secs(3),
+        APP,
+        "upscale",
+        Some(Footprint::new(10 * GIB, 12 * GIB)),
+        None,
+    );
+    assert!(out.iter().any(|o| matches!(
+        o,
+        Output::CeilingExceeded {
+            resource: Resource::Vram,
+            ..
+        }
+    )));
+    assert_eq!(unloads(&out), [("t2v".to_owned(), UnloadReason::Ceiling)]);
+}
+
+#[test]
+fn unknown_model_is_refused_with_the_list() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let refused = refusal(&engine.acquire(secs(0), RequestId(1), APP, "nope")).expect("refused");
+    assert_eq!(refused.reason, RefusalReason::UnknownModel);
+    assert!(
+        refused
+            .message
+            .contains("t2v, upscale, frame_interpolation")
+    );
+}
+
+#[test]
+fn config_update_keeps_instances_of_dropped_models_until_idle() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    let mut smaller = seed_pool(Mode::Cache);
+    smaller.models.retain(|m| m.name != "upscale");
+    let out = engine.update_config(secs(1), smaller);
+    assert!(unloads(&out).is_empty(), "still leased");
+    assert_eq!(engine.held().ram, 12 * GIB);
+    let out = engine.release(secs(2), lease);
+    assert_eq!(
+        unloads(&out),
+        [("upscale".to_owned(), UnloadReason::Cleanup)]
+    );
+    assert!(refusal(&engine.acquire(secs(3), RequestId(2), APP, "upscale")).is_some());
+    finish_unload(&mut engine, secs(4), APP, "upscale");
+    assert_eq!(engine.held(), Footprint::default());
+}
+
+#[test]
+fn shutdown_refuses_waiters_and_unloads_idle() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    engine.acquire(secs(1), RequestId(2), OTHER, "upscale");
+    let t2v = load(&mut engine, secs(1), 3, APP, "t2v");
+    engine.release(secs(2), t2v);
+    let out = engine.shutdown(secs(3));
+    assert_eq!(
+        refusal(&out).map(|r| r.reason),
+        Some(RefusalReason::ShuttingDown)
+    );
+    assert_eq!(unloads(&out), [("t2v".to_owned(), UnloadReason::Shutdown)]);
+    let _ = lease;
+}
+
+#[test]
+fn lru_and_cost_aware_pick_different_victims() {
+    // a: 8 GiB, reload 1 s, used long ago... b: 8 GiB, reload 60 s, used later.
+    let models = vec![
+        ModelConfig {
+            load_seconds: Some(60.0),
+            ..ModelConfig::new("dear", 8 * GIB, 0)
+        },
+        ModelConfig {
+            load_seconds: Some(1.0),
+            ..ModelConfig::new("cheap", 8 * GIB, 0)
+        },
+        ModelConfig::new("new", 8 * GIB, 0),
+    ];
+    for (policy, victim) in [
+        (EvictionPolicy::Lru, "dear"),
+        (EvictionPolicy::CostAware, "cheap"),
+    ] {
+        let mut config = PoolConfig::new(
+            Limits {
+                vram: Some(16 * GIB),
+                ram: None,
+            },
+            models.clone(),
+        );
+        config.mode = Mode::Cache;
+        config.eviction = policy;
+        let mut engine = Engine::new(config);
+        let dear = load(&mut engine, secs(0), 1, APP, "dear");
+        engine.release(secs(1), dear);
+        let out = engine.acquire(secs(2), RequestId(2), APP, "cheap");
+        let cheap = granted(&out)[0].2;
+        engine.loaded(secs(2), APP, "cheap", None, None);
+        engine.release(secs(3), cheap);
+        let out = engine.acquire(secs(4), RequestId(3), APP, "new");
+        assert_eq!(unloads(&out)[0].0, victim, "{policy:?}");
+    }
+}
+
+#[test]
+fn a_small_request_may_pass_a_blocked_big_one_but_not_forever() {
+    let mut config = seed_pool(Mode::Cache);
+    config.acquire_timeout = secs(60);
+    let mut engine = Engine::new(config);
+    let _upscale = load(&mut engine, secs(0), 1, APP, "upscale"); // 12 GiB RAM, leased
+    // OTHER's upscale waits for RAM; t2v (2 GiB) fits now and passes it.
+    assert!(granted(&engine.acquire(secs(1), RequestId(2), OTHER, "upscale")).is_empty());
+    assert_eq!(
+        granted(&engine.acquire(secs(2), RequestId(3), APP, "t2v")).len(),
+        1
+    );
+    // Once the big one has waited half its timeout, nothing passes it any more.
+    assert!(granted(&engine.acquire(secs(31), RequestId(4), OTHER, "t2v")).is_empty());
+}
