@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test of the project, building what the tests need first: the pinned Go tools
+# (kube-apiserver, etcd, helm, promtool, prometheus; cached outside the tree after the first
+# build), the Rust workspace, and the Python SDK's virtualenv. This is the README's test command.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+started=$(date +%s)
+
+step "formatting (cargo fmt --check)"
+cargo fmt --all -- --check
+
+step "pinned tools (scripts/build-tools.sh)"
+MODELPOOL_TOOLS_BIN=$(scripts/build-tools.sh | tail -n 1)
+export MODELPOOL_TOOLS_BIN
+echo "tools: $MODELPOOL_TOOLS_BIN"
+
+step "lint (cargo clippy --all-targets -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "Rust tests (unit, property: ${PROPTEST_CASES:=10000} cases, integration, e2e on a real apiserver)"
+export PROPTEST_CASES
+cargo build --workspace --bins --locked
+cargo test --workspace --locked
+
+step "Python SDK tests (sdk/python)"
+sdk/python/run_tests.sh
+
+echo
+echo "all tests passed in $(( $(date +%s) - started )) s"
