@@ -6,6 +6,7 @@
 
 pub mod pool_file;
 pub mod quantity;
+pub mod report;
 pub mod v1alpha1;
 pub mod validate;
 

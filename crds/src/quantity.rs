@@ -38,7 +38,7 @@ impl Quantity {
             ("Ki", 1 << 10),
         ];
         for (suffix, size) in UNITS {
-            if bytes >= size && bytes % size == 0 {
+            if bytes >= size && bytes.is_multiple_of(size) {
                 return Self(format!("{}{suffix}", bytes / size));
             }
         }

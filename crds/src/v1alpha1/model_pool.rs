@@ -13,6 +13,8 @@ pub const MAX_MODELS: usize = 64;
 
 /// A pool of models that the selected inference pods may load, with per-pod memory ceilings
 /// and the policy (unload after use, idle TTL, pressure eviction) the sidecar enforces.
+// `printcolumn(...)` repeats `type_`: clippy reads the derive arguments as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "modelpool.io",

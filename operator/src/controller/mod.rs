@@ -1,0 +1,428 @@
+//! The reconciler: a kube-runtime `Controller` over ModelPools that also watches the pods
+//! they govern (metadata only: the sidecars' reports are annotations), settles selector
+//! conflicts, aggregates reports into `status` with server-side apply, records Events on
+//! transitions, and holds a finalizer until the pool's sidecars have drained.
+
+pub mod select;
+pub mod status;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::core::v1::Pod,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{PartialObjectMeta, Patch, PatchParams},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        finalizer::{Event as Finalizer, finalizer},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use modelpool_crds::{
+    ModelPool, POOL_LABEL,
+    report::{PodReport, REPORT_ANNOTATION},
+    v1alpha1::conditions::types,
+};
+
+use crate::{FIELD_MANAGER, metrics::Metrics};
+
+/// The finalizer that holds a pool until its sidecars have unloaded everything.
+pub const FINALIZER: &str = "modelpool.io/drain";
+
+/// Errors of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object lacks a field every stored object has.
+    #[error("the object lacks {0}")]
+    MissingObjectKey(&'static str),
+    /// Writing status failed.
+    #[error("failed to write the status of {pool}: {source}")]
+    WriteStatus {
+        /// namespace/name
+        pool: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The finalizer machinery failed.
+    #[error("finalizer failed: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Not an error: the pool's sidecars are still unloading (requeued soon).
+    #[error("waiting for {0} pod(s) to drain")]
+    StillDraining(usize),
+}
+
+impl Error {
+    /// A short label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::MissingObjectKey(_) => "invalid",
+            Self::WriteStatus { .. } => "write_status",
+            Self::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::CleanupFailed(Error::StillDraining(_)) => {
+                    "draining"
+                }
+                _ => "finalizer",
+            },
+            Self::StillDraining(_) => "draining",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// The client.
+    pub client: Client,
+    /// Events.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Labelled pods (metadata only).
+    pub pods: Store<PartialObjectMeta<Pod>>,
+    /// All pools.
+    pub pools: Store<ModelPool>,
+    /// Per-pool error count, for backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// How long a deleted pool waits for its sidecars before the finalizer goes anyway.
+    pub drain_timeout: Duration,
+    /// Periodic resync.
+    pub resync: Duration,
+}
+
+fn pool_key(pool: &ModelPool) -> String {
+    format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    )
+}
+
+/// The pods of a namespace in the store, as metadata.
+fn pods_in(ctx: &Context, namespace: &str) -> Vec<Arc<PartialObjectMeta<Pod>>> {
+    ctx.pods
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
+        .collect()
+}
+
+fn report_of(meta: &ObjectMeta) -> Option<Result<PodReport, String>> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(REPORT_ANNOTATION))
+        .map(|text| PodReport::from_annotation(text).map_err(|e| e.to_string()))
+}
+
+async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let namespace = pool
+        .namespace()
+        .ok_or(Error::MissingObjectKey(".metadata.namespace"))?;
+    let api: Api<ModelPool> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, pool, |event| async {
+        match event {
+            Finalizer::Apply(pool) => apply(&pool, &ctx).await,
+            Finalizer::Cleanup(pool) => drain(&pool, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .pools
+        .set(i64::try_from(ctx.pools.state().len()).unwrap_or(i64::MAX));
+    ctx.metrics
+        .pods_managed
+        .set(i64::try_from(ctx.pods.state().len()).unwrap_or(i64::MAX));
+    match &result {
+        Ok(_) => ctx.metrics.reconciles.with_label_values(&["ok"]).inc(),
+        Err(error) => ctx
+            .metrics
+            .reconciles
+            .with_label_values(&[error.category()])
+            .inc(),
+    }
+    result
+}
+
+async fn apply(pool: &ModelPool, ctx: &Context) -> Result<Action, Error> {
+    let namespace = pool
+        .namespace()
+        .ok_or(Error::MissingObjectKey(".metadata.namespace"))?;
+    let name = pool.name_any();
+    let pods = pods_in(ctx, &namespace);
+    let metas: Vec<&ObjectMeta> = pods.iter().map(|p| &p.metadata).collect();
+    let others: Vec<Arc<ModelPool>> = ctx
+        .pools
+        .state()
+        .into_iter()
+        .filter(|p| p.namespace().as_deref() == Some(namespace.as_str()))
+        .collect();
+    let selection = select::select(pool, others.iter().map(AsRef::as_ref), &metas);
+    let views: Vec<status::PodView> = selection
+        .pods
+        .iter()
+        .map(|pod_name| status::PodView {
+            name: pod_name.clone(),
+            report: metas
+                .iter()
+                .find(|m| m.name.as_deref() == Some(pod_name))
+                .and_then(|m| report_of(m)),
+        })
+        .collect();
+    let new_status = status::compute(&status::Inputs {
+        pool,
+        selection: &selection,
+        pods: &views,
+        now: Time(Timestamp::now()),
+    });
+
+    if pool.status.as_ref() != Some(&new_status) {
+        let api: Api<ModelPool> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = serde_json::json!({
+            "apiVersion": modelpool_crds::API_VERSION,
+            "kind": "ModelPool",
+            "status": new_status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::WriteStatus {
+            pool: format!("{namespace}/{name}"),
+            source,
+        })?;
+        ctx.metrics.status_writes.inc();
+        publish_transitions(pool, &new_status, ctx).await;
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// Events for what a person should see in `kubectl describe mp`: transitions only.
+async fn publish_transitions(
+    pool: &ModelPool,
+    new: &modelpool_crds::ModelPoolStatus,
+    ctx: &Context,
+) {
+    let old = pool.status.as_ref();
+    let mut events = Vec::new();
+    for (type_, warn_when) in [
+        (types::READY, "False"),
+        (types::CEILING_EXCEEDED, "True"),
+        (types::CONFLICT, "True"),
+        (types::DEGRADED, "True"),
+    ] {
+        let Some(now) = status::find(Some(new), type_) else {
+            continue;
+        };
+        let before = status::find(old, type_).map(|c| c.status.as_str());
+        if before == Some(now.status.as_str()) {
+            continue;
+        }
+        // First appearance of a healthy condition is not news.
+        if before.is_none() && now.status != warn_when && type_ != types::READY {
+            continue;
+        }
+        let type_event = if now.status == warn_when {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        events.push(Event {
+            type_: type_event,
+            reason: now.reason.clone(),
+            note: Some(format!("{type_}={}: {}", now.status, now.message)),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    let reference = pool.object_ref(&());
+    for event in events {
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, "failed to publish an event");
+        }
+    }
+}
+
+/// The pool is being deleted: its sidecars see `deletionTimestamp` on their pool, unload
+/// everything and report `drained`. The finalizer goes when all have, or at the timeout.
+async fn drain(pool: &ModelPool, ctx: &Context) -> Result<Action, Error> {
+    let namespace = pool
+        .namespace()
+        .ok_or(Error::MissingObjectKey(".metadata.namespace"))?;
+    let pods = pods_in(ctx, &namespace);
+    let metas: Vec<&ObjectMeta> = pods.iter().map(|p| &p.metadata).collect();
+    let selection = select::select(pool, std::iter::empty(), &metas);
+    let pending: Vec<String> = selection
+        .pods
+        .iter()
+        .filter(|pod_name| {
+            let report = metas
+                .iter()
+                .find(|m| m.name.as_deref() == Some(pod_name.as_str()))
+                .and_then(|m| report_of(m));
+            // A pod without a (readable) report has no sidecar to wait for.
+            matches!(report, Some(Ok(r)) if !(r.drained && r.models.is_empty()))
+        })
+        .cloned()
+        .collect();
+    let waited = pool
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| {
+            Duration::from_millis(
+                u64::try_from(Timestamp::now().as_millisecond() - t.0.as_millisecond())
+                    .unwrap_or(0),
+            )
+        })
+        .unwrap_or_default();
+    let reference = pool.object_ref(&());
+    if pending.is_empty() {
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "Drained".into(),
+            note: Some(format!(
+                "{} pod(s) unloaded every model; removing the finalizer",
+                selection.pods.len()
+            )),
+            action: "Finalize".into(),
+            secondary: None,
+        };
+        let _ = ctx.recorder.publish(&event, &reference).await;
+        return Ok(Action::await_change());
+    }
+    if waited >= ctx.drain_timeout {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "DrainTimeout".into(),
+            note: Some(format!(
+                "{} did not report empty within {} s; removing the finalizer anyway",
+                pending.join(", "),
+                ctx.drain_timeout.as_secs()
+            )),
+            action: "Finalize".into(),
+            secondary: None,
+        };
+        let _ = ctx.recorder.publish(&event, &reference).await;
+        return Ok(Action::await_change());
+    }
+    Err(Error::StillDraining(pending.len()))
+}
+
+fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.category() == "draining" {
+        return Action::requeue(Duration::from_secs(1));
+    }
+    if error.category() == "invalid" {
+        return Action::await_change();
+    }
+    let key = pool_key(&pool);
+    let failures = {
+        let mut map = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let count = map.entry(key.clone()).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    };
+    // 5 s doubling up to 5 min (kube-rs/kube#1916): the retry never hammers the apiserver.
+    let delay = Duration::from_secs(5 * 2u64.saturating_pow(failures.saturating_sub(1).min(6)))
+        .min(Duration::from_secs(300));
+    tracing::warn!(pool = %key, %error, retry_in_s = delay.as_secs(), "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Runs the controller until the process ends.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    identity: &str,
+    drain_timeout: Duration,
+    resync: Duration,
+) {
+    let pools: Api<ModelPool> = Api::all(client.clone());
+    let pods: Api<PartialObjectMeta<Pod>> = Api::all(client.clone());
+
+    // Only pods carrying the pool label are watched, as metadata, in pages, without
+    // managedFields: an injected pod always carries it, and the report is an annotation.
+    let (pod_reader, pod_writer) = reflector::store();
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(
+            pods,
+            watcher::Config::default().labels(POOL_LABEL).page_size(500),
+        )
+        .modify(|pod| {
+            pod.managed_fields_mut().clear();
+        }),
+    )
+    .touched_objects();
+
+    let controller = Controller::new(pools, watcher::Config::default().page_size(500));
+    let pool_store = controller.store();
+    let mapper_store = pool_store.clone();
+    let controller = controller.watches_stream(pod_stream, move |pod: PartialObjectMeta<Pod>| {
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        mapper_store
+            .state()
+            .into_iter()
+            .filter(|pool| {
+                pool.namespace().as_deref() == Some(namespace.as_str())
+                    && select::pool_selects(pool, &pod.metadata)
+            })
+            .map(|pool| ObjectRef::from_obj(pool.as_ref()))
+            .collect::<Vec<_>>()
+    });
+
+    let reporter = Reporter {
+        controller: "modelpool-operator".into(),
+        instance: Some(identity.to_owned()),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client, reporter),
+        metrics,
+        pods: pod_reader,
+        pools: pool_store,
+        failures: Mutex::new(HashMap::new()),
+        drain_timeout,
+        resync,
+    });
+    let reset = ctx.clone();
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            match result {
+                Ok((object, _)) => {
+                    let key = format!(
+                        "{}/{}",
+                        object.namespace.clone().unwrap_or_default(),
+                        object.name
+                    );
+                    reset
+                        .failures
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
+                }
+                Err(error) => tracing::debug!(%error, "reconcile error"),
+            }
+            futures::future::ready(())
+        })
+        .await;
+}

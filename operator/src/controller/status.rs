@@ -1,0 +1,339 @@
+//! Pure aggregation: the pods' sidecar reports and the selection become the pool's `status`.
+//!
+//! Conditions follow the API conventions: `status` True/False, a PascalCase `reason`, a
+//! message for people, `observedGeneration`, and a `lastTransitionTime` that only moves when
+//! `status` changes (so a reconcile that finds nothing new writes nothing).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use modelpool_crds::{
+    ModelPool, ModelPoolStatus, Quantity,
+    report::PodReport,
+    v1alpha1::{
+        ModelStatus,
+        conditions::{reasons, types},
+    },
+};
+
+use super::select::Selection;
+
+/// What the operator knows of one governed pod.
+#[derive(Debug, Clone)]
+pub struct PodView {
+    /// The pod's name.
+    pub name: String,
+    /// Its sidecar's report: none yet, unreadable, or read.
+    pub report: Option<Result<PodReport, String>>,
+}
+
+/// Everything `compute` needs.
+pub struct Inputs<'a> {
+    /// The pool.
+    pub pool: &'a ModelPool,
+    /// Pods it governs, conflicts.
+    pub selection: &'a Selection,
+    /// The governed pods with their reports.
+    pub pods: &'a [PodView],
+    /// The time to stamp on conditions that change.
+    pub now: Time,
+}
+
+/// The new status.
+pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
+    let pool = inputs.pool;
+    let previous = pool.status.as_ref();
+    let generation = pool.metadata.generation;
+
+    let mut per_model: BTreeMap<&str, ModelStatus> = pool
+        .spec
+        .models
+        .iter()
+        .map(|m| {
+            (
+                m.name.as_str(),
+                ModelStatus {
+                    name: m.name.clone(),
+                    ..ModelStatus::default()
+                },
+            )
+        })
+        .collect();
+    let (mut reporting, mut loads, mut evictions, mut vram, mut ram) =
+        (0i32, 0i64, 0i64, 0u64, 0u64);
+    let mut over_ceiling = Vec::new();
+    let mut errors = Vec::new();
+    for pod in inputs.pods {
+        match &pod.report {
+            Some(Ok(report)) => {
+                reporting += 1;
+                loads += i64::try_from(report.loads).unwrap_or(i64::MAX);
+                evictions += i64::try_from(report.evictions).unwrap_or(i64::MAX);
+                vram = vram.saturating_add(report.vram);
+                ram = ram.saturating_add(report.ram);
+                if report.over {
+                    over_ceiling.push(pod.name.clone());
+                }
+                if let Some(err) = &report.err {
+                    errors.push(format!("{}: {err}", pod.name));
+                }
+                for model in &report.models {
+                    if let Some(status) = per_model.get_mut(model.name.as_str()) {
+                        status.loaded_in += 1;
+                        status.loads += i64::try_from(model.loads).unwrap_or(i64::MAX);
+                        status.evictions += i64::try_from(model.evictions).unwrap_or(i64::MAX);
+                    }
+                }
+            }
+            Some(Err(problem)) => {
+                errors.push(format!("{}: unreadable report: {problem}", pod.name))
+            }
+            None => {}
+        }
+    }
+    let matched = i32::try_from(inputs.pods.len()).unwrap_or(i32::MAX);
+    let loaded_models = per_model.values().filter(|m| m.loaded_in > 0).count();
+
+    let silent: Vec<&str> = inputs
+        .pods
+        .iter()
+        .filter(|p| p.report.is_none())
+        .map(|p| p.name.as_str())
+        .collect();
+    let conflict = !inputs.selection.conflicts_with.is_empty();
+
+    let mut conditions = Vec::new();
+    let (ready, ready_reason, ready_message) = if conflict {
+        (
+            false,
+            reasons::OVERLAPPING_SELECTOR,
+            format!(
+                "pods selected by this pool are governed by the older pool(s) {}",
+                inputs.selection.conflicts_with.join(", ")
+            ),
+        )
+    } else if matched == 0 {
+        (
+            true,
+            reasons::NO_PODS,
+            "no pods match the selector yet".to_owned(),
+        )
+    } else if silent.is_empty() {
+        (
+            true,
+            reasons::ALL_PODS_REPORTING,
+            format!("{reporting}/{matched} pods report"),
+        )
+    } else {
+        (
+            false,
+            reasons::PODS_NOT_REPORTING,
+            format!(
+                "{reporting}/{matched} pods report; waiting for {}",
+                silent.join(", ")
+            ),
+        )
+    };
+    conditions.push(condition(types::READY, ready, ready_reason, ready_message));
+
+    let degraded = !errors.is_empty();
+    conditions.push(condition(
+        types::DEGRADED,
+        degraded,
+        if degraded {
+            reasons::SIDECAR_ERROR
+        } else {
+            reasons::ALL_PODS_REPORTING
+        },
+        if degraded {
+            errors.join("; ")
+        } else {
+            "no sidecar reports an error".to_owned()
+        },
+    ));
+    let over = !over_ceiling.is_empty();
+    conditions.push(condition(
+        types::CEILING_EXCEEDED,
+        over,
+        if over {
+            reasons::OVER_CEILING
+        } else {
+            reasons::WITHIN_CEILINGS
+        },
+        if over {
+            format!(
+                "measured usage above a ceiling in {}",
+                over_ceiling.join(", ")
+            )
+        } else {
+            "every pod is within its ceilings".to_owned()
+        },
+    ));
+    conditions.push(condition(
+        types::CONFLICT,
+        conflict,
+        if conflict {
+            reasons::OVERLAPPING_SELECTOR
+        } else {
+            reasons::NO_CONFLICT
+        },
+        if conflict {
+            format!(
+                "selector overlaps the older pool(s) {}",
+                inputs.selection.conflicts_with.join(", ")
+            )
+        } else {
+            "no other pool selects these pods".to_owned()
+        },
+    ));
+
+    // Keep lastTransitionTime where the status did not change.
+    for condition in &mut conditions {
+        condition.observed_generation = generation;
+        let before =
+            previous.and_then(|s| s.conditions.iter().find(|c| c.type_ == condition.type_));
+        condition.last_transition_time = match before {
+            Some(before) if before.status == condition.status => {
+                before.last_transition_time.clone()
+            }
+            _ => inputs.now.clone(),
+        };
+    }
+
+    ModelPoolStatus {
+        observed_generation: generation,
+        conditions,
+        pods_matched: matched,
+        pods_reporting: reporting,
+        pods_ready: Some(format!("{reporting}/{matched}")),
+        models_loaded: Some(format!("{loaded_models}/{}", pool.spec.models.len())),
+        models: per_model.into_values().collect(),
+        loads,
+        evictions,
+        vram_used: Some(Quantity::from_bytes(vram)),
+        ram_used: Some(Quantity::from_bytes(ram)),
+    }
+}
+
+fn condition(type_: &str, status: bool, reason: &str, message: String) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if status { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: None,
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// The condition of a type, if present.
+pub fn find<'a>(status: Option<&'a ModelPoolStatus>, type_: &str) -> Option<&'a Condition> {
+    status.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+}
+
+#[cfg(test)]
+mod tests {
+    use modelpool_crds::report::ModelReport;
+
+    use super::*;
+
+    fn pool() -> ModelPool {
+        let mut pool: ModelPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "modelpool.io/v1alpha1", "kind": "ModelPool",
+            "metadata": {"name": "video", "namespace": "ns", "generation": 3},
+            "spec": {"models": [{"name": "t2v"}, {"name": "upscale"}]}
+        }))
+        .unwrap();
+        pool.status = None;
+        pool
+    }
+
+    fn now(second: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(second).unwrap())
+    }
+
+    fn report(models: &[&str], vram: u64) -> Option<Result<PodReport, String>> {
+        Some(Ok(PodReport {
+            v: 1,
+            pool: "video".into(),
+            models: models
+                .iter()
+                .map(|m| ModelReport {
+                    name: m.to_string(),
+                    loads: 1,
+                    ..ModelReport::default()
+                })
+                .collect(),
+            vram,
+            loads: models.len() as u64,
+            ..PodReport::default()
+        }))
+    }
+
+    #[test]
+    fn aggregates_reports() {
+        let pool = pool();
+        let selection = Selection {
+            pods: vec!["a".into(), "b".into(), "c".into()],
+            conflicts_with: vec![],
+        };
+        let pods = [
+            PodView {
+                name: "a".into(),
+                report: report(&["t2v"], 1 << 30),
+            },
+            PodView {
+                name: "b".into(),
+                report: report(&["t2v", "upscale"], 2 << 30),
+            },
+            PodView {
+                name: "c".into(),
+                report: None,
+            },
+        ];
+        let status = compute(&Inputs {
+            pool: &pool,
+            selection: &selection,
+            pods: &pods,
+            now: now(100),
+        });
+        assert_eq!(status.pods_matched, 3);
+        assert_eq!(status.pods_reporting, 2);
+        assert_eq!(status.pods_ready.as_deref(), Some("2/3"));
+        assert_eq!(status.models_loaded.as_deref(), Some("2/2"));
+        assert_eq!(status.models[0].name, "t2v");
+        assert_eq!(status.models[0].loaded_in, 2);
+        assert_eq!(status.loads, 3);
+        assert_eq!(status.vram_used.as_ref().unwrap().0, "3Gi");
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "PodsNotReporting")
+        );
+        assert_eq!(ready.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn an_unchanged_condition_keeps_its_transition_time() {
+        let mut pool = pool();
+        let selection = Selection::default();
+        let first = compute(&Inputs {
+            pool: &pool,
+            selection: &selection,
+            pods: &[],
+            now: now(100),
+        });
+        pool.status = Some(first.clone());
+        let second = compute(&Inputs {
+            pool: &pool,
+            selection: &selection,
+            pods: &[],
+            now: now(200),
+        });
+        assert_eq!(first, second, "nothing changed, nothing to write");
+    }
+}

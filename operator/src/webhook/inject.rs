@@ -1,0 +1,324 @@
+//! Pure injection: what the webhook adds to a pod labelled `modelpool.io/pool: <name>`.
+//!
+//! The sidecar runs as a native sidecar (an init container with `restartPolicy: Always`,
+//! Kubernetes 1.29+) so it is up before the app's first acquire and outlives it on shutdown.
+//! Every container gets the socket volume; app containers get `MODELPOOL_SOCKET`; the pod
+//! shares its process namespace so the sidecar can read the app's `/proc/PID` and map NVML
+//! pids. When app containers get their GPU through DRA resource claims, the sidecar is given
+//! the same claims (Kubernetes 1.34+ shares a claim between containers of a pod) so it can
+//! read NVML without privileges; without them it relies on the SDK's app-side readings.
+
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+        HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceClaim, ResourceRequirements,
+        SeccompProfile, SecurityContext, Volume, VolumeMount,
+    },
+    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
+};
+
+/// The injected container's name; its presence marks a pod as injected.
+pub const SIDECAR_NAME: &str = "modelpool-sidecar";
+/// The shared socket volume's name.
+pub const SOCKET_VOLUME: &str = "modelpool-socket";
+/// Where the socket directory is mounted in every container.
+pub const SOCKET_DIR: &str = "/var/run/modelpool";
+/// The socket path apps are told through `MODELPOOL_SOCKET`.
+pub const SOCKET_PATH: &str = "/var/run/modelpool/sidecar.sock";
+/// Annotation set on injected pods.
+pub const INJECTED_ANNOTATION: &str = "modelpool.io/injected";
+/// The sidecar's metrics port.
+pub const METRICS_PORT: i32 = 9464;
+
+/// How the sidecar container is built.
+#[derive(Clone, Debug)]
+pub struct SidecarTemplate {
+    /// Image reference.
+    pub image: String,
+    /// CPU request.
+    pub cpu_request: String,
+    /// Memory request.
+    pub memory_request: String,
+    /// Memory limit.
+    pub memory_limit: String,
+    /// `RUST_LOG` for the sidecar.
+    pub log_filter: String,
+}
+
+impl Default for SidecarTemplate {
+    fn default() -> Self {
+        Self {
+            image: "ghcr.io/modelpool/modelpool-sidecar:0.1.0".into(),
+            cpu_request: "10m".into(),
+            memory_request: "32Mi".into(),
+            memory_limit: "128Mi".into(),
+            log_filter: "info".into(),
+        }
+    }
+}
+
+/// True when the pod already carries the sidecar (re-admission must not inject twice).
+pub fn is_injected(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    let named = |containers: Option<&Vec<Container>>| {
+        containers.is_some_and(|cs| cs.iter().any(|c| c.name == SIDECAR_NAME))
+    };
+    spec.is_some_and(|s| named(Some(&s.containers)) || named(s.init_containers.as_ref()))
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn socket_mount() -> VolumeMount {
+    VolumeMount {
+        name: SOCKET_VOLUME.into(),
+        mount_path: SOCKET_DIR.into(),
+        ..VolumeMount::default()
+    }
+}
+
+/// The restricted security context PodSecurity `restricted` asks for.
+pub fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// The pod with the sidecar injected. `pool` is the pool's name.
+pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
+    let mut pod = pod.clone();
+    let Some(spec) = pod.spec.as_mut() else {
+        return pod;
+    };
+
+    // DRA claims the app containers use, so the sidecar can see the same GPU.
+    let mut claims: Vec<ResourceClaim> = Vec::new();
+    for container in &spec.containers {
+        for claim in container
+            .resources
+            .as_ref()
+            .and_then(|r| r.claims.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if !claims
+                .iter()
+                .any(|c| c.name == claim.name && c.request == claim.request)
+            {
+                claims.push(claim.clone());
+            }
+        }
+    }
+
+    for container in &mut spec.containers {
+        let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+        if !mounts.iter().any(|m| m.name == SOCKET_VOLUME) {
+            mounts.push(socket_mount());
+        }
+        let env = container.env.get_or_insert_with(Vec::new);
+        if !env.iter().any(|e| e.name == "MODELPOOL_SOCKET") {
+            env.push(EnvVar {
+                name: "MODELPOOL_SOCKET".into(),
+                value: Some(SOCKET_PATH.into()),
+                ..EnvVar::default()
+            });
+        }
+    }
+    for container in spec.init_containers.iter_mut().flatten() {
+        let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+        if !mounts.iter().any(|m| m.name == SOCKET_VOLUME) {
+            mounts.push(socket_mount());
+        }
+    }
+
+    let resources = ResourceRequirements {
+        requests: Some(
+            [
+                ("cpu".to_string(), Quantity(template.cpu_request.clone())),
+                (
+                    "memory".to_string(),
+                    Quantity(template.memory_request.clone()),
+                ),
+            ]
+            .into(),
+        ),
+        limits: Some(
+            [(
+                "memory".to_string(),
+                Quantity(template.memory_limit.clone()),
+            )]
+            .into(),
+        ),
+        claims: if claims.is_empty() {
+            None
+        } else {
+            Some(claims)
+        },
+    };
+    let sidecar = Container {
+        name: SIDECAR_NAME.into(),
+        image: Some(template.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(vec![
+            "--socket".into(),
+            SOCKET_PATH.into(),
+            "--metrics-listen".into(),
+            format!("0.0.0.0:{METRICS_PORT}"),
+        ]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            EnvVar {
+                name: "MODELPOOL_POOL".into(),
+                value: Some(pool.into()),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some(template.log_filter.clone()),
+                ..EnvVar::default()
+            },
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("mp-metrics".into()),
+            container_port: METRICS_PORT,
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/readyz".into()),
+                port: IntOrString::Int(METRICS_PORT),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(5),
+            ..Probe::default()
+        }),
+        resources: Some(resources),
+        restart_policy: Some("Always".into()),
+        security_context: Some(restricted_security_context()),
+        volume_mounts: Some(vec![socket_mount()]),
+        ..Container::default()
+    };
+    spec.init_containers
+        .get_or_insert_with(Vec::new)
+        .insert(0, sidecar);
+
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    if !volumes.iter().any(|v| v.name == SOCKET_VOLUME) {
+        volumes.push(Volume {
+            name: SOCKET_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("1Mi".into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    spec.share_process_namespace = Some(true);
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(INJECTED_ANNOTATION.into(), "true".into());
+    pod
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app_pod(claim: bool) -> Pod {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "app", "labels": {"modelpool.io/pool": "video"}},
+            "spec": {"containers": [{"name": "app", "image": "python:3.12"}]}
+        }))
+        .unwrap();
+        if claim {
+            let container = &mut pod.spec.as_mut().unwrap().containers[0];
+            container.resources = Some(ResourceRequirements {
+                claims: Some(vec![ResourceClaim {
+                    name: "gpu".into(),
+                    request: None,
+                }]),
+                ..ResourceRequirements::default()
+            });
+        }
+        pod
+    }
+
+    #[test]
+    fn injects_sidecar_volume_env_and_process_sharing() {
+        let pod = inject(&app_pod(false), "video", &SidecarTemplate::default());
+        let spec = pod.spec.as_ref().unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(sidecar.name, SIDECAR_NAME);
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        let env: Vec<&str> = sidecar
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(
+            env,
+            ["POD_NAME", "POD_NAMESPACE", "MODELPOOL_POOL", "RUST_LOG"]
+        );
+        assert_eq!(spec.share_process_namespace, Some(true));
+        let app = &spec.containers[0];
+        assert!(
+            app.env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|e| e.name == "MODELPOOL_SOCKET")
+        );
+        assert!(
+            app.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == SOCKET_DIR)
+        );
+        assert!(is_injected(&pod));
+        assert!(!is_injected(&app_pod(false)));
+    }
+
+    #[test]
+    fn the_sidecar_shares_the_apps_dra_claim() {
+        let pod = inject(&app_pod(true), "video", &SidecarTemplate::default());
+        let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let claims = sidecar.resources.as_ref().unwrap().claims.as_ref().unwrap();
+        assert_eq!(claims[0].name, "gpu");
+    }
+
+    #[test]
+    fn injecting_twice_changes_nothing_more() {
+        let once = inject(&app_pod(false), "video", &SidecarTemplate::default());
+        // The webhook skips injected pods; the function itself also keeps volumes single.
+        let spec = once.spec.as_ref().unwrap();
+        assert_eq!(spec.volumes.as_ref().unwrap().len(), 1);
+    }
+}
