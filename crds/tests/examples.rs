@@ -78,18 +78,6 @@ fn each_cel_rule_refuses_its_bad_pool() {
             "each model's ram must fit within limits.ram",
         ),
         (
-            json!({"limits": {"vram": "10Gi"}, "models": [
-                {"name": "a", "vram": "6Gi", "pinned": true},
-                {"name": "b", "vram": "6Gi", "pinned": true}]}),
-            "pinned models together must fit within limits.vram",
-        ),
-        (
-            json!({"limits": {"ram": "10Gi"}, "models": [
-                {"name": "a", "ram": "6Gi", "pinned": true},
-                {"name": "b", "ram": "6Gi", "pinned": true}]}),
-            "pinned models together must fit within limits.ram",
-        ),
-        (
             json!({"driver": {"kind": "Http"}, "models": [{"name": "a"}]}),
             "driver.url is required when driver.kind is Http",
         ),

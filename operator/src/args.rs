@@ -81,6 +81,9 @@ pub struct RunArgs {
     /// Apiserver requests per second (fixed window) this process may send.
     #[arg(long, default_value_t = 50)]
     pub api_qps: u64,
+    /// Watch only this namespace (a namespaced install); default: all namespaces.
+    #[arg(long, env = "MODELPOOL_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "MODELPOOL_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -146,10 +146,14 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     if args.webhook_listen != "off" && args.tls_cert_file.is_none() {
         tokio::spawn(manage_cert(client.clone(), args.clone()));
     }
-    let drain_timeout = Duration::from_secs(args.drain_timeout_s);
-    let resync = Duration::from_secs(args.resync_s);
+    let settings = controller::Settings {
+        identity: args.identity.clone(),
+        namespace: args.watch_namespace.clone(),
+        drain_timeout: Duration::from_secs(args.drain_timeout_s),
+        resync: Duration::from_secs(args.resync_s),
+    };
     tokio::select! {
-        () = controller::run(client, metrics.clone(), &args.identity, drain_timeout, resync) => {}
+        () = controller::run(client, metrics.clone(), settings) => {}
         _ = election_task => {
             tracing::error!("leadership lost: exiting so that a restart rejoins as a follower");
         }

@@ -28,6 +28,8 @@ pub mod reasons {
     pub const OVER_CEILING: &str = "OverCeiling";
     /// An older pool selects overlapping pods.
     pub const OVERLAPPING_SELECTOR: &str = "OverlappingSelector";
+    /// The spec breaks a rule CEL cannot check (see `validate_pool`).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
     /// No overlap with other pools.
     pub const NO_CONFLICT: &str = "NoConflict";
 }

@@ -189,6 +189,9 @@ async fn apply(pool: &ModelPool, ctx: &Context) -> Result<Action, Error> {
         selection: &selection,
         pods: &views,
         now: Time(Timestamp::now()),
+        invalid: modelpool_crds::validate_pool(pool)
+            .err()
+            .map(|errors| errors.to_string()),
     });
 
     if pool.status.as_ref() != Some(&new_status) {
@@ -347,16 +350,34 @@ fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Actio
     Action::requeue(delay)
 }
 
+/// How the controller runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This replica's name (Event reporter instance).
+    pub identity: String,
+    /// Watch one namespace only.
+    pub namespace: Option<String>,
+    /// How long a deleted pool waits for its sidecars.
+    pub drain_timeout: Duration,
+    /// Periodic resync of unchanged pools.
+    pub resync: Duration,
+}
+
 /// Runs the controller until the process ends.
-pub async fn run(
-    client: Client,
-    metrics: Arc<Metrics>,
-    identity: &str,
-    drain_timeout: Duration,
-    resync: Duration,
-) {
-    let pools: Api<ModelPool> = Api::all(client.clone());
-    let pods: Api<PartialObjectMeta<Pod>> = Api::all(client.clone());
+pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
+    let (pools, pods): (Api<ModelPool>, Api<PartialObjectMeta<Pod>>) = match &settings.namespace {
+        Some(namespace) => (
+            Api::namespaced(client.clone(), namespace),
+            Api::namespaced(client.clone(), namespace),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let Settings {
+        identity,
+        drain_timeout,
+        resync,
+        ..
+    } = settings;
 
     // Only pods carrying the pool label are watched, as metadata, in pages, without
     // managedFields: an injected pod always carries it, and the report is an annotation.
@@ -391,7 +412,7 @@ pub async fn run(
 
     let reporter = Reporter {
         controller: "modelpool-operator".into(),
-        instance: Some(identity.to_owned()),
+        instance: Some(identity),
     };
     let ctx = Arc::new(Context {
         client: client.clone(),

@@ -37,6 +37,9 @@ pub struct Inputs<'a> {
     pub pods: &'a [PodView],
     /// The time to stamp on conditions that change.
     pub now: Time,
+    /// What the spec gets wrong that CEL could not catch (e.g. pinned models together above
+    /// a ceiling), with the numbers.
+    pub invalid: Option<String>,
 }
 
 /// The new status.
@@ -103,7 +106,9 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
     let conflict = !inputs.selection.conflicts_with.is_empty();
 
     let mut conditions = Vec::new();
-    let (ready, ready_reason, ready_message) = if conflict {
+    let (ready, ready_reason, ready_message) = if let Some(problem) = &inputs.invalid {
+        (false, reasons::INVALID_SPEC, problem.clone())
+    } else if conflict {
         (
             false,
             reasons::OVERLAPPING_SELECTOR,
@@ -296,6 +301,7 @@ mod tests {
             selection: &selection,
             pods: &pods,
             now: now(100),
+            invalid: None,
         });
         assert_eq!(status.pods_matched, 3);
         assert_eq!(status.pods_reporting, 2);
@@ -326,6 +332,7 @@ mod tests {
             selection: &selection,
             pods: &[],
             now: now(100),
+            invalid: None,
         });
         pool.status = Some(first.clone());
         let second = compute(&Inputs {
@@ -333,7 +340,36 @@ mod tests {
             selection: &selection,
             pods: &[],
             now: now(200),
+            invalid: None,
         });
         assert_eq!(first, second, "nothing changed, nothing to write");
+    }
+}
+
+#[cfg(test)]
+mod invalid_tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_spec_is_not_ready_and_says_why() {
+        let pool: ModelPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "modelpool.io/v1alpha1", "kind": "ModelPool",
+            "metadata": {"name": "p", "namespace": "ns"},
+            "spec": {"models": [{"name": "a"}]}
+        }))
+        .unwrap();
+        let status = compute(&Inputs {
+            pool: &pool,
+            selection: &Selection::default(),
+            pods: &[],
+            now: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            invalid: Some("spec.models: pinned models together need 12.0 GiB of vram".into()),
+        });
+        let ready = find(Some(&status), types::READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert!(ready.message.contains("12.0 GiB"));
     }
 }

@@ -1,0 +1,504 @@
+//! The operator against the real control plane: two replicas with leader election, the
+//! injection webhook over TLS (certificate managed by the operator), status aggregation from
+//! pod reports, no writes when nothing changes, leader failover, and drain on delete.
+//!
+//! Pods never run here (no kubelet); the sidecars' side of the protocol (the report
+//! annotation on their own pod) is written by the test in this file, and by real sidecar
+//! processes in `operator_sidecars.rs`.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use modelpool_crds::{
+    ModelPool,
+    report::{ModelReport, PodReport, REPORT_ANNOTATION},
+};
+use modelpool_e2e::{ControlPlane, repo_root};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A binary of the workspace, built by the test command before the tests run.
+fn workspace_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the test command does)",
+        path.display()
+    );
+    path
+}
+
+struct Operator {
+    child: Child,
+    metrics_port: u16,
+    identity: String,
+}
+
+impl Operator {
+    fn start(
+        cp: &ControlPlane,
+        ns: &str,
+        identity: &str,
+        webhook_port: u16,
+        webhook_config: &str,
+    ) -> Self {
+        let metrics_port = free_port();
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("{ns}-{identity}.log")))
+            .expect("log file");
+        let child = Command::new(workspace_bin("modelpool-operator"))
+            .args(["run", "--watch-namespace", ns, "--namespace", ns])
+            .args(["--identity", identity, "--lease-name", "modelpool-leader"])
+            .args([
+                "--lease-duration-s",
+                "4",
+                "--lease-retry-s",
+                "1",
+                "--drain-timeout-s",
+                "60",
+            ])
+            .args(["--resync-s", "300"])
+            .arg("--webhook-listen")
+            .arg(format!("127.0.0.1:{webhook_port}"))
+            .args([
+                "--tls-names",
+                "127.0.0.1",
+                "--webhook-config",
+                webhook_config,
+            ])
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .env("KUBECONFIG", cp.kubeconfig_path())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting modelpool-operator");
+        Self {
+            child,
+            metrics_port,
+            identity: identity.to_owned(),
+        }
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        let text = http_get(self.metrics_port, "/metrics")?;
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .map(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            })
+            .reduce(|a, b| a + b)
+    }
+
+    fn is_leader(&self) -> bool {
+        self.metric("modelpool_operator_leader") == Some(1.0)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn install_crd(cp: &ControlPlane) {
+    let crd = repo_root().join("crds/modelpool.yaml");
+    cp.kubectl_ok([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        crd.to_str().expect("utf-8 path"),
+    ]);
+    cp.kubectl_ok([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/modelpools.modelpool.io",
+    ]);
+}
+
+fn webhook_config(name: &str, ns: &str, port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "inject.modelpool.io",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "objectSelector": {"matchExpressions": [{"key": "modelpool.io/pool", "operator": "Exists"}]},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10
+        }]
+    })
+}
+
+/// A pod that PodSecurity `restricted` admits.
+fn app_pod(name: &str, pool: &str) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"modelpool.io/pool": pool, "app": "video"}},
+        "spec": {
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "app", "image": "python:3.12-slim",
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}
+            }]
+        }
+    }))
+    .expect("pod JSON")
+}
+
+const POOL: &str = r#"
+apiVersion: modelpool.io/v1alpha1
+kind: ModelPool
+metadata:
+  name: video
+spec:
+  limits: {vram: 20Gi, ram: 16Gi}
+  models:
+    - {name: t2v, vram: 12Gi, ram: 2Gi}
+    - {name: upscale, vram: 4Gi, ram: 12Gi}
+    - {name: frame_interpolation, vram: 2Gi, ram: 9Gi}
+"#;
+
+async fn report(pods: &Api<Pod>, pod: &str, report: &PodReport) {
+    let patch = serde_json::json!({"metadata": {"annotations": {REPORT_ANNOTATION: report.to_annotation()}}});
+    pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_or_else(|e| panic!("annotating {pod}: {e}"));
+}
+
+fn loaded(models: &[(&str, u64)], v: u64) -> PodReport {
+    PodReport {
+        v,
+        pool: "video".into(),
+        models: models
+            .iter()
+            .map(|(name, gib)| ModelReport {
+                name: (*name).into(),
+                vram: gib << 30,
+                loads: 1,
+                ..ModelReport::default()
+            })
+            .collect(),
+        vram: models.iter().map(|(_, gib)| gib << 30).sum(),
+        loads: models.len() as u64,
+        ..PodReport::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_injects_aggregates_fails_over_and_drains() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.restricted_namespace("operator").await;
+    let client = cp.client();
+
+    let webhook_name = format!("modelpool-{ns}");
+    let port_a = free_port();
+    cp.kubectl_stdin(
+        ["apply", "-f", "-"],
+        &webhook_config(&webhook_name, &ns, port_a).to_string(),
+    );
+    let operator_a = Operator::start(cp, &ns, "op-a", port_a, &webhook_name);
+    // Replica B only takes over the controller; its webhook port is not in the config.
+    let operator_b = Operator::start(cp, &ns, "op-b", free_port(), &webhook_name);
+
+    // One of them leads, and the leader puts its CA into the webhook configuration.
+    let first_leader = eventually("a leader", Duration::from_secs(60), || async {
+        [&operator_a, &operator_b]
+            .into_iter()
+            .find(|o| o.is_leader())
+            .map(|o| o.identity.clone())
+    })
+    .await;
+    eventually("the caBundle", Duration::from_secs(60), || async {
+        let out = cp.kubectl([
+            "get",
+            "mutatingwebhookconfiguration",
+            &webhook_name,
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ]);
+        (!out.stdout.is_empty()).then_some(())
+    })
+    .await;
+    // Replica A serves once it has loaded the certificate from the Secret.
+    eventually("operator A ready", Duration::from_secs(60), || async {
+        http_get(operator_a.metrics_port, "/readyz").filter(|b| b == "ok")
+    })
+    .await;
+
+    cp.kubectl_stdin(["apply", "-n", &ns, "-f", "-"], POOL);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pools: Api<ModelPool> = Api::namespaced(client.clone(), &ns);
+
+    // Pods created through the API come back injected, and PodSecurity restricted admits
+    // the sidecar too.
+    for name in ["app-0", "app-1", "app-2"] {
+        let created = pods
+            .create(&PostParams::default(), &app_pod(name, "video"))
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+        let spec = created.spec.expect("spec");
+        let sidecar = spec
+            .init_containers
+            .as_ref()
+            .and_then(|c| c.iter().find(|c| c.name == "modelpool-sidecar"))
+            .unwrap_or_else(|| panic!("{name} was not injected"));
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(spec.share_process_namespace, Some(true));
+        let app_env = spec.containers[0].env.clone().unwrap_or_default();
+        assert!(app_env.iter().any(|e| e.name == "MODELPOOL_SOCKET"));
+    }
+    // A pod naming an unknown pool is admitted unchanged, with a warning.
+    let out = cp.kubectl_stdin(
+        ["create", "-n", &ns, "-f", "-"],
+        &serde_json::to_string(&app_pod("stray", "nonexistent")).expect("json"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pool")
+            && String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "expected a warning, got {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stray = pods.get("stray").await.expect("stray pod");
+    assert!(
+        stray.spec.expect("spec").init_containers.is_none(),
+        "not injected"
+    );
+
+    // Sidecars report through their pods; the pool's status sums them.
+    report(&pods, "app-0", &loaded(&[("t2v", 12)], 1)).await;
+    report(&pods, "app-1", &loaded(&[("t2v", 12), ("upscale", 4)], 1)).await;
+    let status = eventually(
+        "status with 2/3 pods reporting",
+        Duration::from_secs(60),
+        || async {
+            let pool = pools.get("video").await.ok()?;
+            let status = pool.status?;
+            (status.pods_ready.as_deref() == Some("2/3")).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(status.models_loaded.as_deref(), Some("2/3"));
+    assert_eq!(
+        status.vram_used.as_ref().map(|q| q.0.as_str()),
+        Some("28Gi")
+    );
+    let t2v = status
+        .models
+        .iter()
+        .find(|m| m.name == "t2v")
+        .expect("t2v status");
+    assert_eq!(t2v.loaded_in, 2);
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "PodsNotReporting")
+    );
+
+    report(&pods, "app-2", &loaded(&[], 1)).await;
+    eventually("Ready=True", Duration::from_secs(60), || async {
+        let status = pools.get("video").await.ok()?.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "True").then_some(())
+    })
+    .await;
+    let table = cp.kubectl_ok(["get", "mp", "-n", &ns]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "MODELS", "PODS", "VRAM", "CEILING", "MODE", "READY", "AGE"
+        ],
+        "{table}"
+    );
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..7],
+        ["video", "2/3", "3/3", "28Gi", "20Gi", "Aggressive", "True"],
+        "{table}"
+    );
+
+    // Nothing changes: nothing is written, even when reconciles happen (a report with the
+    // same content re-triggers one).
+    let leader = if operator_a.is_leader() {
+        &operator_a
+    } else {
+        &operator_b
+    };
+    let writes_before = leader
+        .metric("modelpool_operator_status_writes_total")
+        .unwrap_or(0.0);
+    let patches_before = leader
+        .metric("modelpool_operator_api_requests_total{verb=\"patch\"}")
+        .unwrap_or(0.0);
+    let reconciles_before = leader
+        .metric("modelpool_operator_reconciles_total")
+        .unwrap_or(0.0);
+    let same = pods.get("app-2").await.expect("app-2");
+    let mut annotations = same.metadata.annotations.unwrap_or_default();
+    annotations.insert("touch".into(), "1".into());
+    pods.patch(
+        "app-2",
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({"metadata": {"annotations": {"touch": "1"}}})),
+    )
+    .await
+    .expect("touch");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reconciles_after = leader
+        .metric("modelpool_operator_reconciles_total")
+        .unwrap_or(0.0);
+    assert!(
+        reconciles_after > reconciles_before,
+        "the pod change triggered a reconcile"
+    );
+    assert_eq!(
+        leader
+            .metric("modelpool_operator_status_writes_total")
+            .unwrap_or(0.0),
+        writes_before,
+        "a reconcile that changes nothing writes nothing"
+    );
+    assert_eq!(
+        leader
+            .metric("modelpool_operator_api_requests_total{verb=\"patch\"}")
+            .unwrap_or(0.0),
+        patches_before,
+        "no apiserver writes at all"
+    );
+    eprintln!(
+        "operator e2e: {reconciles_after} reconciles, {writes_before} status writes, {patches_before} patch requests so far"
+    );
+
+    // Kill the leader: the other replica takes over and keeps the status current.
+    let (mut dead, survivor) = if operator_a.identity == first_leader {
+        (operator_a, operator_b)
+    } else {
+        (operator_b, operator_a)
+    };
+    let _ = dead.child.kill();
+    let _ = dead.child.wait();
+    eventually("the survivor to lead", Duration::from_secs(60), || async {
+        survivor.is_leader().then_some(())
+    })
+    .await;
+    report(&pods, "app-2", &loaded(&[("frame_interpolation", 2)], 2)).await;
+    eventually("status after failover", Duration::from_secs(60), || async {
+        let status = pools.get("video").await.ok()?.status?;
+        (status.models_loaded.as_deref() == Some("3/3")).then_some(())
+    })
+    .await;
+
+    // Delete: the finalizer holds the pool until every sidecar reports it drained.
+    pools
+        .delete("video", &DeleteParams::default())
+        .await
+        .expect("delete the pool");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let held = pools
+        .get("video")
+        .await
+        .expect("still there while draining");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    for pod in ["app-0", "app-1", "app-2"] {
+        let drained = PodReport {
+            v: 9,
+            pool: "video".into(),
+            drained: true,
+            ..PodReport::default()
+        };
+        report(&pods, pod, &drained).await;
+    }
+    eventually("the pool to be gone", Duration::from_secs(60), || async {
+        matches!(pools.get_opt("video").await, Ok(None)).then_some(())
+    })
+    .await;
+    let events = cp.kubectl_ok([
+        "get",
+        "events",
+        "-n",
+        &ns,
+        "--field-selector",
+        "reason=Drained",
+        "-o",
+        "name",
+    ]);
+    assert!(!events.trim().is_empty(), "a Drained event was recorded");
+    cp.kubectl(["delete", "mutatingwebhookconfiguration", &webhook_name]);
+}
