@@ -1,0 +1,158 @@
+//! The ModelPool CRD (crds/modelpool.yaml) and the example pools (examples/pools/*.yaml)
+//! against a real kube-apiserver, through the machine's kubectl.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use modelpool_e2e::{ControlPlane, repo_root};
+
+const COLUMNS: &[&str] = &[
+    "NAME", "MODELS", "PODS", "VRAM", "CEILING", "MODE", "READY", "AGE",
+];
+
+/// Installs the CRD once per test process and waits until it is served.
+fn install_crd() -> &'static ControlPlane {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    let cp = ControlPlane::shared();
+    INSTALLED.get_or_init(|| {
+        let crd = repo_root().join("crds/modelpool.yaml");
+        let crd = crd.to_str().expect("a UTF-8 path");
+        let out = cp.kubectl_ok(["apply", "--server-side", "-f", crd]);
+        assert!(out.contains("modelpools.modelpool.io"), "{out}");
+        cp.kubectl_ok([
+            "wait",
+            "--for=condition=Established",
+            "crd/modelpools.modelpool.io",
+            "--timeout=60s",
+        ]);
+    });
+    cp
+}
+
+fn examples() -> Vec<PathBuf> {
+    let dir = repo_root().join("examples/pools");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn api_resources_shows_modelpools() {
+    let cp = install_crd();
+    let out = cp.kubectl_ok(["api-resources"]);
+    let line = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("modelpools"))
+        .unwrap_or_else(|| panic!("no modelpools in:\n{out}"));
+    assert_eq!(
+        line.split_whitespace().collect::<Vec<_>>(),
+        [
+            "modelpools",
+            "mp",
+            "modelpool.io/v1alpha1",
+            "true",
+            "ModelPool"
+        ],
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn examples_apply_and_print_columns() {
+    let cp = install_crd();
+    let files = examples();
+    assert!(!files.is_empty(), "no examples/pools/*.yaml");
+    for file in files {
+        let shown = file.display().to_string();
+        let field = |path: &str| {
+            let jsonpath = format!("jsonpath={{{path}}}");
+            cp.kubectl_ok(["create", "--dry-run=client", "-f", &shown, "-o", &jsonpath])
+        };
+        let name = field(".metadata.name");
+        // A pool that names its namespace goes there; others into a fresh one.
+        let ns = match field(".metadata.namespace") {
+            ns if ns.is_empty() => cp.fresh_namespace("example").await,
+            ns => {
+                let namespace = format!(
+                    r#"{{"apiVersion":"v1","kind":"Namespace","metadata":{{"name":"{ns}"}}}}"#
+                );
+                let out = cp.kubectl_stdin(["apply", "-f", "-"], &namespace);
+                assert!(out.status.success(), "namespace {ns}: {out:?}");
+                ns
+            }
+        };
+
+        let out = cp.kubectl_ok(["apply", "-n", &ns, "-f", &shown]);
+        assert_eq!(
+            out.trim(),
+            format!("modelpool.modelpool.io/{name} created"),
+            "{shown}"
+        );
+
+        let table = cp.kubectl_ok(["get", "mp", "-n", &ns, &name]);
+        let (header, row) = parse_table(&table);
+        assert_eq!(header, COLUMNS, "{shown}:\n{table}");
+        let cell = |column: &str| row[COLUMNS.iter().position(|c| *c == column).unwrap()].as_str();
+
+        assert_eq!(cell("NAME"), name, "{shown}");
+        let mode = cp.kubectl_ok([
+            "get",
+            "mp",
+            "-n",
+            &ns,
+            &name,
+            "-o",
+            "jsonpath={.spec.policy.mode}",
+        ]);
+        assert_eq!(cell("MODE"), mode, "{shown}:\n{table}");
+        let vram = cp.kubectl_ok([
+            "get",
+            "mp",
+            "-n",
+            &ns,
+            &name,
+            "-o",
+            "jsonpath={.spec.limits.vram}",
+        ]);
+        assert_eq!(cell("CEILING"), vram, "{shown}:\n{table}");
+        // No operator runs here: the status columns are empty.
+        for status_column in ["MODELS", "PODS", "VRAM", "READY"] {
+            assert_eq!(cell(status_column), "", "{shown}:\n{table}");
+        }
+        assert!(!cell("AGE").is_empty(), "{shown}:\n{table}");
+    }
+
+    // All pools, through the short name, across namespaces.
+    let all = cp.kubectl_ok(["get", "mp", "-A", "-o", "name"]);
+    assert_eq!(all.lines().count(), examples().len(), "{all}");
+}
+
+/// The header and first row of kubectl's table output, cut at the header's column
+/// starts (empty cells are blank).
+fn parse_table(table: &str) -> (Vec<String>, Vec<String>) {
+    let mut lines = table.lines();
+    let header = lines.next().unwrap_or_default();
+    let row = lines.next().unwrap_or_default();
+    let mut starts: Vec<usize> = header
+        .char_indices()
+        .filter(|&(i, c)| c != ' ' && (i == 0 || header.as_bytes()[i - 1] == b' '))
+        .map(|(i, _)| i)
+        .collect();
+    let names = header.split_whitespace().map(str::to_owned).collect();
+    starts.push(usize::MAX);
+    let cells = starts
+        .windows(2)
+        .map(|w| {
+            let end = w[1].min(row.len());
+            row.get(w[0].min(end)..end)
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    (names, cells)
+}
