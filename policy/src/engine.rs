@@ -637,14 +637,19 @@ impl Engine {
         instance.last_used = now;
         if let Some(measured) = measured {
             instance.measured = Some(measured);
-            instance.held = measured;
         }
-        let held = instance.held;
         let learned = &mut self.learned[index];
         if let Some(measured) = measured {
             learned.measured = Some(measured);
             learned.peak = learned.peak.max(measured);
         }
+        // It holds the larger of declared and measured: a model that measured small once
+        // may still grow to what its owner declared.
+        let held = self.need_of(index);
+        if let Some(instance) = self.instances.get_mut(&key) {
+            instance.held = held;
+        }
+        let learned = &mut self.learned[index];
         if let Some(seconds) = load_seconds.filter(|s| s.is_finite() && *s >= 0.0) {
             // Smooth, so that one slow load (a cold page cache) does not dominate the cost.
             learned.load_seconds = Some(match learned.load_seconds {

@@ -501,3 +501,18 @@ fn a_small_request_may_pass_a_blocked_big_one_but_not_forever() {
     // Once the big one has waited half its timeout, nothing passes it any more.
     assert!(granted(&engine.acquire(secs(31), RequestId(4), OTHER, "t2v")).is_empty());
 }
+
+#[test]
+fn a_model_that_measures_small_still_holds_what_it_declared() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let out = engine.acquire(secs(0), RequestId(1), APP, "upscale");
+    let _lease = granted(&out)[0].2;
+    engine.loaded(
+        secs(1),
+        APP,
+        "upscale",
+        Some(Footprint::new(GIB, GIB)),
+        None,
+    );
+    assert_eq!(engine.held(), Footprint::new(4 * GIB, 12 * GIB));
+}
