@@ -1,1 +1,298 @@
-//! stub
+//! `modelpool-sidecar`: the per-pod authority over models. It admits loads within the pool's
+//! ceilings (through the policy engine, `modelpool-policy`), drives the app to unload, measures
+//! what the device, the pod and each app process really hold, and exports it.
+//!
+//! ```text
+//!  app (SDK) ──UDS/TCP /v1──► api ──► session::Shared ──► modelpool_policy::Engine
+//!                                        │   ▲ ticker: measure → sessions → reclaims → tick
+//!                                        ▼   │
+//!                         driver::{Sdk, Http}  measure::{nvml, cuda, cgroup, proc}
+//!  Prometheus ──► /metrics (metrics.rs)   pool file ──(mtime poll)──► pool::load → update
+//! ```
+
+pub mod api;
+pub mod args;
+pub mod client;
+pub mod driver;
+pub mod measure;
+pub mod metrics;
+pub mod pool;
+pub mod session;
+pub mod status;
+pub mod telemetry;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use modelpool_crds::v1alpha1::DriverKind;
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    args::ServeArgs,
+    driver::{
+        Driver, DriverError,
+        http::HttpDriver,
+        sdk::{CommandHub, SdkDriver},
+    },
+    measure::SystemMeter,
+    metrics::{Metrics, MetricsError},
+    pool::{PoolError, PoolFile},
+    session::{Settings, Shared},
+};
+
+/// Why the sidecar could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid flags.
+    #[error(transparent)]
+    Args(#[from] args::ArgsError),
+    /// The pool file is unusable at startup.
+    #[error("failed to load the pool: {0}")]
+    Pool(#[from] PoolError),
+    /// The driver cannot be built.
+    #[error("failed to set up the driver: {0}")]
+    Driver(#[from] DriverError),
+    /// Metrics registration failed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// A listener failed.
+    #[error(transparent)]
+    Listen(#[from] api::http::ListenError),
+    /// Signal handlers could not be installed.
+    #[error("failed to install signal handlers: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+fn make_driver(
+    kind: DriverKind,
+    url: Option<&str>,
+    hub: &Arc<CommandHub>,
+    timeout: Duration,
+) -> Result<Arc<dyn Driver>, DriverError> {
+    Ok(match kind {
+        DriverKind::Sdk => Arc::new(SdkDriver::new(Arc::clone(hub))),
+        DriverKind::Http => Arc::new(HttpDriver::new(url.unwrap_or_default(), timeout)?),
+    })
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT, then shuts down gracefully.
+pub async fn run(args: ServeArgs) -> Result<(), Error> {
+    args.validate()?;
+    let ServeArgs {
+        pool: pool_path,
+        socket,
+        listen,
+        api_token,
+        metrics_listen,
+        log_format: _,
+        heartbeat_ms: _,
+        reclaim_timeout_ms: _,
+        tick_ms: _,
+        pool_poll_ms,
+        shutdown_grace_ms,
+        driver_timeout_ms,
+        no_nvml,
+        cuda_fallback,
+    } = args.clone();
+    let pool_path: PathBuf = pool_path.ok_or(args::ArgsError::NoPool)?;
+    let settings = Settings {
+        heartbeat: args.heartbeat(),
+        tick: args.tick(),
+        reclaim_timeout: args.reclaim_timeout(),
+    };
+
+    let loaded = pool::load(&pool_path, settings.reclaim_timeout)?;
+    let driver_timeout = Duration::from_millis(driver_timeout_ms);
+    let hub = CommandHub::new(settings.heartbeat);
+    let driver = make_driver(
+        loaded.driver,
+        loaded.info.driver_url.as_deref(),
+        &hub,
+        driver_timeout,
+    )?;
+    let driver_kind = loaded.driver;
+    let metrics = Metrics::new()?;
+    let meter = Arc::new(SystemMeter::init(!no_nvml, cuda_fallback));
+    tracing::info!(
+        pool = loaded.info.name,
+        file = %pool_path.display(),
+        mode = loaded.info.mode,
+        driver = loaded.info.driver,
+        models = loaded.info.models.len(),
+        "pool loaded"
+    );
+    let shared = Shared::new(loaded, driver, hub, meter, metrics, settings);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers: Vec<JoinHandle<()>> = Vec::new();
+    let unix = api::http::bind_unix(&socket)?;
+    servers.push(serve(
+        unix,
+        api::router(Arc::clone(&shared)),
+        stop_rx.clone(),
+        "api (unix)",
+    ));
+    tracing::info!(socket = %socket.display(), "API listening on the Unix socket");
+    if let Some(addr) = listen {
+        let tcp = api::http::bind_tcp(addr).await?;
+        let router = api::http::with_token(api::router(Arc::clone(&shared)), api_token);
+        servers.push(serve(tcp, router, stop_rx.clone(), "api (tcp)"));
+        tracing::info!(%addr, "API listening on TCP");
+    }
+    let ops = api::http::bind_tcp(metrics_listen).await?;
+    let ops_addr = ops.local_addr().map_or(metrics_listen, |a| a);
+    servers.push(serve(
+        ops,
+        api::ops_router(Arc::clone(&shared)),
+        stop_rx.clone(),
+        "ops",
+    ));
+    tracing::info!(addr = %ops_addr, "metrics, healthz and readyz listening");
+    shared.ready.store(true, Ordering::Relaxed);
+    tracing::info!("Memory at start: {}", shared.memory_line());
+
+    let ticker = tokio::spawn(tick_loop(Arc::clone(&shared), stop_rx.clone()));
+    let watcher = tokio::spawn(watch_pool(
+        Arc::clone(&shared),
+        PoolFile::new(pool_path),
+        Duration::from_millis(pool_poll_ms),
+        driver_kind,
+        stop_rx.clone(),
+    ));
+
+    wait_for_signal().await.map_err(Error::Signal)?;
+    tracing::info!(
+        "stop signal received: admitting nothing new, asking apps to unload idle models"
+    );
+    shared.begin_shutdown();
+    let grace = Duration::from_millis(shutdown_grace_ms);
+    let deadline = Instant::now() + grace;
+    let mut changes = shared.subscribe();
+    loop {
+        let in_flight = shared.unloads_in_flight();
+        if in_flight == 0 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                in_flight,
+                grace_ms = shutdown_grace_ms,
+                "shutdown grace over with unloads still under way"
+            );
+            break;
+        }
+        let _ = tokio::time::timeout(settings.tick, changes.changed()).await;
+    }
+    tracing::info!("Memory at shutdown: {}", shared.memory_line());
+    let _ = stop_tx.send(true);
+    shared.hub.wake();
+    ticker.abort();
+    watcher.abort();
+    for server in servers {
+        // Long polls end at their deadline; do not wait for them.
+        if tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .is_err()
+        {
+            tracing::debug!("a server did not stop within 2 s");
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    shared.update_metrics();
+    tracing::info!("sidecar stopped");
+    Ok(())
+}
+
+fn serve<L>(
+    listener: L,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    name: &'static str,
+) -> JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(error) = result {
+            tracing::error!(%error, server = name, "server failed");
+        }
+    })
+}
+
+async fn tick_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(shared.settings.tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => shared.tick(),
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+async fn watch_pool(
+    shared: Arc<Shared>,
+    mut file: PoolFile,
+    every: Duration,
+    driver_kind: DriverKind,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !file.changed() {
+            continue;
+        }
+        match pool::load(file.path(), shared.settings.reclaim_timeout) {
+            Ok(loaded) => {
+                if loaded.driver != driver_kind {
+                    tracing::warn!(
+                        file = %file.path().display(),
+                        "the pool's driver kind changed; a driver change takes effect on restart (the rest of the pool is applied now)"
+                    );
+                }
+                tracing::info!(
+                    file = %file.path().display(),
+                    pool = loaded.info.name,
+                    mode = loaded.info.mode,
+                    models = loaded.info.models.len(),
+                    "pool file changed: new pool in force"
+                );
+                shared.metrics.pool_reloads.with_label_values(&["ok"]).inc();
+                shared.update_pool(loaded);
+            }
+            Err(error) => {
+                shared
+                    .metrics
+                    .pool_reloads
+                    .with_label_values(&["invalid"])
+                    .inc();
+                tracing::error!(file = %file.path().display(), %error, "pool file changed but is invalid: refused, the previous pool stays in force");
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

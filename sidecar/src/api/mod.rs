@@ -1,0 +1,284 @@
+//! The versioned HTTP API (`/v1`, docs/sidecar-api.md) and the operations endpoints
+//! (`/metrics`, `/healthz`, `/readyz`). Handlers are thin: they parse, call [`Shared`], and
+//! shape the answer.
+
+pub mod http;
+pub mod wire;
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Path, RawQuery, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+};
+use modelpool_policy::{Action, Footprint, Refusal, RefusalReason};
+use serde_json::{Value, json};
+
+use self::http::{ApiError, BODY_LIMIT, JsonBody, empty, query_u64};
+use crate::session::{AcquireAnswer, LookupError, Shared, lease_name, session_name};
+
+/// Longest long poll of the command stream.
+pub const MAX_WAIT_MS: u64 = 30_000;
+/// Long poll length when `wait_ms` is not given.
+pub const DEFAULT_WAIT_MS: u64 = 25_000;
+
+type AppState = State<Arc<Shared>>;
+
+impl From<LookupError> for ApiError {
+    fn from(error: LookupError) -> Self {
+        match error {
+            LookupError::Session(session) => ApiError::unknown_session(&session),
+            LookupError::Lease { lease, session } => ApiError::unknown_lease(&lease, &session),
+            LookupError::Model { names, listed } => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unknown_model",
+                format!(
+                    "models not in the pool: {} (the pool lists: {listed})",
+                    names.join(", ")
+                ),
+            )
+            .with("models", json!(names)),
+            LookupError::ShuttingDown => ApiError::shutting_down(),
+        }
+    }
+}
+
+/// The `/v1` router.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/sessions", post(open_session))
+        .route("/v1/sessions/{session}", delete(close_session))
+        .route("/v1/sessions/{session}/heartbeat", post(heartbeat))
+        .route("/v1/sessions/{session}/commands", get(commands))
+        .route("/v1/acquire", post(acquire))
+        .route("/v1/loaded", post(loaded))
+        .route("/v1/release", post(release))
+        .route("/v1/unloaded", post(unloaded))
+        .route("/v1/cleanup", post(cleanup))
+        .route("/v1/state", get(state))
+        .route("/v1/check", get(check))
+        .fallback(http::not_found)
+        .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(shared)
+}
+
+/// The operations router: `/metrics`, `/healthz`, `/readyz`.
+pub fn ops_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(http::not_found)
+        .with_state(shared)
+}
+
+async fn metrics(State(shared): AppState) -> Response {
+    shared.update_metrics();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(shared): AppState) -> Response {
+    if shared.ready.load(Ordering::Relaxed) && !shared.shutting_down() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else if shared.shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "API not listening yet\n").into_response()
+    }
+}
+
+async fn open_session(
+    State(shared): AppState,
+    JsonBody(body): JsonBody<wire::CreateSession>,
+) -> Result<Response, ApiError> {
+    let answer = shared.open_session(body)?;
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+async fn close_session(
+    State(shared): AppState,
+    Path(session): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    shared.close_session(&session)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn heartbeat(
+    State(shared): AppState,
+    Path(session): Path<String>,
+    JsonBody(body): JsonBody<wire::Heartbeat>,
+) -> Result<Json<Value>, ApiError> {
+    shared.heartbeat(&session, body.readings)?;
+    Ok(empty())
+}
+
+async fn commands(
+    State(shared): AppState,
+    Path(session): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let wait_ms = query_u64(query.as_deref(), "wait_ms")?
+        .unwrap_or(DEFAULT_WAIT_MS)
+        .min(MAX_WAIT_MS);
+    let id = shared.command_session(&session)?;
+    let deadline = Instant::now() + Duration::from_millis(wait_ms);
+    let mut changes = shared.hub.subscribe();
+    loop {
+        changes.borrow_and_update();
+        shared.prune_commands(id);
+        let Some(taken) = shared.hub.take(id, Instant::now()) else {
+            return Err(ApiError::unknown_session(&session));
+        };
+        if !taken.commands.is_empty() {
+            return Ok(Json(json!({"commands": taken.commands})));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(Json(json!({"commands": []})));
+        }
+        let until = taken.next_due.map_or(deadline, |due| due.min(deadline));
+        let _ = tokio::time::timeout_at(until.into(), changes.changed()).await;
+    }
+}
+
+fn refusal_body(model: &str, refusal: &Refusal) -> ApiError {
+    let (status, code) = match refusal.reason {
+        RefusalReason::UnknownModel => (StatusCode::NOT_FOUND, "unknown_model"),
+        RefusalReason::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        _ => (StatusCode::CONFLICT, "refused"),
+    };
+    ApiError::new(status, code, refusal.message.clone())
+        .with("decision", json!("refuse"))
+        .with("reason", json!(refusal.reason.as_str()))
+        .with("model", json!(model))
+        .with(
+            "need_bytes",
+            json!({"vram": refusal.need.vram, "ram": refusal.need.ram}),
+        )
+        .with(
+            "ceiling_bytes",
+            json!({"vram": refusal.ceiling_vram, "ram": refusal.ceiling_ram}),
+        )
+        .with(
+            "held_bytes",
+            json!({"vram": refusal.held.vram, "ram": refusal.held.ram}),
+        )
+        .with(
+            "reclaimable_bytes",
+            json!({"vram": refusal.reclaimable.vram, "ram": refusal.reclaimable.ram}),
+        )
+        .with(
+            "holders",
+            Value::Array(
+                refusal
+                    .holders
+                    .iter()
+                    .map(|h| {
+                        json!({
+                            "model": h.model,
+                            "session": session_name(h.session),
+                            "vram_bytes": h.held.vram,
+                            "ram_bytes": h.held.ram,
+                            "leases": h.leases,
+                            "pinned": h.pinned,
+                        })
+                    })
+                    .collect(),
+            ),
+        )
+}
+
+async fn acquire(
+    State(shared): AppState,
+    JsonBody(body): JsonBody<wire::Acquire>,
+) -> Result<Json<Value>, ApiError> {
+    match shared
+        .acquire(&body.session, &body.model, body.wait)
+        .await?
+    {
+        AcquireAnswer::Granted { action, lease } => Ok(Json(json!({
+            "decision": match action { Action::Use => "use", Action::Load => "load" },
+            "lease": lease_name(lease),
+            "model": body.model,
+        }))),
+        AcquireAnswer::Wait { message } => Ok(Json(json!({
+            "decision": "wait",
+            "model": body.model,
+            "message": message,
+        }))),
+        AcquireAnswer::Refused(refusal) => Err(refusal_body(&body.model, &refusal)),
+        AcquireAnswer::LoadFailed { message } => {
+            Err(ApiError::new(StatusCode::CONFLICT, "refused", message)
+                .with("decision", json!("refuse"))
+                .with("reason", json!("load_failed"))
+                .with("model", json!(body.model)))
+        }
+    }
+}
+
+async fn loaded(
+    State(shared): AppState,
+    JsonBody(body): JsonBody<wire::Loaded>,
+) -> Result<Json<Value>, ApiError> {
+    shared.loaded(body)?;
+    Ok(empty())
+}
+
+async fn release(
+    State(shared): AppState,
+    JsonBody(body): JsonBody<wire::Release>,
+) -> Result<Json<Value>, ApiError> {
+    let unload = shared.release(&body.session, &body.lease)?;
+    Ok(Json(json!({"unload": unload})))
+}
+
+async fn unloaded(
+    State(shared): AppState,
+    JsonBody(body): JsonBody<wire::Unloaded>,
+) -> Result<Json<Value>, ApiError> {
+    shared
+        .unloaded(&body.session, &body.model)
+        .map_err(|error| match error {
+            LookupError::Model { names, listed } => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_model",
+                format!(
+                    "model {:?} is not in the pool (it lists: {listed})",
+                    names.join(", ")
+                ),
+            ),
+            other => other.into(),
+        })?;
+    Ok(empty())
+}
+
+async fn cleanup(State(shared): AppState, JsonBody(body): JsonBody<wire::Cleanup>) -> Json<Value> {
+    Json(shared.cleanup(body.force))
+}
+
+async fn state(State(shared): AppState) -> Json<Value> {
+    Json(shared.state())
+}
+
+async fn check(
+    State(shared): AppState,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let vram = query_u64(query.as_deref(), "vram_bytes")?.unwrap_or(0);
+    let ram = query_u64(query.as_deref(), "ram_bytes")?.unwrap_or(0);
+    Ok(Json(shared.check(Footprint::new(vram, ram))))
+}

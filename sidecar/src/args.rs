@@ -1,0 +1,206 @@
+//! Command-line arguments (clap): `modelpool-sidecar [serve flags]` runs the sidecar,
+//! `modelpool-sidecar status` prints a running sidecar's state.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// The default API socket.
+pub const DEFAULT_SOCKET: &str = "/var/run/modelpool/sidecar.sock";
+
+/// ModelPool sidecar: admits model loads within the pool's ceilings, unloads idle models,
+/// measures real memory and exports metrics.
+#[derive(Debug, Parser)]
+#[command(
+    name = "modelpool-sidecar",
+    version,
+    args_conflicts_with_subcommands = true
+)]
+#[command(subcommand_negates_reqs = true)]
+pub struct Cli {
+    /// A subcommand; none runs the sidecar.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The sidecar's flags.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a running sidecar's models, sessions and memory.
+    Status(StatusArgs),
+}
+
+/// `modelpool-sidecar status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The sidecar's API socket.
+    #[arg(long, env = "MODELPOOL_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print the raw JSON of GET /v1/state instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The sidecar's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The ModelPool manifest to enforce (standalone mode). Re-read when it changes; an
+    /// invalid edit is refused with a logged reason and the previous pool stays in force.
+    #[arg(long, env = "MODELPOOL_POOL", required = true)]
+    pub pool: Option<PathBuf>,
+
+    /// Unix socket for the API.
+    #[arg(long, env = "MODELPOOL_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Also serve the API on this TCP address (loopback only, unless --api-token is set).
+    #[arg(long, env = "MODELPOOL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Bearer token required on the TCP API.
+    #[arg(long, env = "MODELPOOL_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "MODELPOOL_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
+    pub metrics_listen: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "MODELPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Heartbeat interval asked of sessions, ms; two missed heartbeats end a session.
+    #[arg(long, env = "MODELPOOL_HEARTBEAT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
+    pub heartbeat_ms: u64,
+
+    /// How long an unload may take to show its memory back before `MemoryNotReclaimed`, ms.
+    #[arg(long, env = "MODELPOOL_RECLAIM_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub reclaim_timeout_ms: u64,
+
+    /// How often the sidecar measures, checks sessions and applies the policy's timers, ms.
+    #[arg(long, env = "MODELPOOL_TICK_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
+    pub tick_ms: u64,
+
+    /// How often the pool file's modification time is checked, ms.
+    #[arg(long, env = "MODELPOOL_POOL_POLL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub pool_poll_ms: u64,
+
+    /// On SIGTERM, how long to wait for apps to unload idle models before exiting, ms.
+    #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+
+    /// Timeout of the Http driver's load/unload calls to the app, ms.
+    #[arg(long, env = "MODELPOOL_DRIVER_TIMEOUT_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub driver_timeout_ms: u64,
+
+    /// Do not use NVML (GPU readings then come only from the apps' heartbeats).
+    #[arg(long, env = "MODELPOOL_NO_NVML")]
+    pub no_nvml: bool,
+
+    /// When NVML is unavailable, read device memory through the CUDA driver instead. Costs a
+    /// CUDA context on device 0 (about 500 MiB of VRAM), so it is off by default.
+    #[arg(long, env = "MODELPOOL_CUDA_FALLBACK")]
+    pub cuda_fallback: bool,
+}
+
+/// Invalid flag combinations clap cannot express.
+#[derive(Debug, thiserror::Error)]
+pub enum ArgsError {
+    /// A non-loopback TCP API without a token.
+    #[error(
+        "--listen {0} is not a loopback address: the API can load and unload models, so it needs --api-token to listen beyond 127.0.0.1/::1"
+    )]
+    ExposedWithoutToken(SocketAddr),
+    /// An empty token.
+    #[error("--api-token must not be empty")]
+    EmptyToken,
+    /// No pool.
+    #[error("--pool FILE is required")]
+    NoPool,
+}
+
+impl ServeArgs {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), ArgsError> {
+        if self.pool.is_none() {
+            return Err(ArgsError::NoPool);
+        }
+        if self.api_token.as_deref() == Some("") {
+            return Err(ArgsError::EmptyToken);
+        }
+        if let Some(addr) = self.listen
+            && !addr.ip().is_loopback()
+            && self.api_token.is_none()
+        {
+            return Err(ArgsError::ExposedWithoutToken(addr));
+        }
+        Ok(())
+    }
+
+    /// `--heartbeat-ms`.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// `--tick-ms`.
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms)
+    }
+
+    /// `--reclaim-timeout-ms`.
+    pub fn reclaim_timeout(&self) -> Duration {
+        Duration::from_millis(self.reclaim_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("modelpool-sidecar").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn serve_needs_a_pool_but_status_does_not() {
+        assert!(parse(&[]).is_err());
+        let cli = parse(&["--pool", "p.yaml"]).unwrap();
+        assert!(cli.command.is_none());
+        cli.serve.validate().unwrap();
+        let cli = parse(&["status", "--socket", "/tmp/s.sock"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Status(_))));
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_a_token() {
+        let cli = parse(&["--pool", "p", "--listen", "0.0.0.0:8080"]).unwrap();
+        assert!(matches!(
+            cli.serve.validate(),
+            Err(ArgsError::ExposedWithoutToken(_))
+        ));
+        let cli = parse(&[
+            "--pool",
+            "p",
+            "--listen",
+            "0.0.0.0:8080",
+            "--api-token",
+            "t",
+        ])
+        .unwrap();
+        cli.serve.validate().unwrap();
+        let cli = parse(&["--pool", "p", "--listen", "127.0.0.1:8080"]).unwrap();
+        cli.serve.validate().unwrap();
+    }
+}

@@ -1,0 +1,103 @@
+//! Drivers: how the sidecar makes the app load and unload models, chosen by
+//! `spec.driver.kind`.
+//!
+//! ```text
+//!  policy engine ── Output::Unload ──► Driver::unload ─┬─ Sdk:  command on the session's stream
+//!                                                      │        (GET /v1/sessions/{id}/commands);
+//!                                                      │        the app answers POST /v1/unloaded
+//!                                                      └─ Http: POST {url}/models/{name}/unload
+//!  acquire ── Action::Load ──► Driver::load ───────────┬─ Sdk:  the app loads, reports /v1/loaded
+//!                                                      └─ Http: POST {url}/models/{name}/load
+//! ```
+
+pub mod http;
+pub mod sdk;
+
+use futures::future::BoxFuture;
+use modelpool_policy::{SessionId, UnloadReason};
+
+use crate::measure::Sizes;
+
+/// Why a driver call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The app's URL is not usable.
+    #[error("driver url {url:?} is not supported: {reason}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The call did not get an answer.
+    #[error("failed to call {url}: {reason}")]
+    Call {
+        /// The URL called.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The app answered with an error.
+    #[error("{url} answered {status}: {body}")]
+    Status {
+        /// The URL called.
+        url: String,
+        /// Its status.
+        status: u16,
+        /// Its body (truncated).
+        body: String,
+    },
+    /// The session to command is gone.
+    #[error("session {0} is gone")]
+    SessionGone(u64),
+}
+
+/// What a load request led to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadOutcome {
+    /// The app itself loads (Sdk): answer the acquire with `load`.
+    AppLoads,
+    /// The driver loaded it (Http); the app's own measurement, if it gave one.
+    Loaded {
+        /// What the app says the model holds.
+        reported: Sizes,
+        /// How long the call took, seconds.
+        seconds: f64,
+    },
+}
+
+/// What an unload request led to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnloadOutcome {
+    /// A command is queued for the app (Sdk); it will report `/v1/unloaded`.
+    Queued {
+        /// The command id.
+        command: u64,
+    },
+    /// The driver unloaded it (Http).
+    Done,
+}
+
+/// A way to make the app load and unload.
+pub trait Driver: Send + Sync + 'static {
+    /// `Sdk` or `Http`.
+    fn kind(&self) -> &'static str;
+
+    /// Loads `model` in `holder`'s process (or says the app will).
+    fn load(
+        &self,
+        holder: SessionId,
+        model: &str,
+    ) -> BoxFuture<'static, Result<LoadOutcome, DriverError>>;
+
+    /// Unloads `model` from `holder`'s process (or queues the command).
+    fn unload(
+        &self,
+        holder: SessionId,
+        model: &str,
+        reason: UnloadReason,
+    ) -> BoxFuture<'static, Result<UnloadOutcome, DriverError>>;
+
+    /// Whether the sidecar itself performs loads (and so answers acquires with `use`).
+    fn loads_itself(&self) -> bool;
+}

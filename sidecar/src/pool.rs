@@ -1,0 +1,235 @@
+//! The pool in force: a `ModelPool` manifest read from `--pool FILE`, turned into the policy
+//! engine's [`PoolConfig`] plus what the API and metrics show ([`PoolInfo`]). [`PoolFile`]
+//! notices edits by polling the file's modification time.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use modelpool_crds::{
+    ModelPool, PoolFileError,
+    v1alpha1::{DriverKind, Enforcement, Eviction, Mode},
+};
+use modelpool_policy::{EvictionPolicy, Footprint, Limits, ModelConfig, PoolConfig};
+use serde::Serialize;
+
+use crate::api::wire::Ceilings;
+
+/// Why a pool cannot be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Reading or validating the manifest failed.
+    #[error(transparent)]
+    File(#[from] PoolFileError),
+    /// A size that validation let through but does not parse (should not happen).
+    #[error("{field}: {message}")]
+    Quantity {
+        /// The field.
+        field: String,
+        /// The parse error.
+        message: String,
+    },
+}
+
+/// One model as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelInfo {
+    /// Its name.
+    pub name: String,
+    /// Declared VRAM.
+    pub vram_bytes: u64,
+    /// Declared RAM.
+    pub ram_bytes: u64,
+    /// Never unloaded by policy.
+    pub pinned: bool,
+    /// Acquire-queue and eviction priority.
+    pub priority: i32,
+}
+
+/// The pool as the API and metrics show it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PoolInfo {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace` (empty when absent).
+    pub namespace: String,
+    /// `Aggressive` or `Cache`.
+    pub mode: &'static str,
+    /// `Sdk` or `Http`.
+    pub driver: &'static str,
+    /// The Http driver's base URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver_url: Option<String>,
+    /// `Advisory`, `Evict` or `Restart`.
+    pub enforcement: &'static str,
+    /// Per-pod ceilings.
+    pub limits: Ceilings,
+    /// The models.
+    pub models: Vec<ModelInfo>,
+}
+
+/// A pool ready to be put in force.
+#[derive(Debug, Clone)]
+pub struct LoadedPool {
+    /// For the API and metrics.
+    pub info: PoolInfo,
+    /// For the engine.
+    pub config: PoolConfig,
+    /// The driver kind.
+    pub driver: DriverKind,
+}
+
+fn bytes(
+    field: impl Fn() -> String,
+    quantity: Option<&modelpool_crds::Quantity>,
+) -> Result<Option<u64>, PoolError> {
+    quantity
+        .map(|q| q.bytes())
+        .transpose()
+        .map_err(|error| PoolError::Quantity {
+            field: field(),
+            message: error.to_string(),
+        })
+}
+
+/// Turns a validated manifest into the engine's config. `reclaim_timeout` comes from the flags.
+pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool, PoolError> {
+    let spec = &pool.spec;
+    let limits = Limits {
+        vram: bytes(|| "spec.limits.vram".into(), spec.limits.vram.as_ref())?,
+        ram: bytes(|| "spec.limits.ram".into(), spec.limits.ram.as_ref())?,
+    };
+    let mut models = Vec::with_capacity(spec.models.len());
+    let mut infos = Vec::with_capacity(spec.models.len());
+    for (index, model) in spec.models.iter().enumerate() {
+        let vram =
+            bytes(|| format!("spec.models[{index}].vram"), model.vram.as_ref())?.unwrap_or(0);
+        let ram = bytes(|| format!("spec.models[{index}].ram"), model.ram.as_ref())?.unwrap_or(0);
+        models.push(ModelConfig {
+            name: model.name.clone(),
+            declared: Footprint::new(vram, ram),
+            priority: model.priority,
+            pinned: model.pinned,
+            load_seconds: model.load_seconds,
+        });
+        infos.push(ModelInfo {
+            name: model.name.clone(),
+            vram_bytes: vram,
+            ram_bytes: ram,
+            pinned: model.pinned,
+            priority: model.priority,
+        });
+    }
+    let policy = &spec.policy;
+    let config = PoolConfig {
+        mode: match policy.mode {
+            Mode::Aggressive => modelpool_policy::Mode::Aggressive,
+            Mode::Cache => modelpool_policy::Mode::Cache,
+        },
+        idle_ttl: policy.idle_ttl.into(),
+        eviction: match policy.eviction {
+            Eviction::Lru => EvictionPolicy::Lru,
+            Eviction::CostAware => EvictionPolicy::CostAware,
+        },
+        pressure_vram_percent: policy.pressure.vram_percent,
+        pressure_ram_percent: policy.pressure.ram_percent,
+        acquire_timeout: policy.acquire_timeout.into(),
+        reclaim_timeout,
+        evict_over_ceiling: policy.enforcement != Enforcement::Advisory,
+        limits,
+        models,
+    };
+    let info = PoolInfo {
+        name: pool.metadata.name.clone().unwrap_or_default(),
+        namespace: pool.metadata.namespace.clone().unwrap_or_default(),
+        mode: match policy.mode {
+            Mode::Aggressive => "Aggressive",
+            Mode::Cache => "Cache",
+        },
+        driver: match spec.driver.kind {
+            DriverKind::Sdk => "Sdk",
+            DriverKind::Http => "Http",
+        },
+        driver_url: spec.driver.url.clone(),
+        enforcement: match policy.enforcement {
+            Enforcement::Advisory => "Advisory",
+            Enforcement::Evict => "Evict",
+            Enforcement::Restart => "Restart",
+        },
+        limits: Ceilings {
+            vram: limits.vram,
+            ram: limits.ram,
+        },
+        models: infos,
+    };
+    Ok(LoadedPool {
+        info,
+        config,
+        driver: spec.driver.kind,
+    })
+}
+
+/// Reads, validates and converts a pool file.
+pub fn load(path: &Path, reclaim_timeout: Duration) -> Result<LoadedPool, PoolError> {
+    let pool = modelpool_crds::load_pool_file(path)?;
+    convert(&pool, reclaim_timeout)
+}
+
+/// A pool file watched for edits by its modification time (and size, for coarse clocks).
+#[derive(Debug)]
+pub struct PoolFile {
+    path: PathBuf,
+    seen: Option<(SystemTime, u64)>,
+}
+
+impl PoolFile {
+    /// Starts watching `path`, taking its current state as seen.
+    pub fn new(path: PathBuf) -> Self {
+        let seen = stamp(&path);
+        Self { path, seen }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True once per change of the file since the last call (or since `new`).
+    pub fn changed(&mut self) -> bool {
+        let now = stamp(&self.path);
+        if now != self.seen && now.is_some() {
+            self.seen = now;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_the_examples() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pools");
+        let cogvideo = load(&root.join("cogvideo.yaml"), Duration::from_secs(10)).unwrap();
+        assert_eq!(cogvideo.info.name, "cogvideo");
+        assert_eq!(cogvideo.config.limits.vram, Some(20 << 30));
+        assert_eq!(
+            cogvideo.config.models[0].declared,
+            Footprint::new(12 << 30, 2 << 30)
+        );
+        assert_eq!(cogvideo.config.acquire_timeout, Duration::from_secs(60));
+        let llm = load(&root.join("llm-cache.yaml"), Duration::from_secs(10)).unwrap();
+        assert_eq!(llm.driver, DriverKind::Http);
+        assert_eq!(llm.config.idle_ttl, Duration::from_secs(600));
+        assert!(llm.info.models[0].pinned);
+    }
+}
