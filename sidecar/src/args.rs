@@ -58,8 +58,30 @@ pub enum LogFormat {
 pub struct ServeArgs {
     /// The ModelPool manifest to enforce (standalone mode). Re-read when it changes; an
     /// invalid edit is refused with a logged reason and the previous pool stays in force.
-    #[arg(long, env = "MODELPOOL_POOL", required = true)]
+    #[arg(
+        long,
+        env = "MODELPOOL_POOL",
+        required_unless_present = "pool_name",
+        conflicts_with = "pool_name"
+    )]
     pub pool: Option<PathBuf>,
+
+    /// Cluster mode: the ModelPool to follow, by name, in the pod's namespace (the webhook
+    /// sets it). The sidecar reads the pool from the API and reports on its own pod.
+    #[arg(long, env = "MODELPOOL_POOL_NAME")]
+    pub pool_name: Option<String>,
+
+    /// Cluster mode: this pod's name (downward API).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// Cluster mode: this pod's namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// Cluster mode: at most one report on the pod per this many ms (only when it changed).
+    #[arg(long, env = "MODELPOOL_REPORT_INTERVAL_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub report_interval_ms: u64,
 
     /// Unix socket for the API.
     #[arg(long, env = "MODELPOOL_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -127,15 +149,26 @@ pub enum ArgsError {
     #[error("--api-token must not be empty")]
     EmptyToken,
     /// No pool.
-    #[error("--pool FILE is required")]
+    #[error("--pool FILE (standalone) or --pool-name NAME (cluster mode) is required")]
     NoPool,
+    /// Cluster mode without its placement.
+    #[error("cluster mode (--pool-name) needs {0} (set by the webhook from the downward API)")]
+    NoPlacement(&'static str),
 }
 
 impl ServeArgs {
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), ArgsError> {
-        if self.pool.is_none() {
+        if self.pool.is_none() && self.pool_name.is_none() {
             return Err(ArgsError::NoPool);
+        }
+        if self.pool.is_none() {
+            if self.pod_name.is_none() {
+                return Err(ArgsError::NoPlacement("--pod-name (POD_NAME)"));
+            }
+            if self.pod_namespace.is_none() {
+                return Err(ArgsError::NoPlacement("--pod-namespace (POD_NAMESPACE)"));
+            }
         }
         if self.api_token.as_deref() == Some("") {
             return Err(ArgsError::EmptyToken);

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod args;
 pub mod client;
+pub mod cluster;
 pub mod driver;
 pub mod measure;
 pub mod metrics;
@@ -22,7 +23,6 @@ pub mod status;
 pub mod telemetry;
 
 use std::{
-    path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -61,6 +61,9 @@ pub enum Error {
     /// A listener failed.
     #[error(transparent)]
     Listen(#[from] api::http::ListenError),
+    /// Cluster mode could not start.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     /// Signal handlers could not be installed.
     #[error("failed to install signal handlers: {0}")]
     Signal(#[source] std::io::Error),
@@ -96,15 +99,40 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         driver_timeout_ms,
         no_nvml,
         cuda_fallback,
+        pool_name,
+        pod_name,
+        pod_namespace,
+        report_interval_ms,
     } = args.clone();
-    let pool_path: PathBuf = pool_path.ok_or(args::ArgsError::NoPool)?;
     let settings = Settings {
         heartbeat: args.heartbeat(),
         tick: args.tick(),
         reclaim_timeout: args.reclaim_timeout(),
     };
 
-    let loaded = pool::load(&pool_path, settings.reclaim_timeout)?;
+    // Standalone: the pool is a file. Cluster mode: it is read from the API by name.
+    let (loaded, cluster_mode) = match (pool_path.clone(), pool_name) {
+        (Some(path), _) => (pool::load(&path, settings.reclaim_timeout)?, None),
+        (None, Some(pool)) => {
+            let placement = cluster::Placement {
+                pool,
+                pod: pod_name.ok_or(args::ArgsError::NoPlacement("--pod-name (POD_NAME)"))?,
+                namespace: pod_namespace.ok_or(args::ArgsError::NoPlacement(
+                    "--pod-namespace (POD_NAMESPACE)",
+                ))?,
+            };
+            let client = cluster::client().await?;
+            let loaded = cluster::first_pool(
+                &client,
+                &placement,
+                settings.reclaim_timeout,
+                Duration::from_secs(120),
+            )
+            .await?;
+            (loaded, Some((client, placement)))
+        }
+        (None, None) => return Err(args::ArgsError::NoPool.into()),
+    };
     let driver_timeout = Duration::from_millis(driver_timeout_ms);
     let hub = CommandHub::new(settings.heartbeat);
     let driver = make_driver(
@@ -118,7 +146,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let meter = Arc::new(SystemMeter::init(!no_nvml, cuda_fallback));
     tracing::info!(
         pool = loaded.info.name,
-        file = %pool_path.display(),
+        source = %pool_path.as_ref().map_or_else(|| "the API (cluster mode)".to_owned(), |p| p.display().to_string()),
         mode = loaded.info.mode,
         driver = loaded.info.driver,
         models = loaded.info.models.len(),
@@ -155,13 +183,32 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     tracing::info!("Memory at start: {}", shared.memory_line());
 
     let ticker = tokio::spawn(tick_loop(Arc::clone(&shared), stop_rx.clone()));
-    let watcher = tokio::spawn(watch_pool(
-        Arc::clone(&shared),
-        PoolFile::new(pool_path),
-        Duration::from_millis(pool_poll_ms),
-        driver_kind,
-        stop_rx.clone(),
-    ));
+    let mut followers: Vec<JoinHandle<()>> = Vec::new();
+    match (&cluster_mode, pool_path) {
+        (Some((client, placement)), _) => {
+            followers.push(tokio::spawn(cluster::follow_pool(
+                Arc::clone(&shared),
+                client.clone(),
+                placement.clone(),
+                stop_rx.clone(),
+            )));
+            followers.push(tokio::spawn(cluster::report_loop(
+                Arc::clone(&shared),
+                client.clone(),
+                placement.clone(),
+                Duration::from_millis(report_interval_ms),
+                stop_rx.clone(),
+            )));
+        }
+        (None, Some(path)) => followers.push(tokio::spawn(watch_pool(
+            Arc::clone(&shared),
+            PoolFile::new(path),
+            Duration::from_millis(pool_poll_ms),
+            driver_kind,
+            stop_rx.clone(),
+        ))),
+        (None, None) => {}
+    }
 
     wait_for_signal().await.map_err(Error::Signal)?;
     tracing::info!(
@@ -190,7 +237,15 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let _ = stop_tx.send(true);
     shared.hub.wake();
     ticker.abort();
-    watcher.abort();
+    for follower in followers {
+        // The reporter sends a last report when it stops; give it a moment.
+        if tokio::time::timeout(Duration::from_secs(3), follower)
+            .await
+            .is_err()
+        {
+            tracing::debug!("a follower did not stop within 3 s");
+        }
+    }
     for server in servers {
         // Long polls end at their deadline; do not wait for them.
         if tokio::time::timeout(Duration::from_secs(2), server)

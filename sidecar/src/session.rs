@@ -19,7 +19,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, MutexGuard, atomic::AtomicBool},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -59,6 +62,16 @@ pub struct Settings {
     pub tick: Duration,
     /// Reclaim timeout (also given to the engine).
     pub reclaim_timeout: Duration,
+}
+
+fn first_session_id() -> u64 {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    u64::try_from(millis)
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .max(1)
 }
 
 /// `s-7`.
@@ -203,6 +216,10 @@ pub struct Shared {
     pub settings: Settings,
     /// Set once the API listens.
     pub ready: AtomicBool,
+    /// Set when the pool is being deleted (cluster mode): unload everything, admit nothing.
+    draining: AtomicBool,
+    /// The last problem worth reporting (cluster mode puts it on the pod's report).
+    last_error: Mutex<Option<String>>,
     changed: watch::Sender<u64>,
 }
 
@@ -284,7 +301,9 @@ impl Shared {
             engine: Engine::new(pool.config),
             pool: pool.info,
             sessions: BTreeMap::new(),
-            next_session: 1,
+            // Ids unique across restarts: an app that outlived a restarted sidecar must not
+            // find its old id given to another process's new session.
+            next_session: first_session_id(),
             next_request: 1,
             waiters: HashMap::new(),
             immediate: HashMap::new(),
@@ -303,6 +322,8 @@ impl Shared {
             metrics,
             settings,
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            last_error: Mutex::new(None),
             changed: watch::Sender::new(0),
         });
         shared.update_metrics();
@@ -988,6 +1009,10 @@ impl Shared {
 
     /// One tick: measure, end dead sessions, verify reclaims, advance the engine's timers.
     pub fn tick(self: &Arc<Self>) {
+        if self.draining() {
+            // Models whose last lease just ended go now, pinned ones included.
+            self.cleanup(true);
+        }
         let started = Instant::now();
         let ram = self.meter.ram();
         let mut gpu = self.meter.gpu();
@@ -1131,6 +1156,32 @@ impl Shared {
         core.apply(self, out);
         self.finish(core);
         self.hub.wake();
+    }
+
+    /// Starts draining: nothing new is admitted, idle models are unloaded now and the rest
+    /// (pinned ones too) as soon as their leases end.
+    pub fn begin_drain(self: &Arc<Self>) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.begin_shutdown();
+        self.cleanup(true);
+    }
+
+    /// Whether the sidecar is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Records a problem for the pod's report.
+    pub fn set_last_error(&self, message: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+    }
+
+    /// The last problem recorded, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether unloads asked of live sessions are still under way.
@@ -1527,6 +1578,9 @@ impl Core {
                     held,
                 } => {
                     metrics.memory_not_reclaimed.inc();
+                    shared.set_last_error(format!(
+                        "MemoryNotReclaimed: {model} ({held}) not seen back within the reclaim timeout"
+                    ));
                     tracing::error!(
                         model,
                         session = %session_name(session),

@@ -192,7 +192,7 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
             EnvVar {
-                name: "MODELPOOL_POOL".into(),
+                name: "MODELPOOL_POOL_NAME".into(),
                 value: Some(pool.into()),
                 ..EnvVar::default()
             },
@@ -284,7 +284,12 @@ mod tests {
             .collect();
         assert_eq!(
             env,
-            ["POD_NAME", "POD_NAMESPACE", "MODELPOOL_POOL", "RUST_LOG"]
+            [
+                "POD_NAME",
+                "POD_NAMESPACE",
+                "MODELPOOL_POOL_NAME",
+                "RUST_LOG"
+            ]
         );
         assert_eq!(spec.share_process_namespace, Some(true));
         let app = &spec.containers[0];

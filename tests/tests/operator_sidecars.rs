@@ -1,0 +1,362 @@
+//! The operator with real sidecars in cluster mode: a pool and three pods on the real
+//! apiserver, three `modelpool-sidecar` processes playing those pods (they read the pool from
+//! the API and report on their own pod), app processes (`modelpool-memhog`) holding real
+//! memory acquiring through them, and the pool's status and `kubectl get mp` showing it.
+//! Deleting the pool makes the sidecars unload everything before the finalizer lets it go.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc::{Receiver, channel},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    api::{DeleteParams, PostParams},
+};
+use modelpool_crds::{ModelPool, report::PodReport};
+use modelpool_e2e::{ControlPlane, repo_root};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn workspace_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the test command does)",
+        path.display()
+    );
+    path
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file")
+}
+
+/// A memhog app: writes commands on stdin, reads one JSON reply per command.
+struct App {
+    _child: Killed,
+    stdin: ChildStdin,
+    replies: Receiver<serde_json::Value>,
+}
+
+impl App {
+    fn start(socket: &Path, dir: &Path, name: &str) -> Self {
+        let mut child = Command::new(workspace_bin("modelpool-memhog"))
+            .arg("--socket")
+            .arg(socket)
+            .args(["--app", name, "--models", "t2v,upscale,frame_interpolation"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log_file(dir, name))
+            .spawn()
+            .expect("starting modelpool-memhog");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, replies) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                    && value["type"] == "reply"
+                    && tx.send(value).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Self {
+            _child: Killed(child),
+            stdin,
+            replies,
+        }
+    }
+
+    fn send(&mut self, command: &str) -> serde_json::Value {
+        writeln!(self.stdin, "{command}").expect("write to memhog");
+        self.stdin.flush().expect("flush");
+        self.replies
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("memhog did not answer {command:?}"))
+    }
+
+    /// Acquire, load `mib` of real memory, release (Cache mode keeps it loaded).
+    fn use_model(&mut self, model: &str, mib: u64) {
+        let reply = self.send(&format!("acquire {model} {mib}"));
+        assert_eq!(reply["status"], 200, "acquire {model}: {reply}");
+        let lease = reply["body"]["lease"].as_str().expect("a lease").to_owned();
+        let released = self.send(&format!("release {lease}"));
+        assert_eq!(released["status"], 200, "release {model}: {released}");
+    }
+}
+
+fn wait_for_socket(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+const POOL: &str = r#"
+apiVersion: modelpool.io/v1alpha1
+kind: ModelPool
+metadata:
+  name: video
+spec:
+  limits: {ram: 512Mi}
+  policy: {mode: Cache, idleTTL: 10m}
+  models:
+    - {name: t2v, ram: 48Mi}
+    - {name: upscale, ram: 64Mi}
+    - {name: frame_interpolation, ram: 32Mi}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_report_through_their_pods_and_drain_on_delete() {
+    let cp = ControlPlane::shared();
+    let crd = repo_root().join("crds/modelpool.yaml");
+    cp.kubectl_ok([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        crd.to_str().expect("utf-8"),
+    ]);
+    cp.kubectl_ok([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/modelpools.modelpool.io",
+    ]);
+    let ns = cp.fresh_namespace("sidecars").await;
+    let client = cp.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    cp.kubectl_stdin(["apply", "-n", &ns, "-f", "-"], POOL);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pools: Api<ModelPool> = Api::namespaced(client.clone(), &ns);
+    for i in 0..3 {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("app-{i}"), "labels": {"modelpool.io/pool": "video"}},
+            "spec": {"containers": [{"name": "app", "image": "python:3.12-slim"}]}
+        }))
+        .expect("pod");
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod");
+    }
+
+    let _operator = Killed(
+        Command::new(workspace_bin("modelpool-operator"))
+            .args([
+                "run",
+                "--watch-namespace",
+                &ns,
+                "--namespace",
+                &ns,
+                "--identity",
+                "op",
+            ])
+            .args([
+                "--webhook-listen",
+                "off",
+                "--lease-duration-s",
+                "4",
+                "--lease-retry-s",
+                "1",
+            ])
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .env("KUBECONFIG", cp.kubeconfig_path())
+            .stderr(log_file(dir.path(), "operator"))
+            .spawn()
+            .expect("starting the operator"),
+    );
+
+    // Three sidecars in cluster mode, each "in" its pod.
+    let mut sidecars = Vec::new();
+    let mut apps = Vec::new();
+    for i in 0..3 {
+        let socket = dir.path().join(format!("sidecar-{i}.sock"));
+        sidecars.push(Killed(
+            Command::new(workspace_bin("modelpool-sidecar"))
+                .args([
+                    "--pool-name",
+                    "video",
+                    "--pod-name",
+                    &format!("app-{i}"),
+                    "--pod-namespace",
+                    &ns,
+                ])
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--metrics-listen")
+                .arg(format!("127.0.0.1:{}", free_port()))
+                .args([
+                    "--report-interval-ms",
+                    "200",
+                    "--heartbeat-ms",
+                    "500",
+                    "--tick-ms",
+                    "100",
+                ])
+                .env("KUBECONFIG", cp.kubeconfig_path())
+                .env_remove("MODELPOOL_POOL")
+                .stderr(log_file(dir.path(), &format!("sidecar-{i}")))
+                .spawn()
+                .expect("starting a sidecar"),
+        ));
+        wait_for_socket(&socket);
+        apps.push(App::start(&socket, dir.path(), &format!("app-{i}")));
+    }
+
+    // Real loads: t2v in every pod, upscale in one.
+    for app in &mut apps {
+        app.use_model("t2v", 48);
+    }
+    apps[1].use_model("upscale", 64);
+
+    let status = eventually(
+        "the loads in the pool's status",
+        Duration::from_secs(90),
+        || async {
+            let status = pools.get("video").await.ok()?.status?;
+            let t2v = status.models.iter().find(|m| m.name == "t2v")?;
+            let upscale = status.models.iter().find(|m| m.name == "upscale")?;
+            let loads: i64 = status.models.iter().map(|m| m.loads).sum();
+            (status.pods_ready.as_deref() == Some("3/3")
+                && t2v.loaded_in == 3
+                && upscale.loaded_in == 1
+                && loads == 4)
+                .then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(status.models_loaded.as_deref(), Some("2/3"));
+    let upscale = status
+        .models
+        .iter()
+        .find(|m| m.name == "upscale")
+        .expect("upscale");
+    assert_eq!((upscale.loaded_in, upscale.loads), (1, 1));
+    // 3 x 48 MiB + 64 MiB of RAM held, as measured (the larger of what the apps report and
+    // what the sidecars see their RSS grow by).
+    let ram = status
+        .ram_used
+        .as_ref()
+        .and_then(|q| q.bytes().ok())
+        .expect("ramUsed");
+    let expected = 208u64 << 20;
+    assert!(
+        ram >= expected && ram < expected + expected / 20,
+        "ramUsed {ram} B should be 208 MiB within 5 %"
+    );
+    let table = cp.kubectl_ok(["get", "mp", "video", "-n", &ns]);
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..3], ["video", "2/3", "3/3"], "{table}");
+    // No VRAM ceiling in this pool: that column is blank, so look for the mode by value.
+    assert!(row.contains(&"Cache") && row.contains(&"True"), "{table}");
+
+    // The report on a pod is compact and names what it holds.
+    let pod = pods.get("app-1").await.expect("app-1");
+    let text = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("modelpool.io/report"))
+        .expect("a report annotation");
+    assert!(text.len() < 1024, "compact: {} bytes", text.len());
+    let report = PodReport::from_annotation(text).expect("a report");
+    let mut held: Vec<&str> = report.models.iter().map(|m| m.name.as_str()).collect();
+    held.sort_unstable();
+    assert_eq!(held, ["t2v", "upscale"]);
+
+    // Delete: the sidecars unload every model (the apps free the memory), report drained,
+    // and only then does the finalizer let the pool go.
+    pools
+        .delete("video", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually("the pool to be gone", Duration::from_secs(90), || async {
+        matches!(pools.get_opt("video").await, Ok(None)).then_some(())
+    })
+    .await;
+    for i in 0..3 {
+        let pod = pods.get(&format!("app-{i}")).await.expect("pod");
+        let report = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("modelpool.io/report"))
+            .and_then(|t| PodReport::from_annotation(t).ok())
+            .expect("a report");
+        assert!(
+            report.drained && report.models.is_empty(),
+            "app-{i}: {report:?}"
+        );
+    }
+    for app in &mut apps {
+        let rss = app.send("rss");
+        assert_eq!(rss["held"], 0, "the app freed every model: {rss}");
+    }
+    let events = cp.kubectl_ok([
+        "get",
+        "events",
+        "-n",
+        &ns,
+        "--field-selector",
+        "reason=Drained",
+        "-o",
+        "name",
+    ]);
+    assert!(!events.trim().is_empty(), "Drained event");
+}
