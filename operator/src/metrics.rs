@@ -81,6 +81,10 @@ impl Metrics {
             "modelpool_operator_leader",
             "1 while this replica is the leader.",
         )?;
+        // Every result exists from the start, so graphs and alerts see zeros, not gaps.
+        for result in ["ok", "invalid", "write_status", "finalizer", "draining"] {
+            reconciles.with_label_values(&[result]);
+        }
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(pools.clone()))?;

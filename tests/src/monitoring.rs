@@ -73,13 +73,12 @@ pub fn poll<T>(
     mut f: impl FnMut() -> Result<Option<T>>,
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
-    let mut last = String::from("no attempt finished");
     loop {
-        match f() {
+        let last = match f() {
             Ok(Some(v)) => return Ok(v),
-            Ok(None) => last = "not yet".into(),
-            Err(e) => last = format!("{e:#}"),
-        }
+            Ok(None) => "not yet".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
         if Instant::now() > deadline {
             bail!("{what}: still failing after {timeout:?}: {last}");
         }
