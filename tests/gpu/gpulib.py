@@ -1,0 +1,563 @@
+"""Pure logic of the GPU check (``tests/gpu/run.sh``): parsing what nvidia-smi and the sidecar
+print, matching processes, the checks' arithmetic and the JSON summary. No I/O on the GPU here,
+so ``python -m pytest tests/gpu`` tests all of it on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+MIB = 1024**2
+GIB = 1024**3
+
+#: Exit codes of run.sh / run_gpu.py.
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_SETUP = 2  # a binary, the SDK or torch is missing, or a process did not start
+EXIT_NO_GPU = 77  # no GPU on this machine: the check was skipped (automake/ctest convention)
+
+#: The four checks the issue asks for, plus the reference host's own; all must pass.
+CHECK_NAMES = (
+    "process_vram_agrees",  # sidecar's per-process VRAM vs nvidia-smi, within 2 %
+    "unload_returns_to_baseline",  # app VRAM back to its baseline after an unload, torch cache empty
+    "pressure_evicts_idle",  # other tenant's pressure -> idle models evicted, tenant allocates
+    "leased_model_kept",  # the model with a live lease is never evicted
+    "candle_host_frees_vram",  # the reference host's unload gives its VRAM back
+)
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+_UNITS = {"b": 1, "kib": 1024, "mib": MIB, "gib": GIB, "kb": 1000, "mb": 10**6, "gb": 10**9}
+
+
+def parse_size(text: str, default_unit: str = "MiB") -> Optional[int]:
+    """``"4567 MiB"`` -> bytes; ``"[N/A]"``, ``"[Not Supported]"`` or garbage -> None."""
+    text = text.strip()
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)", text)
+    if not match:
+        return None
+    unit = (match.group(2) or default_unit).lower()
+    if unit not in _UNITS:
+        return None
+    return int(round(float(match.group(1)) * _UNITS[unit]))
+
+
+def parse_compute_apps(csv_text: str) -> Dict[int, Optional[int]]:
+    """``nvidia-smi --query-compute-apps=pid,used_memory --format=csv`` -> {pid: bytes or None}.
+
+    Accepts the header line or not, ``nounits`` or not; "No running processes found" -> {}.
+    """
+    apps: Dict[int, Optional[int]] = {}
+    for line in csv_text.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) < 2 or not parts[0].isdigit():
+            continue
+        apps[int(parts[0])] = parse_size(parts[1])
+    return apps
+
+
+def parse_gpu_query(csv_text: str) -> List[Dict[str, Any]]:
+    """``nvidia-smi --query-gpu=index,name,uuid,memory.total,memory.used,driver_version
+    --format=csv,noheader,nounits`` -> one dict per GPU (sizes in bytes)."""
+    gpus = []
+    for line in csv_text.splitlines():
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) < 5 or not parts[0].isdigit():
+            continue
+        gpus.append(
+            {
+                "index": int(parts[0]),
+                "name": parts[1],
+                "uuid": parts[2],
+                "total_bytes": parse_size(parts[3]),
+                "used_bytes": parse_size(parts[4]),
+                "driver": parts[5] if len(parts) > 5 else None,
+            }
+        )
+    return gpus
+
+
+_SAMPLE = re.compile(
+    r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)(?:\s+\S+)?$"
+)
+_LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"\s*,?')
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One Prometheus sample."""
+
+    name: str
+    labels: Tuple[Tuple[str, str], ...]
+    value: float
+
+    def label(self, key: str) -> Optional[str]:
+        return dict(self.labels).get(key)
+
+
+def parse_prometheus(text: str) -> List[Sample]:
+    """The Prometheus text format -> samples (comments and malformed lines skipped)."""
+    samples = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        labels = []
+        raw = match.group("labels") or ""
+        position = 0
+        while position < len(raw):
+            label = _LABEL.match(raw, position)
+            if not label:
+                break
+            value = label.group(2).replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+            labels.append((label.group(1), value))
+            position = label.end()
+        try:
+            value = float(match.group("value"))
+        except ValueError:
+            continue
+        samples.append(Sample(match.group("name"), tuple(sorted(labels)), value))
+    return samples
+
+
+def metric(samples: Iterable[Sample], name: str, **labels: str) -> Optional[float]:
+    """The sum of ``name``'s samples whose labels include ``labels`` (None when there is none)."""
+    total = None
+    for sample in samples:
+        if sample.name != name:
+            continue
+        have = dict(sample.labels)
+        if all(have.get(key) == value for key, value in labels.items()):
+            total = (total or 0.0) + sample.value
+    return total
+
+
+def metrics_digest(samples: Sequence[Sample]) -> Dict[str, Any]:
+    """The sidecar metrics the summary shows side by side with NVML (by name, then labels)."""
+    keep = (
+        "modelpool_gpu_up",
+        "modelpool_vram_total_bytes",
+        "modelpool_vram_used_bytes",
+        "modelpool_pool_bytes",
+        "modelpool_model_loaded",
+        "modelpool_model_bytes",
+        "modelpool_model_leases",
+        "modelpool_unloads_total",
+        "modelpool_loads_total",
+        "modelpool_memory_not_reclaimed_total",
+        "modelpool_reclaim_duration_seconds_sum",
+        "modelpool_reclaim_duration_seconds_count",
+        "modelpool_sessions",
+    )
+    digest: Dict[str, Any] = {}
+    for sample in samples:
+        if sample.name in keep or ("process" in sample.name and "vram" in sample.name):
+            key = sample.name
+            if sample.labels:
+                key += "{" + ",".join(f"{k}={v}" for k, v in sample.labels) + "}"
+            digest[key] = sample.value
+    return digest
+
+
+# --- which NVML process is which ----------------------------------------------------------------
+
+
+def parse_nspids(status_text: str) -> List[int]:
+    """The ``NSpid:`` line of ``/proc/PID/status`` (outermost visible namespace first)."""
+    for line in status_text.splitlines():
+        if line.startswith("NSpid:"):
+            return [int(part) for part in line.split()[1:] if part.isdigit()]
+    return []
+
+
+def attribute_new_pid(before: Iterable[int], after: Iterable[int], known: Iterable[int] = ()) -> Optional[int]:
+    """The one NVML pid that appeared between ``before`` and ``after`` and is not already
+    attributed to another process (``known``); None when zero or several appeared."""
+    new = set(after) - set(before) - set(known)
+    return next(iter(new)) if len(new) == 1 else None
+
+
+def resolve_nvml_pid(
+    local_pid: int,
+    nvml_pids: Iterable[int],
+    nspids: Sequence[int] = (),
+    appeared: Optional[int] = None,
+) -> Tuple[Optional[int], str]:
+    """How NVML names ``local_pid``: itself (same pid namespace), one of its ``NSpid`` ids, or
+    the pid that appeared when it initialised CUDA. Returns (pid, how) or (None, why not)."""
+    present = set(nvml_pids)
+    if local_pid in present:
+        return local_pid, "same pid"
+    for other in nspids:
+        if other in present:
+            return other, "NSpid"
+    if appeared is not None and appeared in present:
+        return appeared, "appeared at CUDA init"
+    return None, f"pid {local_pid} not among NVML's processes {sorted(present)}"
+
+
+# --- the sidecar's per-process figure -----------------------------------------------------------
+
+_VRAM_KEYS = ("process_vram_bytes", "vram_bytes", "vram_used_bytes", "gpu_memory_bytes")
+
+
+def _number(value: Any) -> Optional[int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def _vram_of(entry: Mapping[str, Any]) -> Optional[Tuple[int, str]]:
+    """A per-process VRAM figure in a session/process entry and the key path it came from:
+    the sidecar's own measurement first (top level, ``measured``, ``memory``, ``vram``), the
+    app's heartbeat ``readings`` (relayed, not measured by the sidecar) last."""
+    for key in _VRAM_KEYS:
+        if _number(entry.get(key)) is not None:
+            return _number(entry.get(key)), key  # type: ignore[return-value]
+    for nested in ("measured", "memory", "vram", "readings"):
+        inner = entry.get(nested)
+        if not isinstance(inner, Mapping):
+            continue
+        for key in _VRAM_KEYS + ("vram",):
+            if _number(inner.get(key)) is not None:
+                label = f"{nested}.{key}"
+                if nested == "readings":
+                    label += f" (app-reported{', ' + str(inner['source']) if inner.get('source') else ''})"
+                return _number(inner.get(key)), label  # type: ignore[return-value]
+    return None
+
+
+def sidecar_process_vram(
+    state: Optional[Mapping[str, Any]], samples: Sequence[Sample], pid: int
+) -> Tuple[Optional[int], str]:
+    """The VRAM the sidecar reports for process ``pid``: from ``GET /v1/state`` (a
+    ``sessions`` or ``processes`` entry with that ``pid``; its own measurement preferred over
+    the app's relayed heartbeat readings) or a ``/metrics`` gauge whose name says process and
+    VRAM and whose labels carry the pid. Returns (bytes, where) or (None, what was looked at)."""
+    if state:
+        for key in ("sessions", "processes"):
+            entries = state.get(key)
+            if isinstance(entries, Mapping):
+                entries = [dict(value, session=name) for name, value in entries.items() if isinstance(value, Mapping)]
+            if not isinstance(entries, list):
+                continue
+            for entry in entries:
+                if isinstance(entry, Mapping) and entry.get("pid") == pid:
+                    found = _vram_of(entry)
+                    if found is not None:
+                        source = entry.get("vram_source") or entry.get("source")
+                        where = f"/v1/state {key}[pid={pid}].{found[1]}" + (f" ({source})" if source else "")
+                        return found[0], where
+    for sample in samples:
+        if "process" in sample.name and "vram" in sample.name and sample.label("pid") == str(pid):
+            return int(sample.value), f"/metrics {sample.name}{{pid={pid}}}"
+    return None, (
+        f"no per-process VRAM for pid {pid}: looked for /v1/state sessions[]/processes[] entries "
+        f"with pid and one of {list(_VRAM_KEYS)} (top level, measured, readings), and /metrics "
+        f"gauges named *process*vram* with a pid label"
+    )
+
+
+def state_models(state: Optional[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """``GET /v1/state``'s ``models`` list -> {model: entry} (the first entry per model)."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for entry in (state or {}).get("models") or []:
+        if isinstance(entry, Mapping) and isinstance(entry.get("model"), str):
+            out.setdefault(entry["model"], dict(entry))
+    return out
+
+
+# --- the checks' arithmetic ---------------------------------------------------------------------
+
+
+def within_percent(a: float, b: float, percent: float = 2.0, slack_bytes: int = MIB) -> bool:
+    """``a`` and ``b`` differ by at most ``percent`` % of the larger (and at least
+    ``slack_bytes`` are tolerated: nvidia-smi prints whole MiB)."""
+    return abs(a - b) <= max(percent / 100.0 * max(abs(a), abs(b)), slack_bytes)
+
+
+def percent_diff(a: float, b: float) -> Optional[float]:
+    """``|a - b|`` as a percentage of the larger; None when both are 0."""
+    top = max(abs(a), abs(b))
+    return None if top == 0 else abs(a - b) * 100.0 / top
+
+
+def baseline_tolerance(model_bytes: int) -> int:
+    """How far above its baseline an app may stay after unloading a model of ``model_bytes``
+    and still count as back: 64 MiB or 1 % of the model, whichever is larger (allocator
+    bookkeeping, cuBLAS workspaces)."""
+    return max(64 * MIB, model_bytes // 100)
+
+
+def first_at_or_below(
+    samples: Sequence[Tuple[float, Optional[int]]], since: float, limit: int
+) -> Optional[float]:
+    """The time of the first ``(t, bytes)`` sample at or after ``since`` whose bytes are at or
+    below ``limit`` (None when none is)."""
+    for t, value in samples:
+        if t >= since and value is not None and value <= limit:
+            return t
+    return None
+
+
+def reclaim_ms(samples: Sequence[Tuple[float, Optional[int]]], released_at: float, limit: int) -> Optional[float]:
+    """Milliseconds from ``released_at`` until the samples first show the memory back
+    (``<= limit``); 0 when it was already back at the release."""
+    seen = first_at_or_below(samples, released_at, limit)
+    return None if seen is None else max(0.0, (seen - released_at) * 1000.0)
+
+
+def pressure_sizes(total: int, used: int, pressure_percent: float, margin_percent: float, model_bytes: int) -> Tuple[int, int]:
+    """The other tenant's two allocations: ``first`` takes device use ``margin_percent`` above
+    the sidecar's pressure threshold; ``second`` is sized so that it only fits once at least
+    one idle model (``model_bytes``) has been evicted: half a model more than what is free
+    after the first. Returns (first, second) in bytes, rounded to 2 MiB."""
+    target = int(total * (pressure_percent + margin_percent) / 100.0)
+    first = max(0, target - used)
+    free_after = total - used - first
+    second = free_after + model_bytes // 2
+    two_mib = 2 * MIB
+    return (first // two_mib) * two_mib, -(-second // two_mib) * two_mib
+
+
+def median(values: Sequence[float]) -> Optional[float]:
+    values = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2.0
+
+
+# --- checks and the summary ---------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One PASS/FAIL line."""
+
+    name: str
+    ok: bool
+    detail: str
+    values: Dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+
+
+def not_run(name: str, why: str) -> Check:
+    """A check that could not run counts as failed."""
+    return Check(name, False, f"not run: {why}")
+
+
+def check_agreement(sidecar_bytes: Optional[int], smi_bytes: Optional[int], where: str, percent: float = 2.0) -> Check:
+    name = "process_vram_agrees"
+    values = {"sidecar_bytes": sidecar_bytes, "nvidia_smi_bytes": smi_bytes, "sidecar_source": where, "tolerance_percent": percent}
+    if sidecar_bytes is None:
+        return Check(name, False, f"sidecar reports no per-process VRAM ({where})", values)
+    if smi_bytes is None:
+        return Check(name, False, "nvidia-smi shows no memory for the app's process", values)
+    diff = percent_diff(sidecar_bytes, smi_bytes)
+    values["diff_percent"] = diff
+    ok = within_percent(sidecar_bytes, smi_bytes, percent)
+    detail = (
+        f"sidecar {sidecar_bytes / MIB:.0f} MiB ({where}) vs nvidia-smi {smi_bytes / MIB:.0f} MiB: "
+        f"{diff or 0.0:.2f} % {'<=' if ok else '>'} {percent} %"
+    )
+    return Check(name, ok, detail, values)
+
+
+def check_baseline(
+    baseline: Optional[int],
+    after: Optional[int],
+    model_bytes: int,
+    reserved_after: Optional[int],
+    reclaim: Optional[float],
+) -> Check:
+    name = "unload_returns_to_baseline"
+    tolerance = baseline_tolerance(model_bytes)
+    values = {
+        "baseline_bytes": baseline,
+        "after_unload_bytes": after,
+        "tolerance_bytes": tolerance,
+        "torch_reserved_after_bytes": reserved_after,
+        "vram_reclaim_ms": reclaim,
+    }
+    if baseline is None or after is None:
+        return Check(name, False, "no NVML reading of the app's process before or after the unload", values)
+    problems = []
+    if after > baseline + tolerance:
+        problems.append(f"{(after - baseline) / MIB:.0f} MiB above baseline (tolerance {tolerance / MIB:.0f} MiB)")
+    if reserved_after:
+        problems.append(f"torch still reserves {reserved_after / MIB:.0f} MiB (cache not emptied)")
+    if reclaim is None:
+        problems.append("NVML never showed the memory back")
+    detail = (
+        f"app {after / MIB:.0f} MiB after unload vs baseline {baseline / MIB:.0f} MiB; "
+        f"vram_reclaim_ms={'n/a' if reclaim is None else f'{reclaim:.1f}'}"
+    )
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return Check(name, not problems, detail, values)
+
+
+def check_pressure(
+    evicted: Sequence[str],
+    idle_models: Sequence[str],
+    tenant_ok: bool,
+    tenant_detail: str,
+    unload_reasons: Mapping[str, float],
+) -> Check:
+    name = "pressure_evicts_idle"
+    values = {"evicted": list(evicted), "idle_before": list(idle_models), "tenant_allocated": tenant_ok, "unloads_by_reason": dict(unload_reasons)}
+    problems = []
+    if not any(model in idle_models for model in evicted):
+        problems.append(f"no idle model was evicted (idle: {list(idle_models)})")
+    if not tenant_ok:
+        problems.append(f"the other tenant's allocation did not succeed: {tenant_detail}")
+    detail = f"evicted {list(evicted) or 'nothing'} of idle {list(idle_models)}; tenant: {tenant_detail}"
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return Check(name, not problems, detail, values)
+
+
+def check_leased(leased: Sequence[str], evicted: Sequence[str], still_loaded: Mapping[str, bool], usable: Mapping[str, bool]) -> Check:
+    name = "leased_model_kept"
+    lost = [model for model in leased if model in evicted or not still_loaded.get(model, False) or not usable.get(model, False)]
+    values = {"leased": list(leased), "evicted": list(evicted), "still_loaded": dict(still_loaded), "usable": dict(usable)}
+    if not leased:
+        return Check(name, False, "no model held a lease during the pressure phase", values)
+    if lost:
+        return Check(name, False, f"leased model(s) {lost} were evicted or became unusable", values)
+    return Check(name, True, f"leased {list(leased)} stayed loaded and usable through the pressure", values)
+
+
+def check_candle_host(loaded_vram: Optional[int], process_during: Optional[int], process_after: Optional[int], process_before: Optional[int]) -> Check:
+    name = "candle_host_frees_vram"
+    values = {"reported_vram_bytes": loaded_vram, "process_before_bytes": process_before, "process_loaded_bytes": process_during, "process_after_bytes": process_after}
+    if None in (loaded_vram, process_during, process_after, process_before):
+        return Check(name, False, "missing a reading (see values)", values)
+    assert loaded_vram is not None and process_during is not None and process_after is not None and process_before is not None
+    problems = []
+    grew = process_during - process_before
+    if not within_percent(grew, loaded_vram, 2.0, slack_bytes=4 * MIB):
+        problems.append(f"NVML saw {grew / MIB:.0f} MiB added, the host reported {loaded_vram / MIB:.0f} MiB")
+    if process_after > process_before + 16 * MIB:  # the driver may keep a little bookkeeping
+        problems.append(f"{(process_after - process_before) / MIB:.0f} MiB still held after unload")
+    detail = f"load +{grew / MIB:.0f} MiB (reported {loaded_vram / MIB:.0f} MiB), after unload {process_after / MIB:.0f} MiB vs {process_before / MIB:.0f} MiB before"
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return Check(name, not problems, detail, values)
+
+
+def exit_code(checks: Sequence[Check], setup_error: Optional[str] = None) -> int:
+    if setup_error:
+        return EXIT_SETUP
+    return EXIT_OK if checks and all(check.ok for check in checks) else EXIT_CHECK_FAILED
+
+
+def build_summary(
+    checks: Sequence[Check],
+    *,
+    device: Optional[Mapping[str, Any]] = None,
+    bench: Optional[Mapping[str, Any]] = None,
+    reclaim_samples_ms: Sequence[float] = (),
+    side_by_side: Sequence[Mapping[str, Any]] = (),
+    extra: Optional[Mapping[str, Any]] = None,
+    setup_error: Optional[str] = None,
+    seconds: Optional[float] = None,
+) -> Dict[str, Any]:
+    """The JSON written to ``$OUT/summary.json``. Every check named in :data:`CHECK_NAMES`
+    appears (a missing one as "not run"), so a reader never mistakes a skipped check for a
+    passed one."""
+    by_name = {check.name: check for check in checks}
+    ordered = [by_name.pop(name, None) or not_run(name, setup_error or "the run stopped before it") for name in CHECK_NAMES]
+    ordered += list(by_name.values())
+    bench = dict(bench or {})
+    summary: Dict[str, Any] = {
+        "ok": exit_code(ordered, setup_error) == EXIT_OK,
+        "exit_code": exit_code(ordered, setup_error),
+        "setup_error": setup_error,
+        "checks": [asdict(check) for check in ordered],
+        "passed": [check.name for check in ordered if check.ok],
+        "failed": [check.name for check in ordered if not check.ok],
+        "vram_reclaim_ms": median(list(reclaim_samples_ms)),
+        "vram_reclaim_ms_samples": list(reclaim_samples_ms),
+        "h2d_gb_per_s": bench.get("h2d_gb_per_s"),
+        "raw_h2d_gb_per_s": bench.get("raw_h2d_gb_per_s"),
+        "bench": bench or None,
+        "device": dict(device or {}) or None,
+        "side_by_side": list(side_by_side),
+        "seconds": seconds,
+    }
+    if extra:
+        for key, value in extra.items():
+            summary.setdefault(key, value)
+    return summary
+
+
+def dumps(summary: Mapping[str, Any]) -> str:
+    """JSON with NaN/inf turned into null (strict JSON readers choke on them)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+            return None
+        if isinstance(value, Mapping):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(summary), indent=2, sort_keys=False)
+
+
+# --- model files --------------------------------------------------------------------------------
+
+
+def safetensors_header(tensors: Sequence[Tuple[str, str, Sequence[int]]]) -> Tuple[bytes, int]:
+    """The header of a safetensors file holding ``(name, dtype, shape)`` tensors laid out one
+    after another; returns (header bytes including the 8-byte length, data bytes)."""
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I64": 8, "F64": 8, "I32": 4}
+    meta: Dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        count = 1
+        for dim in shape:
+            count *= int(dim)
+        size = count * sizes[dtype]
+        meta[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text, offset
+
+
+def write_safetensors(path: str, tensors: Sequence[Tuple[str, str, Sequence[int]]], fill: Optional[bytes] = None) -> int:
+    """Writes a safetensors file whose data is ``fill`` repeated (a sparse file of zeros when
+    None: instant to write, and reads like any other file). Returns the data bytes."""
+    header, data_bytes = safetensors_header(tensors)
+    with open(path, "wb") as handle:
+        handle.write(header)
+        if fill:
+            block = (fill * (MIB // len(fill) + 1))[:MIB]
+            remaining = data_bytes
+            while remaining > 0:
+                handle.write(block[: min(MIB, remaining)])
+                remaining -= MIB
+        else:
+            handle.truncate(len(header) + data_bytes)
+    return data_bytes
+
+
+def read_safetensors_header(path: str) -> Dict[str, Any]:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))
