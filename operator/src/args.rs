@@ -72,6 +72,18 @@ pub struct RunArgs {
         default_value = "ghcr.io/modelpool/modelpool-sidecar:0.1.0"
     )]
     pub sidecar_image: String,
+    /// CPU request of the injected sidecar.
+    #[arg(long, default_value = "10m")]
+    pub sidecar_cpu_request: String,
+    /// Memory request of the injected sidecar.
+    #[arg(long, default_value = "32Mi")]
+    pub sidecar_memory_request: String,
+    /// Memory limit of the injected sidecar.
+    #[arg(long, default_value = "128Mi")]
+    pub sidecar_memory_limit: String,
+    /// `RUST_LOG` of the injected sidecar.
+    #[arg(long, default_value = "info")]
+    pub sidecar_log_level: String,
     /// Seconds a deleted pool waits for its sidecars to drain.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout_s: u64,

@@ -108,7 +108,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             client: client.clone(),
             template: SidecarTemplate {
                 image: args.sidecar_image.clone(),
-                ..SidecarTemplate::default()
+                cpu_request: args.sidecar_cpu_request.clone(),
+                memory_request: args.sidecar_memory_request.clone(),
+                memory_limit: args.sidecar_memory_limit.clone(),
+                log_filter: args.sidecar_log_level.clone(),
             },
             metrics: metrics.clone(),
         };

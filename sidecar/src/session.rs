@@ -941,13 +941,20 @@ impl Shared {
                 })
             })
             .collect();
+        // The sidecar's own per-process VRAM reading (NVML, by pid), next to what the app
+        // reports on its heartbeats: the GPU check compares it with nvidia-smi.
+        let pids: Vec<u32> = core.sessions.values().map(|s| s.pid).collect();
+        let process_vram = self.meter.process_vram(&pids);
         let sessions: Vec<Value> = core
             .sessions
             .iter()
             .map(|(id, s)| {
+                let vram = process_vram.get(&s.pid);
                 json!({
                     "session": session_name(*id),
                     "pid": s.pid,
+                    "vram_bytes": vram.map(|(bytes, _)| *bytes),
+                    "vram_source": vram.map(|(_, source)| source),
                     "app": s.app,
                     "models": s.models,
                     "leases": core.leases.values().filter(|l| l.client == *id).count(),
