@@ -187,6 +187,10 @@ pub struct Core {
     immediate: HashMap<RequestId, Verdict>,
     leases: BTreeMap<LeaseId, LeaseInfo>,
     tracks: BTreeMap<(SessionId, String), Track>,
+    /// Leases kept for models re-announced as in use (`holds[].leases > 0`): the session's
+    /// first release of that model releases this one too, so an Aggressive pool does not
+    /// unload a model under a running block, and unloads it when the block ends.
+    placeholders: BTreeMap<(SessionId, String), LeaseId>,
     /// Pids of ended sessions whose models still wait for reclaim.
     dead_pids: BTreeMap<SessionId, u32>,
     measured: Measured,
@@ -310,6 +314,7 @@ impl Shared {
             leases: BTreeMap::new(),
             tracks: BTreeMap::new(),
             dead_pids: BTreeMap::new(),
+            placeholders: BTreeMap::new(),
             measured,
             shutting_down: false,
             pending_effects: Vec::new(),
@@ -495,7 +500,7 @@ impl Shared {
                 vram: hold.vram_bytes,
                 ram: hold.ram_bytes,
             };
-            match core.adopt(self, id, &hold.model, reported) {
+            match core.adopt(self, id, &hold.model, reported, hold.leases > 0) {
                 Ok(()) => {}
                 Err(message) => {
                     tracing::warn!(session = %session_name(id), model = hold.model, %message, "held model does not fit: asking the app to unload it");
@@ -820,7 +825,10 @@ impl Shared {
             });
         };
         let now = core.now();
-        let out = core.engine.release(now, id);
+        let mut out = core.engine.release(now, id);
+        if let Some(placeholder) = core.placeholders.remove(&(info.holder, info.model.clone())) {
+            out.extend(core.engine.release(now, placeholder));
+        }
         let unload_now = info.holder == client
             && out.iter().any(|o| {
                 matches!(o, Output::Unload { session, model, .. } if *session == client && *model == info.model)
@@ -1506,6 +1514,16 @@ impl Core {
                             model: model.clone(),
                         },
                     );
+                    // The running block renewed its lease: the placeholder kept for it since a
+                    // restart is no longer needed (never the last lease, so nothing unloads).
+                    if client == holder
+                        && let Some(placeholder) =
+                            self.placeholders.remove(&(holder, model.clone()))
+                    {
+                        let now = self.now();
+                        let out = self.engine.release(now, placeholder);
+                        self.apply(shared, out);
+                    }
                     if action == Action::Load {
                         let pid = self.sessions.get(&holder).map(|s| s.pid);
                         let before = pid.map_or((None, None), |pid| {
@@ -1647,6 +1665,7 @@ impl Core {
         id: SessionId,
         model: &str,
         hold_sizes: Sizes,
+        in_use: bool,
     ) -> Result<(), String> {
         let request = RequestId(self.next_request);
         self.next_request += 1;
@@ -1700,6 +1719,13 @@ impl Core {
                 ..Track::default()
             },
         );
+        if in_use {
+            // A block is still using it: keep a placeholder lease until the session's next
+            // release of this model.
+            self.placeholders.insert((id, model.to_owned()), lease);
+            tracing::info!(session = %session_name(id), model, "held model adopted into the ledger, in use");
+            return Ok(());
+        }
         // Held without a lease: Aggressive mode unloads it now, Cache mode keeps it.
         let out = self.engine.release(now, lease);
         self.apply(shared, out);
@@ -1712,6 +1738,7 @@ impl Core {
         let Some(session) = self.sessions.remove(&id) else {
             return;
         };
+        self.placeholders.retain(|(holder, _), _| *holder != id);
         self.dead_pids.insert(id, session.pid);
         let now = self.now();
         for view in self.engine.instances(now) {

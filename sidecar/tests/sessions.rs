@@ -214,3 +214,44 @@ fn holdings_are_reannounced_on_session_open() {
         .unwrap();
     assert_eq!(r.json()["decision"], "use");
 }
+
+/// In Aggressive mode a re-announced model still in use (`leases > 0`) is kept until the
+/// session's next release of it, then unloaded at once.
+#[test]
+fn a_reannounced_model_in_use_is_kept_until_released() {
+    let sidecar = Sidecar::start(
+        &pool(
+            "inuse",
+            "{ram: 1Gi}",
+            "{mode: Aggressive}",
+            &["{name: a, ram: 100Mi}"],
+        ),
+        &[],
+    );
+    let client = sidecar.client();
+    let r = client
+        .post(
+            "/v1/sessions",
+            &json!({"pid": std::process::id(), "app": "restarted", "models": ["a"],
+                    "holds": [{"model": "a", "ram_bytes": 100 * MIB, "leases": 1}]}),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let session = r.json()["session"].as_str().unwrap().to_owned();
+    let state = sidecar.state();
+    let instance = &Sidecar::instances(&state, "a")[0];
+    assert_eq!(instance["state"], "loaded", "kept while in use: {instance}");
+    // The running block renews its lease (which replaces the placeholder), then ends: the
+    // model goes.
+    let r = client
+        .post("/v1/acquire", &json!({"session": session, "model": "a"}))
+        .unwrap();
+    assert_eq!(r.json()["decision"], "use", "{}", r.text());
+    let state = sidecar.state();
+    assert_eq!(Sidecar::instances(&state, "a")[0]["leases"], 1);
+    let lease = r.json()["lease"].as_str().unwrap().to_owned();
+    let r = client
+        .post("/v1/release", &json!({"session": session, "lease": lease}))
+        .unwrap();
+    assert_eq!(r.json()["unload"], true, "{}", r.text());
+}

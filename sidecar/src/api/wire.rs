@@ -30,6 +30,9 @@ pub struct Hold {
     /// RAM it holds, if the app knows.
     #[serde(default)]
     pub ram_bytes: Option<u64>,
+    /// Leases the app still holds on it (a `with load_model(...)` block still running).
+    #[serde(default)]
+    pub leases: u32,
 }
 
 /// `POST /v1/sessions/{session}/heartbeat`.
