@@ -156,3 +156,18 @@ fn parse_table(table: &str) -> (Vec<String>, Vec<String>) {
         .collect();
     (names, cells)
 }
+
+/// The Foundation issue's check: `kubectl apply --dry-run=client` accepts the committed CRD
+/// (kubectl 1.32 needs a server for discovery even for a client dry run).
+#[test]
+fn committed_crd_passes_a_client_dry_run() {
+    let cp = ControlPlane::shared();
+    let crd = repo_root().join("crds/modelpool.yaml");
+    let out = cp.kubectl_ok([
+        "apply",
+        "--dry-run=client",
+        "-f",
+        crd.to_str().expect("a UTF-8 path"),
+    ]);
+    assert!(out.contains("modelpools.modelpool.io"), "{out}");
+}
