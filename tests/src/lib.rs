@@ -24,6 +24,7 @@
 //! - `MODELPOOL_E2E_KEEP=1`: keep the data folder (logs, kubeconfig) after exit.
 
 pub mod monitoring;
+pub mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};

@@ -7,24 +7,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use modelpool_crds::ModelPool;
-use modelpool_e2e::{ControlPlane, repo_root};
-
-fn install_crd(cp: &ControlPlane) {
-    let crd = repo_root().join("crds/modelpool.yaml");
-    cp.kubectl_ok([
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        crd.to_str().expect("utf-8"),
-    ]);
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/modelpools.modelpool.io",
-    ]);
-}
+use modelpool_e2e::{ControlPlane, support::install_crd};
 
 fn manifest(name: &str, spec: &str) -> String {
     format!(

@@ -7,10 +7,8 @@
 //! processes in `operator_sidecars.rs`.
 
 use std::{
-    net::TcpListener,
-    path::PathBuf,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use k8s_openapi::api::core::v1::Pod;
@@ -22,28 +20,10 @@ use modelpool_crds::{
     ModelPool,
     report::{ModelReport, PodReport, REPORT_ANNOTATION},
 };
-use modelpool_e2e::{ControlPlane, repo_root};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A binary of the workspace, built by the test command before the tests run.
-fn workspace_bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    let path = target.join("debug").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (the test command does)",
-        path.display()
-    );
-    path
-}
+use modelpool_e2e::{
+    ControlPlane,
+    support::{eventually, free_port, install_crd, workspace_bin},
+};
 
 struct Operator {
     child: Child,
@@ -130,41 +110,6 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
-}
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn install_crd(cp: &ControlPlane) {
-    let crd = repo_root().join("crds/modelpool.yaml");
-    cp.kubectl_ok([
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        crd.to_str().expect("utf-8 path"),
-    ]);
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/modelpools.modelpool.io",
-    ]);
 }
 
 fn webhook_config(name: &str, ns: &str, port: u16) -> serde_json::Value {

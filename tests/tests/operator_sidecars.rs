@@ -6,8 +6,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::TcpListener,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, ChildStdin, Command, Stdio},
     sync::mpsc::{Receiver, channel},
     time::{Duration, Instant},
@@ -19,27 +18,10 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use modelpool_crds::{ModelPool, report::PodReport};
-use modelpool_e2e::{ControlPlane, repo_root};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn workspace_bin(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    let path = target.join("debug").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` first (the test command does)",
-        path.display()
-    );
-    path
-}
+use modelpool_e2e::{
+    ControlPlane,
+    support::{eventually, free_port, install_crd, workspace_bin},
+};
 
 struct Killed(Child);
 
@@ -122,24 +104,6 @@ fn wait_for_socket(socket: &Path) {
     }
 }
 
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 const POOL: &str = r#"
 apiVersion: modelpool.io/v1alpha1
 kind: ModelPool
@@ -157,20 +121,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_report_through_their_pods_and_drain_on_delete() {
     let cp = ControlPlane::shared();
-    let crd = repo_root().join("crds/modelpool.yaml");
-    cp.kubectl_ok([
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        crd.to_str().expect("utf-8"),
-    ]);
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/modelpools.modelpool.io",
-    ]);
+    install_crd(cp);
     let ns = cp.fresh_namespace("sidecars").await;
     let client = cp.client();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -212,7 +163,8 @@ async fn sidecars_report_through_their_pods_and_drain_on_delete() {
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{}", free_port()))
             .env("KUBECONFIG", cp.kubeconfig_path())
-            .stderr(log_file(dir.path(), "operator"))
+            .stdout(log_file(dir.path(), "operator"))
+            .stderr(Stdio::null())
             .spawn()
             .expect("starting the operator"),
     );

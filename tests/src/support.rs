@@ -1,0 +1,70 @@
+//! Helpers the operator and CRD tests share: free ports, the workspace's binaries, polling,
+//! and installing the CRD.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use crate::{ControlPlane, repo_root};
+
+/// A free loopback port (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A binary of the workspace (`modelpool-operator`, `modelpool-sidecar`, ...), built by the
+/// test command before the tests run (`cargo build --workspace --bins`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the test command does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 250 ms until it gives a value, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Installs `crds/modelpool.yaml` (server-side apply, idempotent) and waits until it is served.
+pub fn install_crd(cp: &ControlPlane) {
+    let crd = repo_root().join("crds/modelpool.yaml");
+    cp.kubectl_ok([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        crd.to_str().expect("a UTF-8 path"),
+    ]);
+    cp.kubectl_ok([
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/modelpools.modelpool.io",
+    ]);
+}
