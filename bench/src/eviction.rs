@@ -1,0 +1,837 @@
+//! The `eviction` scenario: the real policy engine against the caching rules people use
+//! today, on the same trace, the same ceilings and a simulated clock.
+//!
+//! Every request is `acquire` → (when the answer is Load: `loaded` after the model's load
+//! time) → hold for `hold_s` → `release`. Unload commands are answered at once (`unloaded` and
+//! `reclaimed` in the same instant). A request that finds no room waits (FIFO, as the engine
+//! queues) up to the pool's acquire timeout, then counts as refused. The cost of a policy is
+//! the load time it spends (`reload_seconds`), cold loads included: every policy pays those.
+//!
+//! Contenders, all under the same ceilings:
+//! - ours: the engine in Cache mode with CostAware (GreedyDual-Size) or Lru eviction and the
+//!   pool's idle TTL, and in Aggressive mode (unload at last release: the seed's behaviour).
+//! - `lru`: keep everything, evict the least recently used idle model when a load does not fit.
+//! - `ttl_keepalive` (Ollama's `keep_alive`): unload after the idle TTL; evict LRU when a load
+//!   does not fit.
+//! - `max_n_lru` (Ray Serve model multiplexing, `max_num_models_per_replica`): at most N models,
+//!   LRU; N is the ceiling over the mean model size. Loads that N allows but memory does not
+//!   are counted in `would_oom` (Ray does not know memory: those would fail there) and then
+//!   made to fit by evicting more, so that its cost stays comparable.
+//! - `offline` (clairvoyant, the bound): on each eviction it knows every future arrival. Two
+//!   rules are run and the cheaper kept: Belady (evict the idle model whose next use is
+//!   farthest, larger first on ties) and cost-weighted Belady (evict the smallest
+//!   `load_s / (size × time to next use)` first). With varied sizes and load costs the exact
+//!   optimum is NP-hard (generalized caching), so this is the best known schedule, not a proof
+//!   of optimality; `ratio_to_offline` below 1 would say an online policy beat it.
+
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
+    time::Duration,
+};
+
+use modelpool_policy::{
+    Action, Engine, EvictionPolicy, Footprint, LeaseId, Mode, ModelConfig, Output, PoolConfig,
+    Readings, RequestId, SessionId,
+};
+
+use crate::{
+    report::Row,
+    trace::{Model, Workload},
+};
+
+const GIB: f64 = (1u64 << 30) as f64;
+const SESSION: SessionId = SessionId(1);
+
+/// The contenders, in the order results are printed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Contender {
+    /// Engine, Cache mode, CostAware, idle TTL.
+    CostAwareCache,
+    /// Engine, Cache mode, Lru, idle TTL.
+    LruCache,
+    /// Engine, Aggressive mode.
+    Aggressive,
+    /// Plain LRU.
+    Lru,
+    /// Ollama keep_alive.
+    TtlKeepalive,
+    /// Ray Serve multiplexing.
+    MaxNLru,
+    /// The clairvoyant bound.
+    Offline,
+}
+
+impl Contender {
+    /// All, ours first.
+    pub const ALL: [Contender; 7] = [
+        Self::CostAwareCache,
+        Self::LruCache,
+        Self::Aggressive,
+        Self::Lru,
+        Self::TtlKeepalive,
+        Self::MaxNLru,
+        Self::Offline,
+    ];
+
+    /// The contender of a name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// Its name in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CostAwareCache => "costaware_cache",
+            Self::LruCache => "lru_cache",
+            Self::Aggressive => "aggressive",
+            Self::Lru => "lru",
+            Self::TtlKeepalive => "ttl_keepalive",
+            Self::MaxNLru => "max_n_lru",
+            Self::Offline => "offline",
+        }
+    }
+
+    /// `ours`, `baseline` or `bound`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::CostAwareCache | Self::LruCache | Self::Aggressive => "ours",
+            Self::Offline => "bound",
+            _ => "baseline",
+        }
+    }
+}
+
+/// What one contender did on one trace.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// Requests in the trace.
+    pub requests: u64,
+    /// Loads (cold ones included).
+    pub loads: u64,
+    /// Unloads (TTL, eviction, release).
+    pub unloads: u64,
+    /// Requests answered without a load of their own.
+    pub hits: u64,
+    /// Requests that waited past the acquire timeout.
+    pub refused: u64,
+    /// Bytes moved by loads (the larger footprint of each).
+    pub reload_bytes: u64,
+    /// Seconds spent loading.
+    pub reload_seconds: f64,
+    /// Sum of arrival-to-usable times of granted requests.
+    pub wait_seconds: f64,
+    /// Requests granted.
+    pub granted: u64,
+    /// Time integral of held VRAM and RAM, byte-seconds.
+    pub held_area: (f64, f64),
+    /// Trace span, seconds (first arrival to last release).
+    pub span: f64,
+    /// `max_n_lru` only: loads its N allowed that memory did not.
+    pub would_oom: Option<u64>,
+    /// `offline` only: which rule gave the bound.
+    pub variant: Option<&'static str>,
+}
+
+impl Stats {
+    /// Requests served without a load of their own.
+    pub fn hit_ratio(&self) -> f64 {
+        self.hits as f64 / self.requests.max(1) as f64
+    }
+}
+
+// ---- the simulated app and clock ----
+
+enum Out {
+    Granted {
+        request: usize,
+        lease: u64,
+        load: bool,
+    },
+    Unload {
+        model: usize,
+    },
+    Refused,
+}
+
+trait Backend {
+    fn acquire(&mut self, now: Duration, request: usize, model: usize, out: &mut Vec<Out>);
+    fn loaded(&mut self, now: Duration, model: usize, out: &mut Vec<Out>);
+    fn release(&mut self, now: Duration, lease: u64, out: &mut Vec<Out>);
+    /// The app unloaded it and its memory is back.
+    fn unloaded(&mut self, now: Duration, model: usize, out: &mut Vec<Out>);
+    fn tick(&mut self, now: Duration, out: &mut Vec<Out>);
+    fn held(&self) -> Footprint;
+    fn would_oom(&self) -> Option<u64> {
+        None
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Release(usize),
+    LoadDone(usize),
+    Arrival(usize),
+    Tick,
+}
+
+fn micros(seconds: f64) -> u64 {
+    (seconds * 1e6).round().max(0.0) as u64
+}
+
+/// Runs a workload through a backend.
+fn simulate(w: &Workload, backend: &mut dyn Backend) -> Stats {
+    let mut stats = Stats {
+        requests: w.requests.len() as u64,
+        ..Stats::default()
+    };
+    let mut heap: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut push = |heap: &mut BinaryHeap<Reverse<(u64, u64, Event)>>, at: u64, event: Event| {
+        seq += 1;
+        heap.push(Reverse((at, seq, event)));
+    };
+    for (i, r) in w.requests.iter().enumerate() {
+        push(&mut heap, micros(r.t), Event::Arrival(i));
+    }
+    let mut pending = w.requests.len();
+    push(&mut heap, 1_000_000, Event::Tick);
+    let mut leases: Vec<Option<u64>> = vec![None; w.requests.len()];
+    let mut last = 0u64;
+    let mut end = 0u64;
+    let mut area = (0.0, 0.0);
+    let mut out = Vec::new();
+    let mut work = VecDeque::new();
+    while let Some(Reverse((at, _, event))) = heap.pop() {
+        let now = Duration::from_micros(at);
+        let held = backend.held();
+        let dt = (at - last) as f64 / 1e6;
+        area.0 += held.vram as f64 * dt;
+        area.1 += held.ram as f64 * dt;
+        last = at;
+        if event != Event::Tick {
+            end = at;
+            stats.held_area = area;
+            pending -= 1;
+        }
+        match event {
+            Event::Arrival(i) => backend.acquire(now, i, w.requests[i].model, &mut out),
+            Event::LoadDone(i) => {
+                let r = &w.requests[i];
+                stats.wait_seconds += (now.as_secs_f64() - r.t).max(0.0);
+                backend.loaded(now, r.model, &mut out);
+                pending += 1;
+                push(&mut heap, at + micros(r.hold_s), Event::Release(i));
+            }
+            Event::Release(i) => {
+                if let Some(lease) = leases[i].take() {
+                    backend.release(now, lease, &mut out);
+                }
+            }
+            Event::Tick => {
+                backend.tick(now, &mut out);
+                if pending > 0 {
+                    push(&mut heap, at + 1_000_000, Event::Tick);
+                }
+            }
+        }
+        // Carry out what the backend asked, including what answering it asks in turn.
+        work.extend(out.drain(..));
+        while let Some(o) = work.pop_front() {
+            match o {
+                Out::Granted {
+                    request,
+                    lease,
+                    load,
+                } => {
+                    let r = &w.requests[request];
+                    let model = &w.models[r.model];
+                    leases[request] = Some(lease);
+                    stats.granted += 1;
+                    pending += 1;
+                    if load {
+                        stats.loads += 1;
+                        stats.reload_seconds += model.load_s;
+                        stats.reload_bytes += model.load_bytes();
+                        push(
+                            &mut heap,
+                            at + micros(model.load_s),
+                            Event::LoadDone(request),
+                        );
+                    } else {
+                        stats.hits += 1;
+                        stats.wait_seconds += (now.as_secs_f64() - r.t).max(0.0);
+                        push(&mut heap, at + micros(r.hold_s), Event::Release(request));
+                    }
+                }
+                Out::Unload { model } => {
+                    stats.unloads += 1;
+                    backend.unloaded(now, model, &mut out);
+                    work.extend(out.drain(..));
+                }
+                Out::Refused => stats.refused += 1,
+            }
+        }
+    }
+    let first = w.requests.first().map_or(0, |r| micros(r.t));
+    stats.span = end.saturating_sub(first) as f64 / 1e6;
+    stats.would_oom = backend.would_oom();
+    stats
+}
+
+// ---- our engine ----
+
+struct Ours {
+    engine: Engine,
+    names: Vec<String>,
+    index: HashMap<String, usize>,
+    load_s: Vec<f64>,
+}
+
+impl Ours {
+    fn new(w: &Workload, mode: Mode, eviction: EvictionPolicy) -> Self {
+        let models = w
+            .models
+            .iter()
+            .map(|m| ModelConfig {
+                name: m.name.clone(),
+                declared: Footprint::new(m.vram, m.ram),
+                priority: m.priority,
+                pinned: m.pinned,
+                load_seconds: Some(m.load_s),
+            })
+            .collect();
+        let mut config = PoolConfig::new(w.limits, models);
+        config.mode = mode;
+        config.eviction = eviction;
+        config.idle_ttl = w.idle_ttl;
+        config.acquire_timeout = w.acquire_timeout;
+        Self {
+            engine: Engine::new(config),
+            names: w.models.iter().map(|m| m.name.clone()).collect(),
+            index: w
+                .models
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (m.name.clone(), i))
+                .collect(),
+            load_s: w.models.iter().map(|m| m.load_s).collect(),
+        }
+    }
+
+    fn convert(&self, outputs: Vec<Output>, out: &mut Vec<Out>) {
+        for o in outputs {
+            match o {
+                Output::Granted {
+                    request,
+                    lease,
+                    action,
+                    ..
+                } => out.push(Out::Granted {
+                    request: request.0 as usize,
+                    lease: lease.0,
+                    load: action == Action::Load,
+                }),
+                Output::Unload { model, .. } => {
+                    if let Some(&model) = self.index.get(&model) {
+                        out.push(Out::Unload { model });
+                    }
+                }
+                Output::Refused { .. } => out.push(Out::Refused),
+                Output::MemoryNotReclaimed { .. } | Output::CeilingExceeded { .. } => {}
+            }
+        }
+    }
+}
+
+impl Backend for Ours {
+    fn acquire(&mut self, now: Duration, request: usize, model: usize, out: &mut Vec<Out>) {
+        let o = self
+            .engine
+            .acquire(now, RequestId(request as u64), SESSION, &self.names[model]);
+        self.convert(o, out);
+    }
+
+    fn loaded(&mut self, now: Duration, model: usize, out: &mut Vec<Out>) {
+        let o = self.engine.loaded(
+            now,
+            SESSION,
+            &self.names[model],
+            None,
+            Some(self.load_s[model]),
+        );
+        self.convert(o, out);
+    }
+
+    fn release(&mut self, now: Duration, lease: u64, out: &mut Vec<Out>) {
+        let o = self.engine.release(now, LeaseId(lease));
+        self.convert(o, out);
+    }
+
+    fn unloaded(&mut self, now: Duration, model: usize, out: &mut Vec<Out>) {
+        let mut o = self.engine.unloaded(now, SESSION, &self.names[model]);
+        o.extend(self.engine.reclaimed(now, SESSION, &self.names[model]));
+        self.convert(o, out);
+    }
+
+    fn tick(&mut self, now: Duration, out: &mut Vec<Out>) {
+        let o = self.engine.tick(now, Readings::default());
+        self.convert(o, out);
+    }
+
+    fn held(&self) -> Footprint {
+        self.engine.held()
+    }
+}
+
+// ---- the baselines and the bound ----
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Victim {
+    Lru,
+    Belady,
+    BeladyCost,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    loading: bool,
+    leases: u32,
+    last_used: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Waiting {
+    request: usize,
+    model: usize,
+    since: Duration,
+}
+
+/// A cache of models with a victim rule, an optional idle TTL and an optional count limit,
+/// queueing like the engine does (FIFO; a blocked head makes room, later requests pass it
+/// only while they fit and the head has waited less than half the acquire timeout).
+struct Simple<'w> {
+    models: &'w [Model],
+    limits: modelpool_policy::Limits,
+    victim: Victim,
+    ttl: Option<Duration>,
+    max_n: Option<usize>,
+    timeout: Duration,
+    slots: Vec<Option<Slot>>,
+    queue: Vec<Waiting>,
+    leases: HashMap<u64, usize>,
+    next_lease: u64,
+    /// Arrival times per model, microseconds, sorted (the clairvoyant rules only).
+    future: Vec<Vec<u64>>,
+    would_oom: u64,
+    oom_requests: HashSet<usize>,
+}
+
+impl<'w> Simple<'w> {
+    fn new(w: &'w Workload, victim: Victim, ttl: Option<Duration>, max_n: Option<usize>) -> Self {
+        let mut future = vec![Vec::new(); w.models.len()];
+        if victim != Victim::Lru {
+            for r in &w.requests {
+                future[r.model].push(micros(r.t));
+            }
+            for f in &mut future {
+                f.sort_unstable();
+            }
+        }
+        Self {
+            models: &w.models,
+            limits: w.limits,
+            victim,
+            ttl,
+            max_n,
+            timeout: w.acquire_timeout,
+            slots: vec![None; w.models.len()],
+            queue: Vec::new(),
+            leases: HashMap::new(),
+            next_lease: 1,
+            future,
+            would_oom: 0,
+            oom_requests: HashSet::new(),
+        }
+    }
+
+    fn footprint(&self, model: usize) -> Footprint {
+        Footprint::new(self.models[model].vram, self.models[model].ram)
+    }
+
+    fn count(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    fn fits_memory(&self, need: Footprint) -> bool {
+        let held = self.held();
+        self.limits.vram.is_none_or(|l| held.vram + need.vram <= l)
+            && self.limits.ram.is_none_or(|l| held.ram + need.ram <= l)
+    }
+
+    fn fits(&self, model: usize) -> bool {
+        self.max_n.is_none_or(|n| self.count() < n) && self.fits_memory(self.footprint(model))
+    }
+
+    fn never_fits(&self, model: usize) -> bool {
+        let pinned = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.is_some() && self.models[*i].pinned)
+            .fold(Footprint::default(), |sum, (i, _)| {
+                sum.plus(self.footprint(i))
+            });
+        let need = self.footprint(model);
+        self.limits
+            .vram
+            .is_some_and(|l| need.vram > l.saturating_sub(pinned.vram))
+            || self
+                .limits
+                .ram
+                .is_some_and(|l| need.ram > l.saturating_sub(pinned.ram))
+    }
+
+    fn idle(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                s.is_some_and(|s| !s.loading && s.leases == 0) && !self.models[*i].pinned
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn next_use(&self, model: usize, now: Duration) -> Option<u64> {
+        let now = now.as_micros() as u64;
+        let f = &self.future[model];
+        f.get(f.partition_point(|&t| t <= now)).copied()
+    }
+
+    /// Size as a share of the ceilings: the larger of the two.
+    fn size(&self, model: usize) -> f64 {
+        let m = &self.models[model];
+        let share = |bytes: u64, limit: Option<u64>| {
+            limit.map_or(bytes as f64 / GIB, |l| bytes as f64 / l.max(1) as f64)
+        };
+        share(m.vram, self.limits.vram)
+            .max(share(m.ram, self.limits.ram))
+            .max(1e-9)
+    }
+
+    /// Idle models, first to go first.
+    fn order(&self, now: Duration, mut idle: Vec<usize>) -> Vec<usize> {
+        let last_used = |i: usize| self.slots[i].map_or(Duration::ZERO, |s| s.last_used);
+        match self.victim {
+            Victim::Lru => idle.sort_by_key(|&i| (last_used(i), i)),
+            Victim::Belady => idle.sort_by(|&a, &b| {
+                let next = |i| self.next_use(i, now).unwrap_or(u64::MAX);
+                next(b)
+                    .cmp(&next(a))
+                    .then(self.size(b).total_cmp(&self.size(a)))
+                    .then(a.cmp(&b))
+            }),
+            Victim::BeladyCost => {
+                let now_us = now.as_micros() as u64;
+                let score = |i: usize| match self.next_use(i, now) {
+                    None => 0.0,
+                    Some(t) => {
+                        self.models[i].load_s
+                            / (self.size(i) * ((t - now_us) as f64 / 1e6).max(1e-6))
+                    }
+                };
+                idle.sort_by(|&a, &b| {
+                    score(a)
+                        .total_cmp(&score(b))
+                        .then(self.size(b).total_cmp(&self.size(a)))
+                        .then(a.cmp(&b))
+                });
+            }
+        }
+        idle
+    }
+
+    fn evict(&mut self, model: usize, out: &mut Vec<Out>) {
+        self.slots[model] = None;
+        out.push(Out::Unload { model });
+    }
+
+    /// Evicts idle models until `model` fits, when evicting every idle one would be enough.
+    fn make_room(&mut self, now: Duration, request: usize, model: usize, out: &mut Vec<Out>) {
+        if let Some(n) = self.max_n {
+            let mut lru = self.idle();
+            lru.sort_by_key(|&i| (self.slots[i].map(|s| s.last_used), i));
+            let mut lru = lru.into_iter();
+            while self.count() >= n {
+                let Some(victim) = lru.next() else { return };
+                self.evict(victim, out);
+            }
+            if !self.fits_memory(self.footprint(model)) && self.oom_requests.insert(request) {
+                self.would_oom += 1;
+            }
+        }
+        let need = self.footprint(model);
+        let idle = self.idle();
+        let freeable = idle
+            .iter()
+            .fold(Footprint::default(), |sum, &i| sum.plus(self.footprint(i)));
+        let held = self.held().minus(freeable);
+        let enough = self.limits.vram.is_none_or(|l| held.vram + need.vram <= l)
+            && self.limits.ram.is_none_or(|l| held.ram + need.ram <= l);
+        if !enough {
+            return;
+        }
+        // Victims in order, each taken when it holds some of what is short.
+        let short = |held: Footprint| {
+            (
+                self.limits.vram.is_some_and(|l| held.vram + need.vram > l),
+                self.limits.ram.is_some_and(|l| held.ram + need.ram > l),
+            )
+        };
+        let mut held = self.held();
+        let mut victims = Vec::new();
+        for victim in self.order(now, idle) {
+            let (short_vram, short_ram) = short(held);
+            if !short_vram && !short_ram {
+                break;
+            }
+            let v = self.footprint(victim);
+            if (short_vram && v.vram > 0) || (short_ram && v.ram > 0) {
+                held = held.minus(v);
+                victims.push(victim);
+            }
+        }
+        if self.victim != Victim::Lru {
+            // The clairvoyant rules keep a victim whose eviction turned out not to be needed
+            // (it held a little of the short resource, and later victims freed enough).
+            for i in (0..victims.len()).rev() {
+                let kept = held.plus(self.footprint(victims[i]));
+                if short(kept) == (false, false) {
+                    held = kept;
+                    victims.remove(i);
+                }
+            }
+        }
+        for victim in victims {
+            self.evict(victim, out);
+        }
+    }
+
+    fn grant(&mut self, now: Duration, w: Waiting, load: bool, out: &mut Vec<Out>) {
+        let lease = self.next_lease;
+        self.next_lease += 1;
+        self.leases.insert(lease, w.model);
+        if let Some(slot) = self.slots[w.model].as_mut() {
+            slot.leases += 1;
+            slot.last_used = now;
+        }
+        out.push(Out::Granted {
+            request: w.request,
+            lease,
+            load,
+        });
+    }
+
+    fn process_queue(&mut self, now: Duration, out: &mut Vec<Out>) {
+        let mut blocked: Option<Duration> = None;
+        let mut index = 0;
+        while index < self.queue.len() {
+            let w = self.queue[index];
+            match self.slots[w.model] {
+                Some(slot) if !slot.loading => {
+                    self.queue.remove(index);
+                    self.grant(now, w, false, out);
+                    continue;
+                }
+                Some(_) => {
+                    index += 1;
+                    continue;
+                }
+                None => {}
+            }
+            if self.never_fits(w.model) {
+                self.queue.remove(index);
+                out.push(Out::Refused);
+                continue;
+            }
+            let mut fits = self.fits(w.model);
+            if !fits && blocked.is_none() {
+                self.make_room(now, w.request, w.model, out);
+                fits = self.fits(w.model);
+                if !fits {
+                    blocked = Some(w.since);
+                }
+            } else if fits
+                && let Some(since) = blocked
+                && now.saturating_sub(since) >= self.timeout / 2
+            {
+                break;
+            }
+            if fits {
+                self.queue.remove(index);
+                self.slots[w.model] = Some(Slot {
+                    loading: true,
+                    leases: 0,
+                    last_used: now,
+                });
+                self.grant(now, w, true, out);
+                continue;
+            }
+            index += 1;
+        }
+    }
+}
+
+impl Backend for Simple<'_> {
+    fn acquire(&mut self, now: Duration, request: usize, model: usize, out: &mut Vec<Out>) {
+        self.queue.push(Waiting {
+            request,
+            model,
+            since: now,
+        });
+        self.process_queue(now, out);
+    }
+
+    fn loaded(&mut self, now: Duration, model: usize, out: &mut Vec<Out>) {
+        if let Some(slot) = self.slots[model].as_mut() {
+            slot.loading = false;
+            slot.last_used = now;
+        }
+        self.process_queue(now, out);
+    }
+
+    fn release(&mut self, now: Duration, lease: u64, out: &mut Vec<Out>) {
+        if let Some(model) = self.leases.remove(&lease)
+            && let Some(slot) = self.slots[model].as_mut()
+        {
+            slot.leases = slot.leases.saturating_sub(1);
+            slot.last_used = now;
+        }
+        self.process_queue(now, out);
+    }
+
+    fn unloaded(&mut self, _now: Duration, _model: usize, _out: &mut Vec<Out>) {
+        // Evictions here leave the ledger when decided (answered at once).
+    }
+
+    fn tick(&mut self, now: Duration, out: &mut Vec<Out>) {
+        if let Some(ttl) = self.ttl {
+            for model in self.idle() {
+                if self.slots[model].is_some_and(|s| now.saturating_sub(s.last_used) >= ttl) {
+                    self.evict(model, out);
+                }
+            }
+        }
+        let timeout = self.timeout;
+        let before = self.queue.len();
+        self.queue.retain(|w| now.saturating_sub(w.since) < timeout);
+        for _ in self.queue.len()..before {
+            out.push(Out::Refused);
+        }
+        self.process_queue(now, out);
+    }
+
+    fn held(&self) -> Footprint {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+            .fold(Footprint::default(), |sum, (i, _)| {
+                sum.plus(self.footprint(i))
+            })
+    }
+
+    fn would_oom(&self) -> Option<u64> {
+        self.max_n.map(|_| self.would_oom)
+    }
+}
+
+/// Ray Serve's N for a workload: the VRAM ceiling over the mean model size (at least 1).
+pub fn max_n(w: &Workload) -> usize {
+    let n = w.models.len().max(1);
+    let mean = w.models.iter().map(|m| m.vram.max(1) as f64).sum::<f64>() / n as f64;
+    match w.limits.vram {
+        Some(limit) => ((limit as f64 / mean).floor() as usize).clamp(1, n),
+        None => n,
+    }
+}
+
+/// Runs one contender on a workload.
+pub fn run(w: &Workload, contender: Contender) -> Stats {
+    match contender {
+        Contender::CostAwareCache => {
+            simulate(w, &mut Ours::new(w, Mode::Cache, EvictionPolicy::CostAware))
+        }
+        Contender::LruCache => simulate(w, &mut Ours::new(w, Mode::Cache, EvictionPolicy::Lru)),
+        Contender::Aggressive => simulate(
+            w,
+            &mut Ours::new(w, Mode::Aggressive, EvictionPolicy::CostAware),
+        ),
+        Contender::Lru => simulate(w, &mut Simple::new(w, Victim::Lru, None, None)),
+        Contender::TtlKeepalive => {
+            simulate(w, &mut Simple::new(w, Victim::Lru, Some(w.idle_ttl), None))
+        }
+        Contender::MaxNLru => simulate(w, &mut Simple::new(w, Victim::Lru, None, Some(max_n(w)))),
+        Contender::Offline => {
+            let mut belady = simulate(w, &mut Simple::new(w, Victim::Belady, None, None));
+            belady.variant = Some("belady");
+            let mut cost = simulate(w, &mut Simple::new(w, Victim::BeladyCost, None, None));
+            cost.variant = Some("belady_cost");
+            if cost.reload_seconds < belady.reload_seconds {
+                cost
+            } else {
+                belady
+            }
+        }
+    }
+}
+
+/// Every contender on a workload, as result rows (the bound is measured first, in the same run).
+pub fn rows(w: &Workload, contenders: &[Contender]) -> Vec<Row> {
+    let offline = run(w, Contender::Offline);
+    contenders
+        .iter()
+        .map(|&c| {
+            let stats = if c == Contender::Offline {
+                offline.clone()
+            } else {
+                run(w, c)
+            };
+            row(w, c, &stats, &offline)
+        })
+        .collect()
+}
+
+fn row(w: &Workload, c: Contender, s: &Stats, offline: &Stats) -> Row {
+    let span = s.span.max(1e-9);
+    let ratio = if offline.reload_seconds > 0.0 {
+        s.reload_seconds / offline.reload_seconds
+    } else if s.reload_seconds == 0.0 {
+        1.0
+    } else {
+        f64::INFINITY
+    };
+    let mut row = Row::new("eviction")
+        .with("trace", w.name.clone())
+        .with("policy", c.name())
+        .with("kind", c.kind())
+        .with("requests", s.requests)
+        .with("loads", s.loads)
+        .with("reload_bytes", s.reload_bytes)
+        .num("reload_seconds", s.reload_seconds, 6)
+        .num("hit_ratio", s.hit_ratio(), 4)
+        .num("ratio_to_offline", ratio, 4)
+        .num("offline_reload_seconds", offline.reload_seconds, 6)
+        .with("refused", s.refused)
+        .num("wait_s_mean", s.wait_seconds / s.granted.max(1) as f64, 3)
+        .num("held_vram_gib_mean", s.held_area.0 / span / GIB, 3)
+        .num("held_ram_gib_mean", s.held_area.1 / span / GIB, 3);
+    if let Some(n) = s.would_oom {
+        row = row.with("max_n", max_n(w)).with("would_oom", n);
+    }
+    if let Some(v) = s.variant {
+        row = row.with("offline_variant", v);
+    }
+    row
+}
