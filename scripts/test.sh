@@ -24,8 +24,13 @@ export PROPTEST_CASES
 cargo build --workspace --bins --locked
 cargo test --workspace --locked
 
-step "Python SDK tests (sdk/python)"
-sdk/python/run_tests.sh
+step "Python SDK tests (sdk/python, against the real sidecar)"
+MODELPOOL_SIDECAR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/modelpool-sidecar" \
+MODELPOOL_REQUIRE_SIDECAR=1 MODELPOOL_SKIP_CARGO_BUILD=1 \
+  sdk/python/run_tests.sh -q
+
+step "GPU script logic, without a GPU (tests/gpu)"
+target/py-venv/bin/python -m pytest -q tests/gpu
 
 echo
 echo "all tests passed in $(( $(date +%s) - started )) s"
