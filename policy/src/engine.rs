@@ -659,7 +659,7 @@ impl Engine {
         }
         let cost = self.load_seconds(index);
         if let Some(instance) = self.instances.get_mut(&key) {
-            instance.credit = eviction::gds_credit(inflation, cost, held);
+            instance.credit = eviction::gds_credit(inflation, cost, held, self.config.limits);
         }
         self.check_ceilings(now, &mut out);
         self.process_queue(now, &mut out);
@@ -695,6 +695,7 @@ impl Engine {
             return out;
         };
         let inflation = self.inflation;
+        let limits = self.config.limits;
         let cost = self.load_seconds(key.1);
         let pinned = self.config.models[key.1].pinned;
         let listed = self.is_listed(key.1);
@@ -704,7 +705,7 @@ impl Engine {
         };
         instance.leases.remove(&lease);
         instance.last_used = now;
-        instance.credit = eviction::gds_credit(inflation, cost, instance.held);
+        instance.credit = eviction::gds_credit(inflation, cost, instance.held, limits);
         let idle_loaded = instance.leases.is_empty() && instance.state == InstanceState::Loaded;
         if idle_loaded && !listed {
             self.start_unload(now, key, UnloadReason::Cleanup, &mut out);
@@ -1229,9 +1230,11 @@ impl Engine {
     }
 
     /// Serves waiting acquires in order (priority, then arrival). The first one that cannot
-    /// be served becomes the blocked head: the evictions that will make its room start, and
-    /// later requests may pass it only when they fit in the room there is now, and only until
-    /// it has waited half its acquire timeout (so that small requests cannot starve a big one).
+    /// be served becomes the blocked head, and the evictions that will make its room start.
+    /// While that room is coming back nothing may pass it. While it waits for leases to end
+    /// instead (no telling when), later requests that fit in the room there is now may pass,
+    /// but only until it has waited half its acquire timeout, so that small requests cannot
+    /// starve a big one.
     fn process_queue(&mut self, now: Duration, out: &mut Vec<Output>) {
         if self.shutting_down {
             return;
@@ -1290,6 +1293,10 @@ impl Engine {
             }
             if blocked_head.is_none() {
                 self.make_room(now, need, out);
+                // Room is on its way back for it: nothing may pass and take that room.
+                if !self.in_flight().is_zero() {
+                    break;
+                }
                 blocked_head = Some(waiting.since);
             }
             index += 1;
@@ -1341,11 +1348,12 @@ impl Engine {
         self.next_lease += 1;
         let key = (waiting.session, waiting.model);
         let inflation = self.inflation;
+        let limits = self.config.limits;
         let cost = self.load_seconds(waiting.model);
         if let Some(instance) = self.instances.get_mut(&key) {
             instance.leases.insert(lease);
             instance.last_used = now;
-            instance.credit = eviction::gds_credit(inflation, cost, instance.held);
+            instance.credit = eviction::gds_credit(inflation, cost, instance.held, limits);
         }
         self.leases.insert(lease, key);
         out.push(Output::Granted {

@@ -516,3 +516,25 @@ fn a_model_that_measures_small_still_holds_what_it_declared() {
     );
     assert_eq!(engine.held(), Footprint::new(4 * GIB, 12 * GIB));
 }
+
+#[test]
+fn nothing_passes_a_request_whose_room_is_on_its_way_back() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let lease = load(&mut engine, secs(0), 1, APP, "upscale"); // 12 GiB RAM
+    engine.release(secs(1), lease);
+    // frame_interpolation (9 GiB RAM) evicts idle upscale and waits for it to come back.
+    let out = engine.acquire(secs(2), RequestId(2), OTHER, "frame_interpolation");
+    assert_eq!(
+        unloads(&out),
+        [("upscale".to_owned(), UnloadReason::Evicted)]
+    );
+    // t2v (2 GiB RAM) fits in the 4 GiB free now, but that room is frame_interpolation's.
+    assert!(granted(&engine.acquire(secs(3), RequestId(3), APP, "t2v")).is_empty());
+    let out = finish_unload(&mut engine, secs(4), APP, "upscale");
+    let served: Vec<RequestId> = granted(&out).iter().map(|g| g.0).collect();
+    assert_eq!(
+        served,
+        [RequestId(2), RequestId(3)],
+        "in order, both fit now"
+    );
+}
