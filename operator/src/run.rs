@@ -4,7 +4,17 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use kube::{Client, Config, client::ClientBuilder};
+use futures::StreamExt;
+use kube::{
+    Api, Client, Config,
+    client::ClientBuilder,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use modelpool_crds::ModelPool;
 use tokio::sync::watch;
 
 use crate::{
@@ -104,8 +114,10 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
             .webhook_listen
             .parse()
             .map_err(|_| Error::WebhookAddr(args.webhook_listen.clone()))?;
+        let pools = spawn_pool_cache(client.clone(), args.watch_namespace.clone());
         let state = WebhookState {
             client: client.clone(),
+            pools,
             template: SidecarTemplate {
                 image: args.sidecar_image.clone(),
                 cpu_request: args.sidecar_cpu_request.clone(),
@@ -164,6 +176,30 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     }
     metrics.leader.set(0);
     Ok(())
+}
+
+/// A reflector of ModelPools for the webhook (every replica runs one).
+fn spawn_pool_cache(client: Client, namespace: Option<String>) -> Store<ModelPool> {
+    let api: Api<ModelPool> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default().page_size(500)),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(error) = event {
+                tracing::debug!(%error, "pool cache watch error (retrying)");
+            }
+        }
+    });
+    reader
 }
 
 /// Leader: create or rotate the serving certificate, and keep the webhook's caBundle on it.

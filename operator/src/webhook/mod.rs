@@ -10,6 +10,7 @@ use std::{net::SocketAddr, sync::Arc};
 use axum::{Json, Router, extract::State, routing::post};
 use hyper_util::{rt::TokioIo, server::conn::auto, service::TowerToHyperService};
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{
     Api, Client,
     core::{
@@ -30,8 +31,12 @@ pub const MUTATE_PATH: &str = "/mutate-pods";
 /// What the handler needs.
 #[derive(Clone)]
 pub struct WebhookState {
-    /// To look pools up.
+    /// To look pools up when the cache does not know them (yet).
     pub client: Client,
+    /// Every replica's cache of pools: most admissions are answered from it, without an
+    /// apiserver round trip (a burst of pod creations must not queue behind the client's
+    /// rate limit).
+    pub pools: Store<ModelPool>,
     /// How to build the sidecar.
     pub template: SidecarTemplate,
     /// Counters.
@@ -80,8 +85,17 @@ async fn admit(state: &WebhookState, request: &AdmissionRequest<Pod>) -> Admissi
         .clone()
         .or_else(|| pod.metadata.generate_name.clone())
         .unwrap_or_default();
+    let cached = state
+        .pools
+        .get(&ObjectRef::<ModelPool>::new(pool).within(&namespace))
+        .is_some();
     let api: Api<ModelPool> = Api::namespaced(state.client.clone(), &namespace);
-    match api.get_opt(pool).await {
+    let lookup = if cached {
+        Ok(Some(()))
+    } else {
+        api.get_opt(pool).await.map(|p| p.map(|_| ()))
+    };
+    match lookup {
         Ok(Some(_)) => {}
         Ok(None) => {
             outcome("unknown_pool");
