@@ -349,3 +349,14 @@ def test_failing_loader_frees_what_it_allocated(start_app):
     assert not result["ok"] and result["error"] == "RuntimeError"
     assert app.ok("state")["loaded"] == []
     assert_back_to_baseline(result["rss"], baseline, "after the failed load")
+
+
+def test_memory_line_says_no_gpu_without_one():
+    from modelpool.memory import format_stats
+
+    line = format_stats({"ram_used_gb": 2.3, "ram_total_gb": 20.0, "ram_percent": 11.5,
+                         "vram_allocated_gb": 0.0, "vram_total_gb": 0.0, "vram_percent": 0.0})
+    assert line == "RAM 2.3/20.0GB (11.5%) | VRAM no GPU"
+    line = format_stats({"ram_used_gb": 2.3, "ram_total_gb": 20.0, "ram_percent": 11.5,
+                         "vram_allocated_gb": 12.1, "vram_total_gb": 24.0, "vram_percent": 50.4})
+    assert line == "RAM 2.3/20.0GB (11.5%) | VRAM 12.1/24.0GB (50.4%)"

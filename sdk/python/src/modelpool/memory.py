@@ -261,10 +261,15 @@ def memory_stats() -> Dict[str, Any]:
 
 
 def format_stats(stats: Dict[str, Any]) -> str:
-    """``RAM 2.3/20.0GB (11.5%) | VRAM 12.1/24.0GB (50.4%)``, the seed's log format."""
+    """``RAM 2.3/20.0GB (11.5%) | VRAM 12.1/24.0GB (50.4%)``, the seed's log format.
+
+    Without a GPU the VRAM part says so (``VRAM no GPU``) instead of a misleading 0.0/0.0GB.
+    """
+    ram = f"RAM {stats['ram_used_gb']:.1f}/{stats['ram_total_gb']:.1f}GB ({stats['ram_percent']:.1f}%)"
+    if not stats.get("vram_total_gb"):
+        return f"{ram} | VRAM no GPU"
     return (
-        f"RAM {stats['ram_used_gb']:.1f}/{stats['ram_total_gb']:.1f}GB ({stats['ram_percent']:.1f}%)"
-        f" | VRAM {stats['vram_allocated_gb']:.1f}/{stats['vram_total_gb']:.1f}GB"
+        f"{ram} | VRAM {stats['vram_allocated_gb']:.1f}/{stats['vram_total_gb']:.1f}GB"
         f" ({stats['vram_percent']:.1f}%)"
     )
 
