@@ -38,12 +38,20 @@ pub struct PodReport {
     /// Whether measured usage is above a ceiling now.
     #[serde(default)]
     pub over: bool,
+    /// Bytes (VRAM + RAM) of unloads whose memory was not seen back: lost capacity. With
+    /// `enforcement: Restart` the operator restarts the pod while this is non-zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost: u64,
     /// Whether the sidecar has unloaded everything because its pool is being deleted.
     #[serde(default)]
     pub drained: bool,
     /// The last error, if any (e.g. a refused pool update, memory not reclaimed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub err: Option<String>,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// One model in a report.

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub admissions: IntCounterVec,
     /// 1 while this replica leads.
     pub leader: IntGauge,
+    /// Pods deleted because their memory was not reclaimed (`enforcement: Restart`).
+    pub pod_restarts: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -81,6 +83,10 @@ impl Metrics {
             "modelpool_operator_leader",
             "1 while this replica is the leader.",
         )?;
+        let pod_restarts = prometheus::IntCounter::new(
+            "modelpool_operator_pod_restarts_total",
+            "Pods deleted for their controller to recreate, because memory was not reclaimed after an unload (enforcement: Restart).",
+        )?;
         // Every result exists from the start, so graphs and alerts see zeros, not gaps.
         for result in ["ok", "invalid", "write_status", "finalizer", "draining"] {
             reconciles.with_label_values(&[result]);
@@ -93,6 +99,7 @@ impl Metrics {
         registry.register(Box::new(status_writes.clone()))?;
         registry.register(Box::new(admissions.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(pod_restarts.clone()))?;
         Ok(Self {
             registry,
             reconciles,
@@ -103,6 +110,7 @@ impl Metrics {
             status_writes,
             admissions,
             leader,
+            pod_restarts,
         })
     }
 

@@ -328,6 +328,7 @@ fn default_values_render_a_hardened_least_privilege_install() {
         grant("modelpool.io", "modelpools/finalizers", "update", ""),
         grant("", "pods", "list", ""),
         grant("", "pods", "watch", ""),
+        grant("", "pods", "delete", ""),
         grant("events.k8s.io", "events", "create", ""),
         grant("events.k8s.io", "events", "patch", ""),
         grant(
@@ -1054,6 +1055,7 @@ async fn install_and_uninstall_in_a_restricted_namespace() {
         ),
         ("update", "modelpools.modelpool.io", apps.as_str(), false),
         ("list", "pods", apps.as_str(), true),
+        ("delete", "pods", apps.as_str(), true),
         ("create", "events.events.k8s.io", apps.as_str(), true),
         ("create", "leases.coordination.k8s.io", ns.as_str(), true),
         (
@@ -1076,7 +1078,7 @@ async fn install_and_uninstall_in_a_restricted_namespace() {
             ns.as_str(),
             true,
         ),
-        ("delete", "pods", apps.as_str(), false),
+        ("create", "pods", apps.as_str(), false),
         ("patch", "pods", apps.as_str(), false),
         ("get", "secrets", apps.as_str(), false),
         ("get", "secrets/other", ns.as_str(), false),

@@ -447,3 +447,95 @@ async fn operator_injects_aggregates_fails_over_and_drains() {
     assert!(!events.trim().is_empty(), "a Drained event was recorded");
     cp.kubectl(["delete", "mutatingwebhookconfiguration", &webhook_name]);
 }
+
+/// `enforcement: Restart`: a pod whose sidecar reports memory not reclaimed after an unload is
+/// deleted (its controller recreates it); a pod without a controller is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_enforcement_deletes_a_pod_whose_memory_was_not_reclaimed() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.fresh_namespace("restart").await;
+    let client = cp.client();
+    let metrics_port = free_port();
+    let _operator = Operator {
+        child: Command::new(workspace_bin("modelpool-operator"))
+            .args([
+                "run",
+                "--watch-namespace",
+                &ns,
+                "--namespace",
+                &ns,
+                "--identity",
+                "op",
+            ])
+            .args([
+                "--webhook-listen",
+                "off",
+                "--lease-duration-s",
+                "4",
+                "--lease-retry-s",
+                "1",
+            ])
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .env("KUBECONFIG", cp.kubeconfig_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the operator"),
+        metrics_port,
+        identity: "op".into(),
+    };
+    cp.kubectl_stdin(
+        ["apply", "-n", &ns, "-f", "-"],
+        "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata: {name: video}\nspec:\n  policy: {enforcement: Restart}\n  models: [{name: t2v}]\n",
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for (name, controlled) in [("owned", true), ("bare", false)] {
+        let mut pod = app_pod(name, "video");
+        if controlled {
+            // No controller manager runs here: the owner need not exist for the reference.
+            pod.metadata.owner_references = Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "apps/v1".into(),
+                    kind: "ReplicaSet".into(),
+                    name: "video-7d4b9".into(),
+                    uid: "00000000-0000-0000-0000-000000000001".into(),
+                    controller: Some(true),
+                    block_owner_deletion: None,
+                },
+            ]);
+        }
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod");
+        let leaking = PodReport {
+            v: 1,
+            pool: "video".into(),
+            lost: 512 << 20,
+            err: Some("MemoryNotReclaimed: t2v".into()),
+            ..PodReport::default()
+        };
+        report(&pods, name, &leaking).await;
+    }
+    eventually(
+        "the owned pod to be restarted",
+        Duration::from_secs(60),
+        || async { matches!(pods.get_opt("owned").await, Ok(None)).then_some(()) },
+    )
+    .await;
+    let events = cp.kubectl_ok([
+        "get",
+        "events",
+        "-n",
+        &ns,
+        "--field-selector",
+        "reason=RestartedPod",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    assert!(events.contains("512.0 MiB not reclaimed"), "{events}");
+    // Nothing would bring a pod without a controller back: it stays.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(pods.get_opt("bare").await.expect("get").is_some());
+}

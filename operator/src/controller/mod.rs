@@ -20,7 +20,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{PartialObjectMeta, Patch, PatchParams},
+    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions},
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
@@ -32,6 +32,7 @@ use kube::{
 };
 use modelpool_crds::{
     ModelPool, POOL_LABEL,
+    v1alpha1::Enforcement,
     report::{PodReport, REPORT_ANNOTATION},
     v1alpha1::conditions::types,
 };
@@ -214,7 +215,70 @@ async fn apply(pool: &ModelPool, ctx: &Context) -> Result<Action, Error> {
         ctx.metrics.status_writes.inc();
         publish_transitions(pool, &new_status, ctx).await;
     }
+    if pool.spec.policy.enforcement == Enforcement::Restart {
+        restart_leaking_pods(pool, &metas, &selection.pods, ctx).await;
+    }
     Ok(Action::requeue(ctx.resync))
+}
+
+/// `enforcement: Restart`: a pod whose sidecar reports memory that never came back after an
+/// unload is deleted, so that its controller (ReplicaSet, StatefulSet, ...) starts it afresh.
+/// Kubernetes cannot restart one container from outside; deleting the pod is the restart.
+/// Pods without a controller are left alone (nothing would bring them back).
+async fn restart_leaking_pods(pool: &ModelPool, metas: &[&ObjectMeta], governed: &[String], ctx: &Context) {
+    let Some(namespace) = pool.namespace() else {
+        return;
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for meta in metas {
+        let Some(name) = meta.name.as_deref() else {
+            continue;
+        };
+        if !governed.iter().any(|g| g == name) || meta.deletion_timestamp.is_some() {
+            continue;
+        }
+        let Some(Ok(report)) = report_of(meta) else {
+            continue;
+        };
+        if report.lost == 0 {
+            continue;
+        }
+        let controlled = meta
+            .owner_references
+            .as_ref()
+            .is_some_and(|owners| owners.iter().any(|o| o.controller == Some(true)));
+        if !controlled {
+            tracing::warn!(pod = name, lost = report.lost, "memory not reclaimed, but the pod has no controller to recreate it: not restarting");
+            continue;
+        }
+        let params = DeleteParams {
+            preconditions: meta.uid.clone().map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match pods.delete(name, &params).await {
+            Ok(_) => {
+                ctx.metrics.pod_restarts.inc();
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "RestartedPod".into(),
+                    note: Some(format!(
+                        "pod {name}: {} not reclaimed after an unload; deleted so that its controller recreates it (enforcement: Restart)",
+                        modelpool_crds::human_bytes(report.lost)
+                    )),
+                    action: "Restart".into(),
+                    secondary: None,
+                };
+                if let Err(error) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+                    tracing::warn!(%error, "failed to publish an event");
+                }
+                tracing::warn!(pod = name, lost = report.lost, "restarted a pod whose memory was not reclaimed");
+            }
+            Err(error) => tracing::warn!(%error, pod = name, "failed to restart a pod whose memory was not reclaimed"),
+        }
+    }
 }
 
 /// Events for what a person should see in `kubectl describe mp`: transitions only.
