@@ -282,7 +282,8 @@ pub fn build_report(shared: &Shared, pool: &str) -> PodReport {
         loads: number(&counters["loads"]),
         evictions,
         over,
-        lost: number(&state["lost_bytes"]["vram"]).saturating_add(number(&state["lost_bytes"]["ram"])),
+        lost: number(&state["lost_bytes"]["vram"])
+            .saturating_add(number(&state["lost_bytes"]["ram"])),
         err: shared.last_error(),
     }
 }

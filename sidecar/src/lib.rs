@@ -21,6 +21,7 @@ pub mod pool;
 pub mod session;
 pub mod status;
 pub mod telemetry;
+pub mod weights;
 
 use std::{
     sync::{Arc, atomic::Ordering},

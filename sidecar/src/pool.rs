@@ -103,9 +103,35 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
     let mut models = Vec::with_capacity(spec.models.len());
     let mut infos = Vec::with_capacity(spec.models.len());
     for (index, model) in spec.models.iter().enumerate() {
-        let vram =
+        let mut vram =
             bytes(|| format!("spec.models[{index}].vram"), model.vram.as_ref())?.unwrap_or(0);
-        let ram = bytes(|| format!("spec.models[{index}].ram"), model.ram.as_ref())?.unwrap_or(0);
+        let mut ram =
+            bytes(|| format!("spec.models[{index}].ram"), model.ram.as_ref())?.unwrap_or(0);
+        // Nothing declared: estimate from the weights' header, charged to VRAM when the pool
+        // has a VRAM ceiling (a GPU app) and to RAM otherwise; measurement corrects it later.
+        if model.vram.is_none()
+            && model.ram.is_none()
+            && let Some(source) = &model.source
+        {
+            match crate::weights::estimate_bytes(&source.uri) {
+                Ok(estimate) => {
+                    if limits.vram.is_some() {
+                        vram = estimate;
+                    } else {
+                        ram = estimate;
+                    }
+                    tracing::info!(
+                        model = model.name,
+                        uri = source.uri,
+                        bytes = estimate,
+                        "footprint estimated from the weights' header"
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(model = model.name, %error, "no footprint declared and none could be estimated: admission counts it as 0 until measured")
+                }
+            }
+        }
         models.push(ModelConfig {
             name: model.name.clone(),
             declared: Footprint::new(vram, ram),
@@ -231,5 +257,27 @@ mod tests {
         assert_eq!(llm.driver, DriverKind::Http);
         assert_eq!(llm.config.idle_ttl, Duration::from_secs(600));
         assert!(llm.info.models[0].pinned);
+    }
+
+    #[test]
+    fn an_undeclared_model_is_estimated_from_its_safetensors_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("rife.safetensors");
+        let header = r#"{"w":{"dtype":"F16","shape":[1024,1024],"data_offsets":[0,2097152]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + 2_097_152, 0);
+        std::fs::write(&weights, bytes).unwrap();
+        let manifest = format!(
+            "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata: {{name: p}}\nspec:\n  limits: {{vram: 1Gi}}\n  models:\n    - {{name: rife, source: {{uri: \"file://{}\"}}}}\n    - {{name: declared, vram: 1Mi, source: {{uri: \"file://{}\"}}}}\n",
+            weights.display(),
+            weights.display()
+        );
+        let file = dir.path().join("pool.yaml");
+        std::fs::write(&file, manifest).unwrap();
+        let pool = load(&file, Duration::from_secs(10)).unwrap();
+        assert_eq!(pool.config.models[0].declared, Footprint::new(2 << 20, 0));
+        // A declared size wins over the estimate.
+        assert_eq!(pool.config.models[1].declared, Footprint::new(1 << 20, 0));
     }
 }
