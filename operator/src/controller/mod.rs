@@ -32,8 +32,8 @@ use kube::{
 };
 use modelpool_crds::{
     ModelPool, POOL_LABEL,
-    v1alpha1::Enforcement,
     report::{PodReport, REPORT_ANNOTATION},
+    v1alpha1::Enforcement,
     v1alpha1::conditions::types,
 };
 
@@ -225,7 +225,12 @@ async fn apply(pool: &ModelPool, ctx: &Context) -> Result<Action, Error> {
 /// unload is deleted, so that its controller (ReplicaSet, StatefulSet, ...) starts it afresh.
 /// Kubernetes cannot restart one container from outside; deleting the pod is the restart.
 /// Pods without a controller are left alone (nothing would bring them back).
-async fn restart_leaking_pods(pool: &ModelPool, metas: &[&ObjectMeta], governed: &[String], ctx: &Context) {
+async fn restart_leaking_pods(
+    pool: &ModelPool,
+    metas: &[&ObjectMeta],
+    governed: &[String],
+    ctx: &Context,
+) {
     let Some(namespace) = pool.namespace() else {
         return;
     };
@@ -248,7 +253,11 @@ async fn restart_leaking_pods(pool: &ModelPool, metas: &[&ObjectMeta], governed:
             .as_ref()
             .is_some_and(|owners| owners.iter().any(|o| o.controller == Some(true)));
         if !controlled {
-            tracing::warn!(pod = name, lost = report.lost, "memory not reclaimed, but the pod has no controller to recreate it: not restarting");
+            tracing::warn!(
+                pod = name,
+                lost = report.lost,
+                "memory not reclaimed, but the pod has no controller to recreate it: not restarting"
+            );
             continue;
         }
         let params = DeleteParams {
@@ -274,9 +283,15 @@ async fn restart_leaking_pods(pool: &ModelPool, metas: &[&ObjectMeta], governed:
                 if let Err(error) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
                     tracing::warn!(%error, "failed to publish an event");
                 }
-                tracing::warn!(pod = name, lost = report.lost, "restarted a pod whose memory was not reclaimed");
+                tracing::warn!(
+                    pod = name,
+                    lost = report.lost,
+                    "restarted a pod whose memory was not reclaimed"
+                );
             }
-            Err(error) => tracing::warn!(%error, pod = name, "failed to restart a pod whose memory was not reclaimed"),
+            Err(error) => {
+                tracing::warn!(%error, pod = name, "failed to restart a pod whose memory was not reclaimed")
+            }
         }
     }
 }
