@@ -68,3 +68,24 @@ pub fn install_crd(cp: &ControlPlane) {
         "crd/modelpools.modelpool.io",
     ]);
 }
+
+/// `modelpool-operator run` for one test namespace: it watches only that namespace, keeps its
+/// Lease and webhook Secret there, elects fast (4 s leases), and serves metrics on
+/// `metrics_port`. Callers add the webhook flags (or `--webhook-listen off`) and stdio.
+pub fn operator_command(
+    cp: &ControlPlane,
+    ns: &str,
+    identity: &str,
+    metrics_port: u16,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(workspace_bin("modelpool-operator"));
+    command
+        .args(["run", "--watch-namespace", ns, "--namespace", ns])
+        .args(["--identity", identity, "--lease-name", "modelpool-leader"])
+        .args(["--lease-duration-s", "4", "--lease-retry-s", "1"])
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .env("RUST_LOG", "info,kube=warn");
+    command
+}

@@ -7,7 +7,7 @@
 //! processes in `operator_sidecars.rs`.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -22,7 +22,7 @@ use modelpool_crds::{
 };
 use modelpool_e2e::{
     ControlPlane,
-    support::{eventually, free_port, install_crd, workspace_bin},
+    support::{eventually, free_port, install_crd, operator_command},
 };
 
 struct Operator {
@@ -42,18 +42,8 @@ impl Operator {
         let metrics_port = free_port();
         let log = std::fs::File::create(std::env::temp_dir().join(format!("{ns}-{identity}.log")))
             .expect("log file");
-        let child = Command::new(workspace_bin("modelpool-operator"))
-            .args(["run", "--watch-namespace", ns, "--namespace", ns])
-            .args(["--identity", identity, "--lease-name", "modelpool-leader"])
-            .args([
-                "--lease-duration-s",
-                "4",
-                "--lease-retry-s",
-                "1",
-                "--drain-timeout-s",
-                "60",
-            ])
-            .args(["--resync-s", "300"])
+        let child = operator_command(cp, ns, identity, metrics_port)
+            .args(["--drain-timeout-s", "60", "--resync-s", "300"])
             .arg("--webhook-listen")
             .arg(format!("127.0.0.1:{webhook_port}"))
             .args([
@@ -62,10 +52,6 @@ impl Operator {
                 "--webhook-config",
                 webhook_config,
             ])
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .env("KUBECONFIG", cp.kubeconfig_path())
-            .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -458,27 +444,8 @@ async fn restart_enforcement_deletes_a_pod_whose_memory_was_not_reclaimed() {
     let client = cp.client();
     let metrics_port = free_port();
     let _operator = Operator {
-        child: Command::new(workspace_bin("modelpool-operator"))
-            .args([
-                "run",
-                "--watch-namespace",
-                &ns,
-                "--namespace",
-                &ns,
-                "--identity",
-                "op",
-            ])
-            .args([
-                "--webhook-listen",
-                "off",
-                "--lease-duration-s",
-                "4",
-                "--lease-retry-s",
-                "1",
-            ])
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .env("KUBECONFIG", cp.kubeconfig_path())
+        child: operator_command(cp, &ns, "op", metrics_port)
+            .args(["--webhook-listen", "off"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -20,7 +20,7 @@ use kube::{
 use modelpool_crds::{ModelPool, report::PodReport};
 use modelpool_e2e::{
     ControlPlane,
-    support::{eventually, free_port, install_crd, workspace_bin},
+    support::{eventually, free_port, install_crd, operator_command, workspace_bin},
 };
 
 struct Killed(Child);
@@ -142,27 +142,8 @@ async fn sidecars_report_through_their_pods_and_drain_on_delete() {
     }
 
     let _operator = Killed(
-        Command::new(workspace_bin("modelpool-operator"))
-            .args([
-                "run",
-                "--watch-namespace",
-                &ns,
-                "--namespace",
-                &ns,
-                "--identity",
-                "op",
-            ])
-            .args([
-                "--webhook-listen",
-                "off",
-                "--lease-duration-s",
-                "4",
-                "--lease-retry-s",
-                "1",
-            ])
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{}", free_port()))
-            .env("KUBECONFIG", cp.kubeconfig_path())
+        operator_command(cp, &ns, "op", free_port())
+            .args(["--webhook-listen", "off"])
             .stdout(log_file(dir.path(), "operator"))
             .stderr(Stdio::null())
             .spawn()
