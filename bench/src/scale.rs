@@ -28,7 +28,7 @@ use modelpool_crds::{
     ModelPool,
     report::{ModelReport, PodReport, REPORT_ANNOTATION},
 };
-use modelpool_e2e::ControlPlane;
+use modelpool_e2e::{ControlPlane, support::webhook_config};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -283,22 +283,7 @@ async fn run_async(
     let webhook_port = free_port()?;
     let metrics = free_port()?;
     let webhook_name = format!("modelpool-{ns}");
-    let webhook = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": webhook_name},
-        "webhooks": [{
-            "name": "inject.modelpool.io",
-            "clientConfig": {"url": format!("https://{webhook_port}/mutate-pods")},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "objectSelector": {"matchExpressions": [{"key": "modelpool.io/pool", "operator": "Exists"}]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10
-        }]
-    });
+    let webhook = webhook_config(&webhook_name, &ns, &webhook_port.to_string());
     cp.kubectl_stdin(["apply", "-f", "-"], &webhook.to_string());
     let log = std::env::temp_dir().join(format!("modelpool-bench-operator-{ns}.log"));
     let child = Command::new(operator)

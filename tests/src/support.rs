@@ -89,3 +89,25 @@ pub fn operator_command(
         .env("RUST_LOG", "info,kube=warn");
     command
 }
+
+/// A MutatingWebhookConfiguration sending the labelled pods of namespace `ns` to the
+/// operator's webhook at `https://{address}/mutate-pods` (`address` is `127.0.0.1:PORT`).
+/// `failurePolicy: Fail` so that a broken webhook fails the test instead of going unnoticed.
+pub fn webhook_config(name: &str, ns: &str, address: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "inject.modelpool.io",
+            "clientConfig": {"url": format!("https://{address}/mutate-pods")},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "objectSelector": {"matchExpressions": [{"key": "modelpool.io/pool", "operator": "Exists"}]},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10
+        }]
+    })
+}

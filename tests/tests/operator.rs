@@ -22,7 +22,7 @@ use modelpool_crds::{
 };
 use modelpool_e2e::{
     ControlPlane,
-    support::{eventually, free_port, install_crd, operator_command},
+    support::{eventually, free_port, install_crd, operator_command, webhook_config},
 };
 
 struct Operator {
@@ -98,25 +98,6 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
 }
 
-fn webhook_config(name: &str, ns: &str, port: u16) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name},
-        "webhooks": [{
-            "name": "inject.modelpool.io",
-            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate-pods")},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "objectSelector": {"matchExpressions": [{"key": "modelpool.io/pool", "operator": "Exists"}]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 10
-        }]
-    })
-}
-
 /// A pod that PodSecurity `restricted` admits.
 fn app_pod(name: &str, pool: &str) -> Pod {
     serde_json::from_value(serde_json::json!({
@@ -183,7 +164,7 @@ async fn operator_injects_aggregates_fails_over_and_drains() {
     let port_a = free_port();
     cp.kubectl_stdin(
         ["apply", "-f", "-"],
-        &webhook_config(&webhook_name, &ns, port_a).to_string(),
+        &webhook_config(&webhook_name, &ns, &format!("127.0.0.1:{port_a}")).to_string(),
     );
     let operator_a = Operator::start(cp, &ns, "op-a", port_a, &webhook_name);
     // Replica B only takes over the controller; its webhook port is not in the config.
