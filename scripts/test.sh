@@ -29,6 +29,10 @@ MODELPOOL_SIDECAR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/modelpool-sidecar"
 MODELPOOL_REQUIRE_SIDECAR=1 MODELPOOL_SKIP_CARGO_BUILD=1 \
   sdk/python/run_tests.sh -q
 
+step "weights estimates against real writers and loaders (weights/tests/py: gguf, safetensors)"
+MODELPOOL_WEIGHTS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/modelpool-weights" \
+  target/py-venv/bin/python -m pytest -q weights/tests/py
+
 step "GPU script logic, without a GPU (tests/gpu)"
 target/py-venv/bin/python -m pytest -q tests/gpu
 
