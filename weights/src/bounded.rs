@@ -71,8 +71,19 @@ pub(crate) struct Bounded<R> {
 
 impl Bounded<BufReader<File>> {
     pub(crate) fn file(file: File, path: &Path, limits: &Limits, started: Instant) -> Self {
+        Bounded::new(
+            BufReader::with_capacity(64 << 10, file),
+            path,
+            limits,
+            started,
+        )
+    }
+}
+
+impl<R: Read> Bounded<R> {
+    pub(crate) fn new(inner: R, path: &Path, limits: &Limits, started: Instant) -> Self {
         Self {
-            inner: BufReader::with_capacity(64 << 10, file),
+            inner,
             read: 0,
             cap: limits.max_header_bytes,
             deadline: started + limits.time_budget,

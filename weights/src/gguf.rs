@@ -425,7 +425,8 @@ impl<R: Read> Reader<'_, R> {
     }
 }
 
-/// Reads the header of the GGUF file at `host` (shown as `path` in errors).
+/// Reads the header of the GGUF file at `host` (shown as `path` in errors); also returns the
+/// file's length.
 pub fn read_header(
     host: &Path,
     path: &Path,
@@ -433,8 +434,35 @@ pub fn read_header(
 ) -> Result<(Header, u64), WeightsError> {
     let started = Instant::now();
     let (file, file_len) = open_regular(host, path)?;
+    let header = parse(
+        Bounded::file(file, path, limits, started),
+        file_len,
+        path,
+        limits,
+    )?;
+    Ok((header, file_len))
+}
+
+/// Parses a GGUF header from bytes (the whole file, or its start with `file_len` the file's
+/// length): what the fuzz target drives.
+pub fn parse_bytes(bytes: &[u8], file_len: u64, limits: &Limits) -> Result<Header, WeightsError> {
+    let path = Path::new("<bytes>");
+    parse(
+        Bounded::new(bytes, path, limits, Instant::now()),
+        file_len,
+        path,
+        limits,
+    )
+}
+
+fn parse<R: Read>(
+    bounded: Bounded<R>,
+    file_len: u64,
+    path: &Path,
+    limits: &Limits,
+) -> Result<Header, WeightsError> {
     let mut r = Reader {
-        r: Bounded::file(file, path, limits, started),
+        r: bounded,
         path,
         cap: limits.max_header_bytes,
     };
@@ -624,17 +652,14 @@ pub fn read_header(
         }
         total = total.saturating_add(t.bytes);
     }
-    Ok((
-        Header {
-            version,
-            metadata,
-            tensor_count,
-            tensor_bytes: total,
-            data_start,
-            data_end: end,
-        },
-        file_len,
-    ))
+    Ok(Header {
+        version,
+        metadata,
+        tensor_count,
+        tensor_bytes: total,
+        data_start,
+        data_end: end,
+    })
 }
 
 /// The estimate for one GGUF file.
@@ -644,6 +669,10 @@ pub(crate) fn estimate(
     options: &Options,
 ) -> Result<(Header, Option<KvCache>), WeightsError> {
     let (header, _) = read_header(host, path, &options.limits)?;
-    let kv = header.kv_cache(path, options.context, options.kv_element_bytes)?;
+    let context = options.context.or_else(|| {
+        let own = header.context_length()?;
+        Some(options.max_default_context.map_or(own, |cap| own.min(cap)))
+    });
+    let kv = header.kv_cache(path, context, options.kv_element_bytes)?;
     Ok((header, kv))
 }

@@ -58,6 +58,9 @@ pub struct Options {
     /// The context (tokens) the runtime is configured for; `None`: the model's own
     /// `context_length` (an upper bound: runtimes often default to less).
     pub context: Option<u64>,
+    /// When no context is configured: the model's own context length capped at this (Ollama's
+    /// default `num_ctx` is 4096; llama.cpp's and vLLM's default is the model's own).
+    pub max_default_context: Option<u64>,
     /// Bytes per cached K or V element: 2 (f16, llama.cpp's and Ollama's default).
     pub kv_element_bytes: u64,
 }
@@ -67,6 +70,7 @@ impl Default for Options {
         Self {
             limits: Limits::default(),
             context: None,
+            max_default_context: None,
             kv_element_bytes: 2,
         }
     }

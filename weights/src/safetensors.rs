@@ -257,12 +257,56 @@ pub fn read_file(
 ) -> Result<FileSummary, WeightsError> {
     let started = Instant::now();
     let (file, file_len) = open_regular(host, path)?;
+    let reopen = || -> Option<Box<dyn Read>> {
+        Some(Box::new(std::io::BufReader::new(
+            open_regular(host, host).ok()?.0,
+        )))
+    };
+    parse(
+        Bounded::file(file, path, limits, started),
+        file_len,
+        path,
+        limits,
+        keep_names,
+        &reopen,
+    )
+}
+
+/// Parses a safetensors header from bytes (the whole file, or its start with `file_len` the
+/// file's length): what the fuzz target drives.
+pub fn parse_bytes(
+    bytes: &[u8],
+    file_len: u64,
+    limits: &Limits,
+) -> Result<FileSummary, WeightsError> {
+    let path = Path::new("<bytes>");
+    let reopen = || -> Option<Box<dyn Read + '_>> { Some(Box::new(bytes)) };
+    parse(
+        Bounded::new(bytes, path, limits, Instant::now()),
+        file_len,
+        path,
+        limits,
+        true,
+        &reopen,
+    )
+}
+
+type Reopen<'a> = dyn Fn() -> Option<Box<dyn Read + 'a>> + 'a;
+
+fn parse<R: Read>(
+    mut r: Bounded<R>,
+    file_len: u64,
+    path: &Path,
+    limits: &Limits,
+    keep_names: bool,
+    reopen: &Reopen<'_>,
+) -> Result<FileSummary, WeightsError> {
+    let started = Instant::now();
     let not_format = |reason: &str| WeightsError::NotFormat {
         path: path.to_owned(),
         format: "safetensors",
         reason: reason.to_owned(),
     };
-    let mut r = Bounded::file(file, path, limits, started);
     let mut length = [0u8; 8];
     match r.exact(&mut length, "header length") {
         Err(error) if r.stopped.is_some() => return Err(error),
@@ -280,6 +324,14 @@ pub fn read_file(
         return Err(not_format("its header does not start with '{'"));
     }
     let length = u64::from_le_bytes(length);
+    if length < 2 {
+        return Err(WeightsError::invalid(
+            path,
+            "header length",
+            length,
+            "at least 2 (a JSON object)",
+        ));
+    }
     if length > limits.max_header_bytes {
         return Err(WeightsError::invalid(
             path,
@@ -315,7 +367,7 @@ pub fn read_file(
         .and_then(|summary| de.end().map(|()| summary))
     };
     if let (Some(index), Some(WeightsError::Invalid { field, .. })) = (overlap, error.as_mut())
-        && let Some(name) = name_at(host, length, index)
+        && let Some(name) = reopen().and_then(|file| name_at(file, length, index))
     {
         *field = format!("tensor {} data_offsets", shown(&name));
     }
@@ -390,7 +442,7 @@ pub(crate) fn read_index(
 }
 
 /// The name of the `index`-th tensor of a header already read once (for an error message).
-fn name_at(host: &Path, length: u64, index: u32) -> Option<String> {
+fn name_at(file: Box<dyn Read + '_>, length: u64, index: u32) -> Option<String> {
     struct Nth(u32);
     impl<'de> Visitor<'de> for Nth {
         type Value = Option<String>;
@@ -412,7 +464,7 @@ fn name_at(host: &Path, length: u64, index: u32) -> Option<String> {
             Ok(None)
         }
     }
-    let mut file = std::io::BufReader::new(open_regular(host, host).ok()?.0);
+    let mut file = file;
     std::io::copy(&mut (&mut file).take(8), &mut std::io::sink()).ok()?;
     let mut de = serde_json::Deserializer::from_reader(file.take(length));
     serde::Deserializer::deserialize_map(&mut de, Nth(index)).ok()?

@@ -47,6 +47,19 @@ fn gguf_weights_and_kv_cache_of_a_llama_like_file() {
     };
     let e = estimate(&Root::host(), &path, &options).unwrap();
     assert_eq!(e.kv_cache.unwrap().bytes, 4 * 2 * 64 * 2 * 512);
+    // Without one, a cap on the model's own (Ollama's default num_ctx).
+    let options = Options {
+        max_default_context: Some(1024),
+        ..Options::default()
+    };
+    let e = estimate(&Root::host(), &path, &options).unwrap();
+    assert_eq!(e.kv_cache.unwrap().context, 1024);
+    let options = Options {
+        max_default_context: Some(1 << 20),
+        ..Options::default()
+    };
+    let e = estimate(&Root::host(), &path, &options).unwrap();
+    assert_eq!(e.kv_cache.unwrap().context, 4096);
 }
 
 #[test]
