@@ -291,11 +291,13 @@ impl<R: Read> Reader<'_, R> {
     ) -> Result<Option<String>, WeightsError> {
         let len = self.string_len(field)?;
         if len > keep {
-            self.r.skip(len, &field())?;
+            self.r.skip(len, field)?;
             return Ok(None);
         }
         let mut buf = vec![0u8; len as usize];
-        self.r.exact(&mut buf, &field())?;
+        if let Err(error) = self.r.read_exact(&mut buf) {
+            return Err(self.r.error(error, &field()));
+        }
         Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
     }
 
@@ -397,7 +399,7 @@ impl<R: Read> Reader<'_, R> {
         if let Some(size) = fixed
             && !(integer && count <= KEEP_ARRAY)
         {
-            self.r.skip(count * size, &field())?;
+            self.r.skip(count * size, field)?;
             return Ok(None);
         }
         if elem == 8 {
@@ -407,7 +409,7 @@ impl<R: Read> Reader<'_, R> {
                     self.time(field)?;
                 }
                 let len = self.string_len(field)?;
-                self.r.skip(len, &field())?;
+                self.r.skip(len, field)?;
             }
             return Ok(None);
         }
@@ -518,7 +520,9 @@ fn parse<R: Read>(
     }
     let mut metadata = BTreeMap::new();
     for i in 0..kv_count {
-        r.time(&|| format!("metadata entry {i}"))?;
+        if i % 256 == 0 {
+            r.time(&|| format!("metadata entry {i}"))?;
+        }
         let key = r
             .string(KEEP_STRING, &|| format!("metadata entry {i} key"))?
             .unwrap_or_default();
@@ -546,7 +550,9 @@ fn parse<R: Read>(
     };
     let mut tensors = Vec::with_capacity(tensor_count.min(1 << 16) as usize);
     for i in 0..tensor_count {
-        r.time(&|| format!("tensor info {i}"))?;
+        if i % 256 == 0 {
+            r.time(&|| format!("tensor info {i}"))?;
+        }
         let name = r
             .string(KEEP_STRING, &|| format!("tensor info {i} name"))?
             .unwrap_or_else(|| format!("#{i}"));

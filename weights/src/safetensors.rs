@@ -19,6 +19,9 @@ use crate::{
     error::shown,
 };
 
+/// Headers up to this size are read into memory and parsed there; larger ones are streamed.
+const BUFFERED_HEADER: u64 = 4 << 20;
+
 /// Bytes per element of a safetensors dtype; `None` for an unknown one.
 pub fn dtype_bits(dtype: &str) -> Option<u64> {
     Some(match dtype {
@@ -71,7 +74,7 @@ impl<'de> Visitor<'de> for Tensors<'_> {
         let mut names = self.keep_names.then(BTreeSet::new);
         let mut count: u32 = 0;
         while let Some(name) = map.next_key::<String>()? {
-            if Instant::now() > self.deadline {
+            if count % 256 == 255 && Instant::now() > self.deadline {
                 return Err(fail(
                     self.error,
                     WeightsError::TooSlow {
@@ -351,20 +354,31 @@ fn parse<R: Read>(
     let data_len = file_len - 8 - length;
     let mut error = None;
     let mut overlap = None;
-    let result = {
+    let tensors = |error, overlap| Tensors {
+        path,
+        data_len,
+        keep_names,
+        error,
+        overlap,
+        deadline: started + limits.time_budget,
+        budget: limits.time_budget,
+    };
+    let result = if length <= BUFFERED_HEADER {
+        // Headers of real models are KiBs: read at once and parsed from memory (fast).
+        let mut header = vec![0u8; length as usize];
+        header[0] = b'{';
+        r.exact(&mut header[1..], "header")?;
+        let mut de = serde_json::Deserializer::from_slice(&header);
+        tensors(&mut error, &mut overlap)
+            .deserialize(&mut de)
+            .and_then(|summary| de.end().map(|()| summary))
+    } else {
+        // Larger ones are streamed: memory stays small whatever the size.
         let header = (&first[..]).chain((&mut r).take(length - 1));
         let mut de = serde_json::Deserializer::from_reader(header);
-        Tensors {
-            path,
-            data_len,
-            keep_names,
-            error: &mut error,
-            overlap: &mut overlap,
-            deadline: started + limits.time_budget,
-            budget: limits.time_budget,
-        }
-        .deserialize(&mut de)
-        .and_then(|summary| de.end().map(|()| summary))
+        tensors(&mut error, &mut overlap)
+            .deserialize(&mut de)
+            .and_then(|summary| de.end().map(|()| summary))
     };
     if let (Some(index), Some(WeightsError::Invalid { field, .. })) = (overlap, error.as_mut())
         && let Some(name) = reopen().and_then(|file| name_at(file, length, index))
