@@ -1,7 +1,10 @@
 //! The `admission` scenario: acquire + release of an already-loaded model through the real
 //! sidecar, with 1 and 32 concurrent clients, over the Unix socket and loopback TCP; the limit
 //! is a bare hyper server on the same transport answering a fixed reply, measured in the same
-//! run with the same client. One op is two requests on both sides.
+//! run with the same client. One op is two requests on both sides. `--models` runs it again
+//! with that many models in the pool, each loaded by every one of `--sessions` sessions, so
+//! the cost of a larger ledger shows (the op is always on the first model of the first
+//! session).
 
 use std::{
     path::Path,
@@ -27,6 +30,10 @@ pub struct Options {
     pub slices: usize,
     /// Client counts.
     pub clients: Vec<usize>,
+    /// Pool sizes (models), one sidecar each.
+    pub models: Vec<usize>,
+    /// Sessions loading every model.
+    pub sessions: usize,
 }
 
 /// A pool of one small model, kept loaded (Cache mode, long idle TTL).
@@ -179,13 +186,38 @@ async fn measure(
 
 /// Runs the scenario.
 pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow::Result<()> {
+    for &models in &options.models {
+        let run_dir = dir.join(format!("models-{models}"));
+        std::fs::create_dir_all(&run_dir)?;
+        run_one(options, models.max(1), &run_dir, printer).await?;
+    }
+    Ok(())
+}
+
+async fn run_one(
+    options: &Options,
+    models: usize,
+    dir: &Path,
+    printer: &mut Printer,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = (0..models).map(|i| format!("m{i:03}")).collect();
+    let sizes: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1Mi")).collect();
     let pool = dir.join("pool.yaml");
-    std::fs::write(&pool, pool_yaml(&[("m", "1Mi")], "Cache"))?;
+    std::fs::write(&pool, pool_yaml(&sizes, "Cache"))?;
     let tcp = free_port()?;
     let sidecar = Sidecar::start(dir, &pool, Some(tcp), None).await?;
-    let session = open_session(&sidecar.unix(), &["m".to_owned()]).await?;
     let mut setup = Client::connect(&sidecar.unix()).await?;
-    load_once(&mut setup, &session, "m", 1 << 20).await?;
+    let mut session = String::new();
+    for index in 0..options.sessions.max(1) {
+        let opened = open_session(&sidecar.unix(), &names).await?;
+        for name in &names {
+            load_once(&mut setup, &opened, name, 1 << 20).await?;
+        }
+        if index == 0 {
+            session = opened;
+        }
+    }
+    let model = names[0].as_str();
 
     let baseline_unix = Target::Unix(dir.join("baseline.sock"));
     let baseline_tcp = Target::Tcp(free_port()?);
@@ -205,10 +237,10 @@ pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow
         for &clients in &options.clients {
             let (mut base_n, mut base_lat, mut n, mut lat) = (0.0, Vec::new(), 0.0, Vec::new());
             for _ in 0..slices {
-                let (ops, l) = measure(bare, clients, slice, &session, "m").await?;
+                let (ops, l) = measure(bare, clients, slice, &session, model).await?;
                 base_n += ops * slice;
                 base_lat.extend(l);
-                let (ops, l) = measure(ours, clients, slice, &session, "m").await?;
+                let (ops, l) = measure(ours, clients, slice, &session, model).await?;
                 n += ops * slice;
                 lat.extend(l);
             }
@@ -220,6 +252,8 @@ pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow
                 &Row::new("admission")
                     .with("transport", ours.transport())
                     .with("clients", clients)
+                    .with("models", models)
+                    .with("sessions", options.sessions.max(1))
                     .num("ops_per_s", ops, 4)
                     .num("p50_us", percentile(&lat, 50.0), 3)
                     .num("p99_us", percentile(&lat, 99.0), 3)

@@ -93,6 +93,12 @@ struct AdmissionArgs {
     /// Concurrent client counts.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 32])]
     clients: Vec<usize>,
+    /// Models in the pool (each loaded by every session), one sidecar per count.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 64])]
+    models: Vec<usize>,
+    /// Sessions loading every model.
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +204,8 @@ fn main() -> anyhow::Result<()> {
                 seconds: args.seconds,
                 slices: args.slices,
                 clients: args.clients,
+                models: args.models,
+                sessions: args.sessions,
             };
             runtime()?.block_on(admission::run(&options, dir.path(), &mut printer))?;
             printer.finish();

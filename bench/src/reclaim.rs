@@ -45,6 +45,11 @@ pub struct Options {
 /// The child app: `child --socket PATH --mib N`, driven by lines on stdin (`load`,
 /// `release`, `exit`), answering one JSON line each; unload commands from the sidecar's
 /// command stream are carried out and reported with an `{"event": "unloaded"}` line.
+///
+/// It follows the protocol: it remembers the instance (model + generation) each acquire
+/// answered, frees only on a command naming that instance, and names it in `/v1/unloaded`.
+/// A stale command (for an instance already unloaded, e.g. one queued at the previous
+/// release and delivered late) is ignored: it must not free the next load.
 pub async fn child(socket: &Path, mib: u64) -> anyhow::Result<()> {
     let target = Target::Unix(socket.to_owned());
     let mut api = Client::connect(&target).await?;
@@ -74,7 +79,8 @@ pub async fn child(socket: &Path, mib: u64) -> anyhow::Result<()> {
             }
         }
     });
-    let mut held: Option<MmapMut> = None;
+    // The instance this process holds: its generation and its memory.
+    let mut held: Option<(u64, MmapMut)> = None;
     let mut lease: Option<Value> = None;
     let say = |value: Value| -> anyhow::Result<()> {
         let mut stdout = std::io::stdout().lock();
@@ -92,13 +98,15 @@ pub async fn child(socket: &Path, mib: u64) -> anyhow::Result<()> {
                             Some(&json!({"session": session, "model": MODEL, "wait": true}))).await?;
                         lease = Some(answer["lease"].clone());
                         if answer["decision"] == "load" {
+                            let instance = answer["generation"].as_u64()
+                                .context("no generation in the acquire answer")?;
                             let start = Instant::now();
                             let bytes = (mib * MIB) as usize;
                             let mut map = MmapMut::map_anon(bytes)?;
                             for page in map.chunks_mut(4096) {
                                 page[0] = 1;
                             }
-                            held = Some(map);
+                            held = Some((instance, map));
                             api.ok(Method::POST, "/v1/loaded", Some(&json!({
                                 "session": session, "lease": answer["lease"], "ok": true,
                                 "load_seconds": start.elapsed().as_secs_f64(),
@@ -111,12 +119,12 @@ pub async fn child(socket: &Path, mib: u64) -> anyhow::Result<()> {
                         let answer = api.ok(Method::POST, "/v1/release",
                             Some(&json!({"session": session, "lease": lease}))).await?;
                         let mut munmap_ms = Value::Null;
-                        if answer["unload"] == true && let Some(map) = held.take() {
+                        if answer["unload"] == true && let Some((instance, map)) = held.take() {
                             let start = Instant::now();
                             drop(map);
                             munmap_ms = json!(start.elapsed().as_secs_f64() * 1e3);
-                            api.ok(Method::POST, "/v1/unloaded",
-                                Some(&json!({"session": session, "model": MODEL}))).await?;
+                            api.ok(Method::POST, "/v1/unloaded", Some(&json!({
+                                "session": session, "model": MODEL, "generation": instance}))).await?;
                         }
                         say(json!({"ok": true, "unload": answer["unload"], "munmap_ms": munmap_ms}))?;
                     }
@@ -128,19 +136,19 @@ pub async fn child(socket: &Path, mib: u64) -> anyhow::Result<()> {
                 if command["kind"] != "unload" {
                     continue;
                 }
-                let had = held.take();
-                let mut munmap_ms = Value::Null;
-                if let Some(map) = had {
-                    let start = Instant::now();
-                    drop(map);
-                    munmap_ms = json!(start.elapsed().as_secs_f64() * 1e3);
-                }
-                // Acknowledge (also a command whose unload the release answer already did).
-                let _ = api.json(Method::POST, "/v1/unloaded", Some(&json!({
-                    "session": session, "model": command["model"], "command": command["id"]}))).await;
-                if !munmap_ms.is_null() {
-                    say(json!({"event": "unloaded", "munmap_ms": munmap_ms}))?;
-                }
+                let wanted = command["generation"].as_u64();
+                let Some((instance, map)) = held.take_if(|(instance, _)| Some(*instance) == wanted) else {
+                    // Stale: its instance is already gone (this process freed it at the
+                    // release); the sidecar drops the command once that unload is seen.
+                    continue;
+                };
+                let start = Instant::now();
+                drop(map);
+                let munmap_ms = json!(start.elapsed().as_secs_f64() * 1e3);
+                api.ok(Method::POST, "/v1/unloaded", Some(&json!({
+                    "session": session, "model": command["model"], "generation": instance,
+                    "command": command["id"]}))).await?;
+                say(json!({"event": "unloaded", "munmap_ms": munmap_ms}))?;
             }
         }
     }

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use crate::footprint::{Footprint, Resource};
+use crate::footprint::Footprint;
+pub use crate::footprint::Limits;
 
 /// The seed's `aggressive_cleanup` switch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,25 +22,6 @@ pub enum EvictionPolicy {
     Lru,
     /// GreedyDual-Size (see `eviction.rs`).
     CostAware,
-}
-
-/// Per-pod ceilings; `None` is no ceiling beyond the device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
-    /// GPU bytes.
-    pub vram: Option<u64>,
-    /// Host bytes.
-    pub ram: Option<u64>,
-}
-
-impl Limits {
-    /// The ceiling of one resource.
-    pub fn get(self, resource: Resource) -> Option<u64> {
-        match resource {
-            Resource::Vram => self.vram,
-            Resource::Ram => self.ram,
-        }
-    }
 }
 
 /// One model of the pool.

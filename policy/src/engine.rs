@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Mode, PoolConfig},
@@ -52,7 +52,7 @@ pub enum Action {
 }
 
 /// Why an instance is to be unloaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnloadReason {
     /// Aggressive mode, last lease released.
@@ -167,6 +167,8 @@ pub enum Output {
         model: String,
         /// The lease to release later.
         lease: LeaseId,
+        /// The instance the lease is on (see [`InstanceView::generation`]).
+        generation: u64,
         /// Use what is loaded, or load.
         action: Action,
         /// How long it waited.
@@ -189,6 +191,8 @@ pub enum Output {
         session: SessionId,
         /// The model.
         model: String,
+        /// Which instance of it: the command is for this one only.
+        generation: u64,
         /// Why.
         reason: UnloadReason,
     },
@@ -198,6 +202,8 @@ pub enum Output {
         session: SessionId,
         /// The model.
         model: String,
+        /// Which instance of it.
+        generation: u64,
         /// What it still holds.
         held: Footprint,
     },
@@ -244,6 +250,10 @@ pub struct InstanceView {
     pub model: String,
     /// The session holding it.
     pub session: SessionId,
+    /// Which instance: a number given when its load is granted, never reused by this engine.
+    /// A later load of the same model in the same session is a new generation, so a command
+    /// or an acknowledgement names exactly one instance.
+    pub generation: u64,
     /// Lifecycle state.
     pub state: InstanceState,
     /// Live leases.
@@ -298,6 +308,7 @@ pub struct Counters {
 
 #[derive(Clone, Debug)]
 struct Instance {
+    generation: u64,
     state: InstanceState,
     leases: BTreeSet<LeaseId>,
     /// What counts against ceilings: the admission need until measured, then the measurement.
@@ -342,6 +353,7 @@ pub struct Engine {
     readings: Readings,
     inflation: f64,
     next_lease: u64,
+    next_generation: u64,
     next_seq: u64,
     over_ceiling: [bool; 2],
     shutting_down: bool,
@@ -363,6 +375,7 @@ impl Engine {
             readings: Readings::default(),
             inflation: 0.0,
             next_lease: 1,
+            next_generation: 1,
             next_seq: 0,
             over_ceiling: [false; 2],
             shutting_down: false,
@@ -518,24 +531,36 @@ impl Engine {
     pub fn instances(&self, now: Duration) -> Vec<InstanceView> {
         self.instances
             .iter()
-            .map(|(&(session, model), i)| InstanceView {
-                model: self.config.models[model].name.clone(),
-                session,
-                state: i.state,
-                leases: i.leases.len(),
-                held: i.held,
-                declared: self.config.models[model].declared,
-                measured: i.measured,
-                peak: self.learned[model].peak,
-                idle: if i.leases.is_empty() {
-                    now.saturating_sub(i.last_used)
-                } else {
-                    Duration::ZERO
-                },
-                pinned: self.config.models[model].pinned,
-                unload_reason: i.unload_reason,
-            })
+            .map(|(&key, i)| self.view(now, key, i))
             .collect()
+    }
+
+    /// The instance of `model` held by `session`, if any.
+    pub fn instance(&self, now: Duration, session: SessionId, model: &str) -> Option<InstanceView> {
+        let index = self.index_any(model)?;
+        let key = (session, index);
+        self.instances.get(&key).map(|i| self.view(now, key, i))
+    }
+
+    fn view(&self, now: Duration, (session, model): Key, i: &Instance) -> InstanceView {
+        InstanceView {
+            model: self.config.models[model].name.clone(),
+            session,
+            generation: i.generation,
+            state: i.state,
+            leases: i.leases.len(),
+            held: i.held,
+            declared: self.config.models[model].declared,
+            measured: i.measured,
+            peak: self.learned[model].peak,
+            idle: if i.leases.is_empty() {
+                now.saturating_sub(i.last_used)
+            } else {
+                Duration::ZERO
+            },
+            pinned: self.config.models[model].pinned,
+            unload_reason: i.unload_reason,
+        }
     }
 
     /// The live leases of a session.
@@ -886,6 +911,7 @@ impl Engine {
                 out.push(Output::MemoryNotReclaimed {
                     session: key.0,
                     model: self.config.models[key.1].name.clone(),
+                    generation: instance.generation,
                     held: instance.held,
                 });
             }
@@ -1188,9 +1214,11 @@ impl Engine {
             self.inflation = self.inflation.max(instance.credit);
         }
         *self.counters.unloads.entry(reason).or_default() += 1;
+        let generation = instance.generation;
         out.push(Output::Unload {
             session: key.0,
             model: self.config.models[key.1].name.clone(),
+            generation,
             reason,
         });
     }
@@ -1274,9 +1302,12 @@ impl Engine {
             }
             if self.fits(need) {
                 self.queue.remove(index);
+                let generation = self.next_generation;
+                self.next_generation += 1;
                 self.instances.insert(
                     key,
                     Instance {
+                        generation,
                         state: InstanceState::Loading,
                         leases: BTreeSet::new(),
                         held: need,
@@ -1350,7 +1381,9 @@ impl Engine {
         let inflation = self.inflation;
         let limits = self.config.limits;
         let cost = self.load_seconds(waiting.model);
+        let mut generation = 0;
         if let Some(instance) = self.instances.get_mut(&key) {
+            generation = instance.generation;
             instance.leases.insert(lease);
             instance.last_used = now;
             instance.credit = eviction::gds_credit(inflation, cost, instance.held, limits);
@@ -1361,6 +1394,7 @@ impl Engine {
             session: waiting.session,
             model: self.config.models[waiting.model].name.clone(),
             lease,
+            generation,
             action,
             waited: now.saturating_sub(waiting.since),
         });

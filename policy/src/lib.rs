@@ -16,9 +16,9 @@ mod engine;
 mod eviction;
 mod footprint;
 
-pub use config::{EvictionPolicy, Limits, Mode, ModelConfig, PoolConfig};
+pub use config::{EvictionPolicy, Mode, ModelConfig, PoolConfig};
 pub use engine::{
     Action, CheckResult, Counters, Engine, Holder, InstanceState, InstanceView, LeaseId, Output,
     Readings, Refusal, RefusalReason, RequestId, SessionId, UnloadReason,
 };
-pub use footprint::{Footprint, Resource, human_bytes};
+pub use footprint::{Footprint, Limits, Pair, Resource, Sizes, human_bytes};

@@ -174,6 +174,7 @@ fn check_outputs(
                 session,
                 model,
                 reason,
+                ..
             } => {
                 // Never evict a model with a live lease.
                 let leased = oracle

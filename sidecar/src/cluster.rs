@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::{
     pool::{self, LoadedPool},
-    session::Shared,
+    shell::Shared,
 };
 
 /// Where the sidecar runs and what it follows.

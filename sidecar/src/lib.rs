@@ -3,8 +3,8 @@
 //! what the device, the pod and each app process really hold, and exports it.
 //!
 //! ```text
-//!  app (SDK) ──UDS/TCP /v1──► api ──► session::Shared ──► modelpool_policy::Engine
-//!                                        │   ▲ ticker: measure → sessions → reclaims → tick
+//!  app (SDK) ──UDS/TCP /v1──► api ──► shell::Shared ──(one lock)──► decide::Core ──► Engine
+//!                                        │   ▲ ticker: measure → Core::tick (sessions, reclaims)
 //!                                        ▼   │
 //!                         driver::{Sdk, Http}  measure::{nvml, cuda, cgroup, proc}
 //!  Prometheus ──► /metrics (metrics.rs)   pool file ──(mtime poll)──► pool::load → update
@@ -14,11 +14,12 @@ pub mod api;
 pub mod args;
 pub mod client;
 pub mod cluster;
+pub mod decide;
 pub mod driver;
 pub mod measure;
 pub mod metrics;
 pub mod pool;
-pub mod session;
+pub mod shell;
 pub mod status;
 pub mod telemetry;
 pub mod weights;
@@ -41,7 +42,7 @@ use crate::{
     measure::SystemMeter,
     metrics::{Metrics, MetricsError},
     pool::{PoolError, PoolFile},
-    session::{Settings, Shared},
+    shell::{Settings, Shared},
 };
 
 /// Why the sidecar could not run.
@@ -257,7 +258,6 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         }
     }
     let _ = std::fs::remove_file(&socket);
-    shared.update_metrics();
     tracing::info!("sidecar stopped");
     Ok(())
 }

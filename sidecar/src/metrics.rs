@@ -1,10 +1,19 @@
-//! The sidecar's Prometheus metrics: one registry owned by [`Metrics`], rendered by the text
-//! encoder on `GET /metrics`. Names follow DESIGN section 4: `modelpool_` prefix, base units,
-//! bounded labels (model names come from the pool, reasons and outcomes from fixed sets).
+//! The sidecar's Prometheus metrics. Names follow DESIGN section 4: `modelpool_` prefix, base
+//! units, bounded labels (model names come from the pool, reasons and outcomes from fixed sets).
+//!
+//! Two kinds, rendered together on `GET /metrics`:
+//! - events (counters, histograms, the acquire queue): atomics in one registry, updated where
+//!   they happen, rendered by the text encoder;
+//! - levels (pool, devices, models, sessions): a [`Gauges`] snapshot the caller takes under one
+//!   lock at scrape time, rendered here. Nothing resets or refills a family between scrapes, so
+//!   a scrape always sees whole families of one moment, and API calls pay nothing for them.
 
+use std::fmt::Write as _;
+
+use modelpool_policy::{Footprint, Limits, Resource};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Why metrics could not be set up (a name or label clash: a bug).
@@ -12,34 +21,10 @@ use prometheus::{
 #[error("failed to register metric: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
 
-/// Every metric the sidecar exports.
+/// The event metrics (counters, histograms, the acquire queue). Levels come from [`Gauges`].
 #[derive(Clone, Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// `modelpool_pool_info{pool,namespace,mode}`.
-    pub pool_info: IntGaugeVec,
-    /// `modelpool_gpu_up`.
-    pub gpu_up: IntGauge,
-    /// `modelpool_vram_total_bytes{gpu,uuid}`.
-    pub vram_total: GaugeVec,
-    /// `modelpool_vram_used_bytes{gpu,uuid}`.
-    pub vram_used: GaugeVec,
-    /// `modelpool_ram_used_bytes`.
-    pub ram_used: Gauge,
-    /// `modelpool_ram_limit_bytes`.
-    pub ram_limit: Gauge,
-    /// `modelpool_pool_bytes{resource}`.
-    pub pool_bytes: GaugeVec,
-    /// `modelpool_ceiling_bytes{resource}`.
-    pub ceiling_bytes: GaugeVec,
-    /// `modelpool_lost_bytes{resource}`.
-    pub lost_bytes: GaugeVec,
-    /// `modelpool_model_loaded{model}`.
-    pub model_loaded: IntGaugeVec,
-    /// `modelpool_model_bytes{model,resource}`.
-    pub model_bytes: GaugeVec,
-    /// `modelpool_model_leases{model}`.
-    pub model_leases: IntGaugeVec,
     /// `modelpool_loads_total{model,outcome}`.
     pub loads: IntCounterVec,
     /// `modelpool_unloads_total{model,reason}`.
@@ -56,8 +41,6 @@ pub struct Metrics {
     pub memory_not_reclaimed: IntCounter,
     /// `modelpool_ceiling_breaches_total{resource}`.
     pub ceiling_breaches: IntCounterVec,
-    /// `modelpool_sessions`.
-    pub sessions: IntGauge,
     /// `modelpool_acquire_queue_length`.
     pub acquire_queue: IntGauge,
     /// `modelpool_pool_reloads_total{outcome}`.
@@ -84,81 +67,6 @@ impl Metrics {
             }};
         }
         let metrics = Self {
-            pool_info: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "modelpool_pool_info",
-                    "The pool this sidecar enforces (always 1); labels name it for dashboards."
-                ),
-                &["pool", "namespace", "mode"]
-            )),
-            gpu_up: reg!(IntGauge::new(
-                "modelpool_gpu_up",
-                "1 when a GPU reading is available (NVML, CUDA or the app), 0 otherwise."
-            )),
-            vram_total: reg!(GaugeVec::new(
-                Opts::new(
-                    "modelpool_vram_total_bytes",
-                    "Installed GPU memory per device, in bytes."
-                ),
-                &["gpu", "uuid"]
-            )),
-            vram_used: reg!(GaugeVec::new(
-                Opts::new(
-                    "modelpool_vram_used_bytes",
-                    "GPU memory in use per device by all processes, in bytes."
-                ),
-                &["gpu", "uuid"]
-            )),
-            ram_used: reg!(Gauge::new(
-                "modelpool_ram_used_bytes",
-                "Host memory in use by the pod (cgroup) or machine, in bytes."
-            )),
-            ram_limit: reg!(Gauge::new(
-                "modelpool_ram_limit_bytes",
-                "The pod's host memory limit (cgroup), or the machine's memory without one, in bytes."
-            )),
-            pool_bytes: reg!(GaugeVec::new(
-                Opts::new(
-                    "modelpool_pool_bytes",
-                    "Memory held by the pool's models in this pod (measured where possible), in bytes."
-                ),
-                &["resource"]
-            )),
-            ceiling_bytes: reg!(GaugeVec::new(
-                Opts::new(
-                    "modelpool_ceiling_bytes",
-                    "The pool's per-pod ceiling, in bytes (absent when the pool sets none)."
-                ),
-                &["resource"]
-            )),
-            lost_bytes: reg!(GaugeVec::new(
-                Opts::new(
-                    "modelpool_lost_bytes",
-                    "Memory of unloaded models not yet seen returned after the reclaim timeout, in bytes."
-                ),
-                &["resource"]
-            )),
-            model_loaded: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "modelpool_model_loaded",
-                    "Number of app processes in this pod holding the model (0 when unloaded)."
-                ),
-                &["model"]
-            )),
-            model_bytes: reg!(GaugeVec::new(
-                Opts::new(
-                    "modelpool_model_bytes",
-                    "Memory the model holds in this pod (measured, else declared), in bytes."
-                ),
-                &["model", "resource"]
-            )),
-            model_leases: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "modelpool_model_leases",
-                    "Live leases on the model in this pod."
-                ),
-                &["model"]
-            )),
             loads: reg!(IntCounterVec::new(
                 Opts::new(
                     "modelpool_loads_total",
@@ -213,10 +121,6 @@ impl Metrics {
                 ),
                 &["resource"]
             )),
-            sessions: reg!(IntGauge::new(
-                "modelpool_sessions",
-                "App sessions currently open."
-            )),
             acquire_queue: reg!(IntGauge::new(
                 "modelpool_acquire_queue_length",
                 "Acquires waiting for room."
@@ -242,8 +146,6 @@ impl Metrics {
         // Series that should exist from the start, so rate() and alerts see a zero.
         for resource in RESOURCES {
             metrics.ceiling_breaches.with_label_values(&[resource]);
-            metrics.pool_bytes.with_label_values(&[resource]).set(0.0);
-            metrics.lost_bytes.with_label_values(&[resource]).set(0.0);
         }
         for outcome in ["ok", "invalid"] {
             metrics.pool_reloads.with_label_values(&[outcome]);
@@ -251,14 +153,237 @@ impl Metrics {
         Ok(metrics)
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of every metric: the levels of `gauges`, then the
+    /// events.
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut text = gauges.render();
         let mut buffer = Vec::new();
         let encoder = TextEncoder::new();
         if let Err(error) = encoder.encode(&self.registry.gather(), &mut buffer) {
             tracing::error!(%error, "failed to encode metrics");
         }
-        String::from_utf8(buffer).unwrap_or_default()
+        text.push_str(&String::from_utf8_lossy(&buffer));
+        text
+    }
+}
+
+/// One GPU device's reading.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceGauges {
+    /// Its index.
+    pub index: u32,
+    /// Its UUID.
+    pub uuid: String,
+    /// Installed bytes.
+    pub total: u64,
+    /// Used bytes (all processes).
+    pub used: u64,
+}
+
+/// One model's levels, summed over the instances of it in this pod.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelGauges {
+    /// The model.
+    pub name: String,
+    /// Instances loaded.
+    pub loaded: u64,
+    /// Live leases.
+    pub leases: u64,
+    /// Bytes held.
+    pub held: Footprint,
+}
+
+/// The levels at one moment: taken under one lock, rendered after it is released.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Gauges {
+    /// Pool name, namespace and mode.
+    pub pool: (String, String, &'static str),
+    /// Whether a GPU reading is available.
+    pub gpu_up: bool,
+    /// The devices.
+    pub devices: Vec<DeviceGauges>,
+    /// Pod RAM used.
+    pub ram_used: u64,
+    /// Pod RAM limit (or the machine's memory).
+    pub ram_limit: u64,
+    /// What the pool's models hold.
+    pub held: Footprint,
+    /// What unloads not seen back hold.
+    pub lost: Footprint,
+    /// The ceilings.
+    pub ceilings: Limits,
+    /// Every model of the pool (zeros when not loaded), and models no longer listed that still
+    /// have instances.
+    pub models: Vec<ModelGauges>,
+    /// Open sessions.
+    pub sessions: u64,
+}
+
+/// Escapes a label value for the text format.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} gauge");
+}
+
+impl Gauges {
+    /// The text exposition of the levels.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(256 + self.models.len() * 400);
+        let (pool, namespace, mode) = &self.pool;
+        family(
+            &mut out,
+            "modelpool_pool_info",
+            "The pool this sidecar enforces (always 1); labels name it for dashboards.",
+        );
+        let _ = writeln!(
+            out,
+            "modelpool_pool_info{{mode=\"{}\",namespace=\"{}\",pool=\"{}\"}} 1",
+            escape(mode),
+            escape(namespace),
+            escape(pool)
+        );
+        family(
+            &mut out,
+            "modelpool_gpu_up",
+            "1 when a GPU reading is available (NVML, CUDA or the app), 0 otherwise.",
+        );
+        let _ = writeln!(out, "modelpool_gpu_up {}", u8::from(self.gpu_up));
+        if !self.devices.is_empty() {
+            for (name, help, pick) in [
+                (
+                    "modelpool_vram_total_bytes",
+                    "Installed GPU memory per device, in bytes.",
+                    (|d: &DeviceGauges| d.total) as fn(&DeviceGauges) -> u64,
+                ),
+                (
+                    "modelpool_vram_used_bytes",
+                    "GPU memory in use per device by all processes, in bytes.",
+                    |d: &DeviceGauges| d.used,
+                ),
+            ] {
+                family(&mut out, name, help);
+                for device in &self.devices {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{gpu=\"{}\",uuid=\"{}\"}} {}",
+                        device.index,
+                        escape(&device.uuid),
+                        pick(device)
+                    );
+                }
+            }
+        }
+        family(
+            &mut out,
+            "modelpool_ram_used_bytes",
+            "Host memory in use by the pod (cgroup) or machine, in bytes.",
+        );
+        let _ = writeln!(out, "modelpool_ram_used_bytes {}", self.ram_used);
+        family(
+            &mut out,
+            "modelpool_ram_limit_bytes",
+            "The pod's host memory limit (cgroup), or the machine's memory without one, in bytes.",
+        );
+        let _ = writeln!(out, "modelpool_ram_limit_bytes {}", self.ram_limit);
+        family(
+            &mut out,
+            "modelpool_pool_bytes",
+            "Memory held by the pool's models in this pod (measured where possible), in bytes.",
+        );
+        for resource in Resource::ALL {
+            let _ = writeln!(
+                out,
+                "modelpool_pool_bytes{{resource=\"{resource}\"}} {}",
+                self.held.get(resource)
+            );
+        }
+        if Resource::ALL
+            .iter()
+            .any(|r| self.ceilings.get(*r).is_some())
+        {
+            family(
+                &mut out,
+                "modelpool_ceiling_bytes",
+                "The pool's per-pod ceiling, in bytes (absent when the pool sets none).",
+            );
+            for resource in Resource::ALL {
+                if let Some(limit) = self.ceilings.get(resource) {
+                    let _ = writeln!(
+                        out,
+                        "modelpool_ceiling_bytes{{resource=\"{resource}\"}} {limit}"
+                    );
+                }
+            }
+        }
+        family(
+            &mut out,
+            "modelpool_lost_bytes",
+            "Memory of unloaded models not yet seen returned after the reclaim timeout, in bytes.",
+        );
+        for resource in Resource::ALL {
+            let _ = writeln!(
+                out,
+                "modelpool_lost_bytes{{resource=\"{resource}\"}} {}",
+                self.lost.get(resource)
+            );
+        }
+        if !self.models.is_empty() {
+            family(
+                &mut out,
+                "modelpool_model_loaded",
+                "Number of app processes in this pod holding the model (0 when unloaded).",
+            );
+            for model in &self.models {
+                let _ = writeln!(
+                    out,
+                    "modelpool_model_loaded{{model=\"{}\"}} {}",
+                    escape(&model.name),
+                    model.loaded
+                );
+            }
+            family(
+                &mut out,
+                "modelpool_model_bytes",
+                "Memory the model holds in this pod (measured, else declared), in bytes.",
+            );
+            for model in &self.models {
+                let name = escape(&model.name);
+                for resource in Resource::ALL {
+                    let _ = writeln!(
+                        out,
+                        "modelpool_model_bytes{{model=\"{name}\",resource=\"{resource}\"}} {}",
+                        model.held.get(resource)
+                    );
+                }
+            }
+            family(
+                &mut out,
+                "modelpool_model_leases",
+                "Live leases on the model in this pod.",
+            );
+            for model in &self.models {
+                let _ = writeln!(
+                    out,
+                    "modelpool_model_leases{{model=\"{}\"}} {}",
+                    escape(&model.name),
+                    model.leases
+                );
+            }
+        }
+        family(
+            &mut out,
+            "modelpool_sessions",
+            "App sessions currently open.",
+        );
+        let _ = writeln!(out, "modelpool_sessions {}", self.sessions);
+        out
     }
 }
 
@@ -269,11 +394,49 @@ mod tests {
     #[test]
     fn renders_help_and_types() {
         let metrics = Metrics::new().unwrap();
-        metrics.gpu_up.set(0);
         metrics.loads.with_label_values(&["t2v", "ok"]).inc();
-        let text = metrics.render();
+        let text = metrics.render(&Gauges::default());
         assert!(text.contains("# HELP modelpool_gpu_up "));
+        assert!(text.contains("modelpool_gpu_up 0\n"));
         assert!(text.contains("# TYPE modelpool_loads_total counter"));
         assert!(text.contains("modelpool_loads_total{model=\"t2v\",outcome=\"ok\"} 1"));
+    }
+
+    #[test]
+    fn renders_levels_with_escaped_labels() {
+        let gauges = Gauges {
+            pool: ("p\"1".to_owned(), "ns".to_owned(), "Cache"),
+            gpu_up: true,
+            devices: vec![DeviceGauges {
+                index: 0,
+                uuid: "GPU-1".to_owned(),
+                total: 8,
+                used: 3,
+            }],
+            ceilings: Limits::new(None, Some(100)),
+            held: Footprint::new(1, 2),
+            models: vec![ModelGauges {
+                name: "a".to_owned(),
+                loaded: 2,
+                leases: 1,
+                held: Footprint::new(5, 6),
+            }],
+            sessions: 3,
+            ..Gauges::default()
+        };
+        let text = gauges.render();
+        for line in [
+            "modelpool_pool_info{mode=\"Cache\",namespace=\"ns\",pool=\"p\\\"1\"} 1",
+            "modelpool_vram_used_bytes{gpu=\"0\",uuid=\"GPU-1\"} 3",
+            "modelpool_pool_bytes{resource=\"ram\"} 2",
+            "modelpool_ceiling_bytes{resource=\"ram\"} 100",
+            "modelpool_model_loaded{model=\"a\"} 2",
+            "modelpool_model_bytes{model=\"a\",resource=\"vram\"} 5",
+            "modelpool_model_leases{model=\"a\"} 1",
+            "modelpool_sessions 3",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(!text.contains("modelpool_ceiling_bytes{resource=\"vram\"}"));
     }
 }

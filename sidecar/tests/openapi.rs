@@ -198,6 +198,7 @@ fn server_conforms_to_the_openapi_document() {
     );
     assert_eq!(acquired.json()["decision"], "load");
     let lease = acquired.json()["lease"].as_str().unwrap().to_owned();
+    let generation = acquired.json()["generation"].as_u64().unwrap();
     check(
         "post",
         "/v1/loaded",
@@ -216,8 +217,11 @@ fn server_conforms_to_the_openapi_document() {
     check(
         "post",
         "/v1/unloaded",
-        api.post("/v1/unloaded", &json!({"session": session, "model": "a"}))
-            .unwrap(),
+        api.post(
+            "/v1/unloaded",
+            &json!({"session": session, "model": "a", "generation": generation}),
+        )
+        .unwrap(),
     );
     check(
         "post",

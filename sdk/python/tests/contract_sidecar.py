@@ -63,11 +63,15 @@ class State:
         sess = self.sessions.get(session)
         if sess is None:
             return
+        holding = self.holdings.get((session, model))
+        generation = holding["generation"] if holding is not None else 0
         for cmd in sess["pending"].values():
-            if cmd["model"] == model:
+            if cmd["model"] == model and cmd["generation"] == generation:
                 return
         cid = next(self.ids)
-        sess["pending"][cid] = {"id": cid, "kind": "unload", "model": model, "reason": reason}
+        sess["pending"][cid] = {
+            "id": cid, "kind": "unload", "model": model, "generation": generation, "reason": reason
+        }
         self.cond.notify_all()
 
     def drop_session(self, session: str) -> None:
@@ -202,8 +206,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 sess = st.sessions.get(body["session"])
                 if sess is None:
                     return self.error(404, "unknown_session", "no session")
-                st.holdings.pop((body["session"], body["model"]), None)
-                for cid in [c for c, cmd in sess["pending"].items() if cmd["model"] == body["model"]]:
+                key = (body["session"], body["model"])
+                holding = st.holdings.get(key)
+                if holding is None or holding["generation"] != body.get("generation"):
+                    return self.error(409, "stale_instance", f"no generation {body.get('generation')} of {key}")
+                st.holdings.pop(key, None)
+                for cid in [
+                    c for c, cmd in sess["pending"].items()
+                    if cmd["model"] == body["model"] and cmd["generation"] == holding["generation"]
+                ]:
                     del sess["pending"][cid]
                 st.cond.notify_all()
             return self.reply(200, {})
@@ -264,11 +275,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if holding is not None and holding["state"] == "loaded":
                     holding["leases"].add(lease)
                     st.leases[lease] = (sid, model)
-                    return self.reply(200, {"decision": "use", "lease": lease, "model": model})
+                    return self.reply(
+                        200, {"decision": "use", "lease": lease, "model": model, "generation": holding["generation"]}
+                    )
                 if holding is None and st.fits(need, st.held()):
-                    st.holdings[(sid, model)] = {"state": "loading", "leases": {lease}}
+                    generation = next(st.ids)
+                    st.holdings[(sid, model)] = {"state": "loading", "leases": {lease}, "generation": generation}
                     st.leases[lease] = (sid, model)
-                    return self.reply(200, {"decision": "load", "lease": lease, "model": model})
+                    return self.reply(
+                        200, {"decision": "load", "lease": lease, "model": model, "generation": generation}
+                    )
                 for (s, m), h in st.holdings.items():
                     if not h["leases"] and h["state"] == "loaded" and not st.pool.models[m].pinned:
                         st.command(s, m, "evicted")

@@ -21,7 +21,10 @@ use modelpool_policy::{Action, Footprint, Refusal, RefusalReason};
 use serde_json::{Value, json};
 
 use self::http::{ApiError, BODY_LIMIT, JsonBody, empty, query_u64};
-use crate::session::{AcquireAnswer, LookupError, Shared, lease_name, session_name};
+use crate::{
+    decide::{LookupError, lease_name, session_name},
+    shell::{AcquireAnswer, Shared},
+};
 
 /// Longest long poll of the command stream.
 pub const MAX_WAIT_MS: u64 = 30_000;
@@ -32,9 +35,9 @@ type AppState = State<Arc<Shared>>;
 
 impl From<LookupError> for ApiError {
     fn from(error: LookupError) -> Self {
-        match error {
-            LookupError::Session(session) => ApiError::unknown_session(&session),
-            LookupError::Lease { lease, session } => ApiError::unknown_lease(&lease, &session),
+        match &error {
+            LookupError::Session(session) => ApiError::unknown_session(session),
+            LookupError::Lease { lease, session } => ApiError::unknown_lease(lease, session),
             LookupError::Model { names, listed } => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "unknown_model",
@@ -45,6 +48,15 @@ impl From<LookupError> for ApiError {
             )
             .with("models", json!(names)),
             LookupError::ShuttingDown => ApiError::shutting_down(),
+            LookupError::StaleInstance { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "stale_instance", error.to_string())
+            }
+            LookupError::AlreadyUnloaded { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "already_unloaded", error.to_string())
+            }
+            LookupError::NotUnloadable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "not_unloadable", error.to_string())
+            }
         }
     }
 }
@@ -80,13 +92,12 @@ pub fn ops_router(shared: Arc<Shared>) -> Router {
 }
 
 async fn metrics(State(shared): AppState) -> Response {
-    shared.update_metrics();
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        shared.metrics.render(),
+        shared.render_metrics(),
     )
         .into_response()
 }
@@ -210,10 +221,15 @@ async fn acquire(
         .acquire(&body.session, &body.model, body.wait)
         .await?
     {
-        AcquireAnswer::Granted { action, lease } => Ok(Json(json!({
+        AcquireAnswer::Granted {
+            action,
+            lease,
+            generation,
+        } => Ok(Json(json!({
             "decision": match action { Action::Use => "use", Action::Load => "load" },
             "lease": lease_name(lease),
             "model": body.model,
+            "generation": generation,
         }))),
         AcquireAnswer::Wait { message } => Ok(Json(json!({
             "decision": "wait",
@@ -251,7 +267,7 @@ async fn unloaded(
     JsonBody(body): JsonBody<wire::Unloaded>,
 ) -> Result<Json<Value>, ApiError> {
     shared
-        .unloaded(&body.session, &body.model)
+        .unloaded(&body.session, &body.model, body.generation, body.command)
         .map_err(|error| match error {
             LookupError::Model { names, listed } => ApiError::new(
                 StatusCode::NOT_FOUND,

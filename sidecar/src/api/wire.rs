@@ -120,6 +120,9 @@ pub struct Unloaded {
     pub session: String,
     /// The model it dropped.
     pub model: String,
+    /// Which instance of it: the `generation` of the acquire answer (or of the command, or
+    /// of the session answer's `adopted` entry). Only that instance is acknowledged.
+    pub generation: u64,
     /// The command it answers, if any.
     #[serde(default)]
     pub command: Option<u64>,
@@ -152,42 +155,32 @@ pub struct CommandsQuery {
     pub wait_ms: Option<u64>,
 }
 
+/// What a command asks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Unload the instance.
+    Unload,
+}
+
 /// A command for the app.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Command {
     /// Its id, echoed in `/v1/unloaded`.
     pub id: u64,
     /// `unload`.
-    pub kind: String,
+    pub kind: CommandKind,
     /// The model.
     pub model: String,
+    /// The instance it is for (echoed in `/v1/unloaded`): a command for generation 3 is not
+    /// about a later load of the same model. 0: a hold the sidecar refused at session open.
+    pub generation: u64,
     /// `released`, `idle_ttl`, `pressure`, `evicted`, `cleanup`, `ceiling`, `shutdown`.
-    pub reason: String,
+    pub reason: modelpool_policy::UnloadReason,
 }
 
-/// VRAM and RAM bytes.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Bytes {
-    /// GPU bytes.
-    pub vram: u64,
-    /// Host bytes.
-    pub ram: u64,
-}
+/// VRAM and RAM bytes: `{"vram": .., "ram": ..}` (the policy crate's pair).
+pub type Bytes = modelpool_policy::Footprint;
 
-impl From<modelpool_policy::Footprint> for Bytes {
-    fn from(f: modelpool_policy::Footprint) -> Self {
-        Self {
-            vram: f.vram,
-            ram: f.ram,
-        }
-    }
-}
-
-/// Ceilings: `null` where the pool sets none.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Ceilings {
-    /// GPU bytes.
-    pub vram: Option<u64>,
-    /// Host bytes.
-    pub ram: Option<u64>,
-}
+/// Ceilings: `null` where the pool sets none (the policy crate's pair).
+pub type Ceilings = modelpool_policy::Limits;

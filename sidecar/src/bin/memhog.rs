@@ -8,6 +8,7 @@
 //! ```text
 //! acquire MODEL MIB [nowait]   acquire; on "load" map+touch MIB and report /v1/loaded
 //! release LEASE                release; when told to unload, free and report /v1/unloaded
+//!                              (only a command for the instance it holds: model + generation)
 //! acquire MODEL MIB vram=MIB   the same, also reporting MIB of VRAM (only reported)
 //! unload MODEL [keep]          free and report /v1/unloaded (`keep`: report without freeing)
 //! readings USED TOTAL          send device VRAM readings (bytes) on every heartbeat
@@ -154,6 +155,8 @@ fn sdk_mode(socket: PathBuf, app: &str, models_list: &[String]) -> anyhow::Resul
     event(json!({"event": "session", "session": session, "pid": std::process::id(), "rss": rss()}));
 
     let models: Models = Arc::new(Mutex::new(HashMap::new()));
+    // The generation of the instance of each model this process holds (from its acquire).
+    let generations: Arc<Mutex<HashMap<String, u64>>> = Arc::new(Mutex::new(HashMap::new()));
     let heartbeating = Arc::new(AtomicBool::new(true));
     let stopping = Arc::new(AtomicBool::new(false));
     let readings: Arc<Mutex<Option<Value>>> = Arc::new(Mutex::new(None));
@@ -182,10 +185,11 @@ fn sdk_mode(socket: PathBuf, app: &str, models_list: &[String]) -> anyhow::Resul
         });
     }
     {
-        let (client, session, models, stopping) = (
+        let (client, session, models, generations, stopping) = (
             client.clone(),
             session.clone(),
             Arc::clone(&models),
+            Arc::clone(&generations),
             Arc::clone(&stopping),
         );
         std::thread::spawn(move || {
@@ -205,11 +209,32 @@ fn sdk_mode(socket: PathBuf, app: &str, models_list: &[String]) -> anyhow::Resul
                     .unwrap_or_default();
                 for command in commands {
                     let model = command["model"].as_str().unwrap_or_default().to_owned();
+                    let generation = command["generation"].as_u64().unwrap_or(0);
+                    // Only the instance the command names: a stale command (for an instance
+                    // already gone) must not free a later load of the same model.
+                    let mine = generations
+                        .lock()
+                        .map(|mut g| {
+                            let held = g.get(&model) == Some(&generation);
+                            if held {
+                                g.remove(&model);
+                            }
+                            held
+                        })
+                        .unwrap_or(false);
+                    if !mine {
+                        event(json!({
+                            "event": "stale_command", "model": model,
+                            "generation": generation, "command": command["id"],
+                        }));
+                        continue;
+                    }
                     let freed = models.lock().map(|mut m| m.remove(&model)).ok().flatten();
                     drop(freed);
                     let answer = client.post(
                         "/v1/unloaded",
-                        &json!({"session": session, "model": model, "command": command["id"]}),
+                        &json!({"session": session, "model": model,
+                                "generation": generation, "command": command["id"]}),
                     );
                     event(json!({
                         "event": "unloaded",
@@ -245,6 +270,14 @@ fn sdk_mode(socket: PathBuf, app: &str, models_list: &[String]) -> anyhow::Resul
                     &json!({"session": session, "model": model, "wait": wait}),
                 )?;
                 let body = answer.json();
+                if answer.status == 200
+                    && let Some(generation) = body["generation"].as_u64()
+                {
+                    generations
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .insert((*model).to_owned(), generation);
+                }
                 if answer.status == 200 && body["decision"] == "load" {
                     let before = rss();
                     let map = allocate(mib)?;
@@ -281,8 +314,15 @@ fn sdk_mode(socket: PathBuf, app: &str, models_list: &[String]) -> anyhow::Resul
                     let freed = models.lock().map(|mut m| m.remove(*model)).ok().flatten();
                     drop(freed);
                 }
-                let answer =
-                    client.post("/v1/unloaded", &json!({"session": session, "model": model}))?;
+                let generation = generations
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .remove(*model)
+                    .unwrap_or(0);
+                let answer = client.post(
+                    "/v1/unloaded",
+                    &json!({"session": session, "model": model, "generation": generation}),
+                )?;
                 reply(json!({"status": answer.status, "body": answer.json(), "rss": rss()}));
             }
             ["readings", used, total] => {

@@ -157,6 +157,7 @@ impl Driver for HttpDriver {
         &self,
         _holder: SessionId,
         model: &str,
+        _generation: u64,
         _reason: UnloadReason,
     ) -> BoxFuture<'static, Result<UnloadOutcome, DriverError>> {
         let this = self.clone();

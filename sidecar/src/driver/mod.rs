@@ -90,11 +90,13 @@ pub trait Driver: Send + Sync + 'static {
         model: &str,
     ) -> BoxFuture<'static, Result<LoadOutcome, DriverError>>;
 
-    /// Unloads `model` from `holder`'s process (or queues the command).
+    /// Unloads generation `generation` of `model` from `holder`'s process (or queues the
+    /// command for that instance).
     fn unload(
         &self,
         holder: SessionId,
         model: &str,
+        generation: u64,
         reason: UnloadReason,
     ) -> BoxFuture<'static, Result<UnloadOutcome, DriverError>>;
 

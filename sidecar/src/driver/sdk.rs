@@ -16,7 +16,7 @@ use modelpool_policy::{SessionId, UnloadReason};
 use tokio::sync::watch;
 
 use super::{Driver, DriverError, LoadOutcome, UnloadOutcome};
-use crate::api::wire::Command;
+use crate::api::wire::{Command, CommandKind};
 
 #[derive(Debug)]
 struct Pending {
@@ -87,26 +87,33 @@ impl CommandHub {
         self.bump();
     }
 
-    /// Queues `unload model` for a session; an unload of the same model already pending keeps
-    /// its id. `None` when the session has no stream.
+    /// Queues `unload` of one instance (model + generation) for a session; an unload of the
+    /// same instance already pending keeps its id, one of an earlier instance of the model is
+    /// replaced. `None` when the session has no stream.
     pub fn push_unload(
         &self,
         session: SessionId,
         model: &str,
+        generation: u64,
         reason: UnloadReason,
     ) -> Option<u64> {
         let mut hub = self.lock();
         let id = hub.next_id + 1;
         let queue = hub.queues.get_mut(&session)?;
-        if let Some(existing) = queue.iter().find(|p| p.command.model == model) {
+        if let Some(existing) = queue
+            .iter()
+            .find(|p| p.command.model == model && p.command.generation == generation)
+        {
             return Some(existing.command.id);
         }
+        queue.retain(|p| p.command.model != model);
         queue.push(Pending {
             command: Command {
                 id,
-                kind: "unload".to_owned(),
+                kind: CommandKind::Unload,
                 model: model.to_owned(),
-                reason: reason.as_str().to_owned(),
+                generation,
+                reason,
             },
             delivered: None,
         });
@@ -116,10 +123,10 @@ impl CommandHub {
         Some(id)
     }
 
-    /// The app answered: drop pending unloads of `model`.
-    pub fn answered(&self, session: SessionId, model: &str) {
+    /// The app answered: drop the pending unload of that instance.
+    pub fn answered(&self, session: SessionId, model: &str, generation: u64) {
         if let Some(queue) = self.lock().queues.get_mut(&session) {
-            queue.retain(|p| p.command.model != model);
+            queue.retain(|p| !(p.command.model == model && p.command.generation == generation));
         }
     }
 
@@ -151,6 +158,15 @@ impl CommandHub {
             }
         }
         Some(Taken { commands, next_due })
+    }
+
+    /// Pending commands of every session (for state views).
+    pub fn pending_all(&self) -> BTreeMap<SessionId, Vec<Command>> {
+        self.lock()
+            .queues
+            .iter()
+            .map(|(id, q)| (*id, q.iter().map(|p| p.command.clone()).collect()))
+            .collect()
     }
 
     /// Pending commands of a session (for state views).
@@ -193,11 +209,12 @@ impl Driver for SdkDriver {
         &self,
         holder: SessionId,
         model: &str,
+        generation: u64,
         reason: UnloadReason,
     ) -> BoxFuture<'static, Result<UnloadOutcome, DriverError>> {
         let result = self
             .hub
-            .push_unload(holder, model, reason)
+            .push_unload(holder, model, generation, reason)
             .map(|command| UnloadOutcome::Queued { command })
             .ok_or(DriverError::SessionGone(holder.0));
         async move { result }.boxed()
@@ -217,8 +234,13 @@ mod tests {
         let hub = CommandHub::new(Duration::from_secs(5));
         let s = SessionId(1);
         hub.open(s);
-        let id = hub.push_unload(s, "t2v", UnloadReason::Released).unwrap();
-        assert_eq!(hub.push_unload(s, "t2v", UnloadReason::Evicted), Some(id));
+        let id = hub
+            .push_unload(s, "t2v", 1, UnloadReason::Released)
+            .unwrap();
+        assert_eq!(
+            hub.push_unload(s, "t2v", 1, UnloadReason::Evicted),
+            Some(id)
+        );
         let t0 = Instant::now();
         let first = hub.take(s, t0).unwrap();
         assert_eq!(first.commands.len(), 1);
@@ -227,7 +249,7 @@ mod tests {
         assert_eq!(again.next_due, Some(t0 + Duration::from_secs(5)));
         let later = hub.take(s, t0 + Duration::from_secs(6)).unwrap();
         assert_eq!(later.commands[0].id, id);
-        hub.answered(s, "t2v");
+        hub.answered(s, "t2v", 1);
         assert!(
             hub.take(s, t0 + Duration::from_secs(20))
                 .unwrap()
@@ -236,6 +258,29 @@ mod tests {
         );
         hub.close(s);
         assert!(hub.take(s, t0).is_none());
-        assert!(hub.push_unload(s, "t2v", UnloadReason::Released).is_none());
+        assert!(
+            hub.push_unload(s, "t2v", 1, UnloadReason::Released)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_command_names_its_instance_and_a_later_one_replaces_it() {
+        let hub = CommandHub::new(Duration::from_secs(5));
+        let s = SessionId(1);
+        hub.open(s);
+        let first = hub
+            .push_unload(s, "t2v", 1, UnloadReason::Released)
+            .unwrap();
+        let second = hub.push_unload(s, "t2v", 2, UnloadReason::Evicted).unwrap();
+        assert_ne!(first, second);
+        let pending = hub.pending(s);
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].id, pending[0].generation), (second, 2));
+        // An answer for the earlier instance leaves the later command pending.
+        hub.answered(s, "t2v", 1);
+        assert_eq!(hub.pending(s).len(), 1);
+        hub.answered(s, "t2v", 2);
+        assert!(hub.pending(s).is_empty());
     }
 }

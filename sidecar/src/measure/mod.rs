@@ -242,38 +242,8 @@ impl Meter for SystemMeter {
     }
 }
 
-/// Bytes of each resource, where known (`None`: not measured).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Sizes {
-    /// GPU bytes.
-    pub vram: Option<u64>,
-    /// Host bytes.
-    pub ram: Option<u64>,
-}
-
-impl Sizes {
-    /// Whether anything is known.
-    pub fn is_known(&self) -> bool {
-        self.vram.is_some() || self.ram.is_some()
-    }
-
-    /// Per resource, the larger of the known values (never under-count); `fallback` where
-    /// neither knows. `None` when nothing at all is known.
-    pub fn combine(a: Self, b: Self, fallback: (u64, u64)) -> Option<(u64, u64)> {
-        if !a.is_known() && !b.is_known() {
-            return None;
-        }
-        let pick = |x: Option<u64>, y: Option<u64>, f: u64| match (x, y) {
-            (Some(x), Some(y)) => x.max(y),
-            (Some(v), None) | (None, Some(v)) => v,
-            (None, None) => f,
-        };
-        Some((
-            pick(a.vram, b.vram, fallback.0),
-            pick(a.ram, b.ram, fallback.1),
-        ))
-    }
-}
+/// Bytes of each resource, where known (`None`: not measured): the policy crate's pair.
+pub use modelpool_policy::Sizes;
 
 /// `RAM 2.3/20.0 GiB (11.5%) | VRAM 12.1/24.0 GiB (50.4%)`, or `... | VRAM no GPU (<reason>)`:
 /// the seed's memory line.
@@ -350,27 +320,6 @@ mod tests {
         assert_eq!(
             no_gpu.to_string(),
             "RAM 0.0/0.0 GiB (0.0%) | VRAM no GPU (libnvidia-ml.so.1 not found)"
-        );
-    }
-
-    #[test]
-    fn sizes_combine_per_resource() {
-        let sidecar = Sizes {
-            vram: None,
-            ram: Some(10),
-        };
-        let app = Sizes {
-            vram: Some(7),
-            ram: Some(12),
-        };
-        assert_eq!(Sizes::combine(sidecar, app, (100, 100)), Some((7, 12)));
-        assert_eq!(
-            Sizes::combine(sidecar, Sizes::default(), (100, 200)),
-            Some((100, 10))
-        );
-        assert_eq!(
-            Sizes::combine(Sizes::default(), Sizes::default(), (1, 1)),
-            None
         );
     }
 

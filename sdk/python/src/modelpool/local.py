@@ -38,6 +38,7 @@ class Grant:
     lease: Optional[str] = None
     session: Optional[str] = None
     generation: int = 0  # which sidecar session (1st, 2nd, ...) the lease belongs to
+    instance: Optional[int] = None  # the sidecar's generation of the instance the lease is on
 
 
 class LocalCoordinator:
@@ -221,7 +222,7 @@ class LocalCoordinator:
     def release(self, grant: Grant, aggressive: bool) -> bool:
         return aggressive and not self._is_pinned(grant.model)
 
-    def unloaded(self, name: str, command: Optional[Any] = None) -> None:
+    def unloaded(self, name: str, command: Optional[Any] = None, instance: Optional[int] = None) -> None:
         with self.manager._cond:
             self.manager._cond.notify_all()
 

@@ -57,6 +57,7 @@ class _Entry:
         "loaded_at",
         "last_used",
         "proxies",
+        "instance",
     )
 
     def __init__(self, name: str) -> None:
@@ -70,6 +71,9 @@ class _Entry:
         self.loaded_at = 0.0
         self.last_used = time.monotonic()
         self.proxies: "List[weakref.ReferenceType[ModelProxy]]" = []
+        # The sidecar's generation of this instance (acquire answer, or `adopted` at session
+        # open): commands and `/v1/unloaded` name it, so a stale command never frees a later load.
+        self.instance: Optional[int] = None
 
 
 class LoadedModels(Mapping):  # type: ignore[type-arg]
@@ -425,6 +429,8 @@ class MemoryManager:
             log.info("Using loaded model: %s", name)
         with self._cond:
             self._grants[id(grant)] = grant
+            if grant.instance is not None:
+                entry.instance = grant.instance
             proxy = ModelProxy(name, entry.model)
             entry.proxies = [r for r in entry.proxies if r() is not None]
             entry.proxies.append(weakref.ref(proxy))
@@ -528,10 +534,10 @@ class MemoryManager:
                     break
                 self._cond.wait(1.0)  # loading or unloading in another thread
             if entry is None:
-                if command is not None:
-                    self._coordinator.unloaded(name, command)  # answer the command: it is gone
+                # a stale command (its instance is gone already): nothing to free or answer
                 return False
             entry.state = "unloading"
+            instance = entry.instance
             model = entry.model
             entry.model = None
             for ref in entry.proxies:
@@ -564,7 +570,7 @@ class MemoryManager:
         # Tell the sidecar before the entry goes: until then a new acquire of this model in this
         # process waits, so a late /v1/unloaded can never be taken for the next load's.
         try:
-            self._coordinator.unloaded(name, command)
+            self._coordinator.unloaded(name, command, instance)
         finally:
             with self._cond:
                 self._entries.pop(name, None)
@@ -572,11 +578,16 @@ class MemoryManager:
         self._log_memory("after cleanup")
         return True
 
-    def _unload_commanded(self, name: str, reason: str, command: Any) -> bool:
-        """An ``unload`` command from the sidecar's stream; False when it cannot be done now."""
+    def _unload_commanded(self, name: str, reason: str, command: Any, instance: Optional[int] = None) -> bool:
+        """An ``unload`` command from the sidecar's stream for one instance (``instance``: its
+        generation); False when it cannot be done now. A command for an instance this process no
+        longer holds (a later load of the model, or none) is stale: ignored, the sidecar drops it."""
         with self._cond:
             entry = self._entries.get(name)
-            if entry is not None and (entry.leases > 0 or entry.state == "loading"):
+            if entry is None or (instance is not None and entry.instance not in (None, instance)):
+                log.debug("stale sidecar command to unload %s (generation %s): ignored", name, instance)
+                return True
+            if entry.leases > 0 or entry.state == "loading":
                 log.debug("sidecar asked to unload %s (%s) while it is in use: not now", name, reason)
                 return False
         self._unload(name, reason=reason or "sidecar", command=command)

@@ -111,6 +111,15 @@ class SidecarCoordinator:
                     self.session,
                     held,
                 )
+            adopted = {
+                str(a.get("model")): a.get("generation")
+                for a in data.get("adopted") or []
+                if isinstance(a, dict) and isinstance(a.get("generation"), int)
+            }
+            with self.manager._cond:
+                # generations of an earlier session mean nothing to this one
+                for name, entry in self.manager._entries.items():
+                    entry.instance = adopted.get(name)
             for refused in data.get("refused_holds") or []:
                 if isinstance(refused, dict):
                     log.warning(
@@ -146,6 +155,12 @@ class SidecarCoordinator:
                         body.update({k: v for k, v in measured.items() if v is not None})
                         self.http.request("POST", "/v1/loaded", body)
                     grant.session, grant.lease, grant.generation = session, str(data["lease"]), generation
+                    if isinstance(data.get("generation"), int):
+                        grant.instance = data["generation"]
+                        with self.manager._cond:
+                            entry = self.manager._entries.get(grant.model)
+                            if entry is not None:
+                                entry.instance = grant.instance
                     log.info("Renewed the lease of %s in session %s", grant.model, session)
                 else:
                     log.warning("could not renew the lease of %s after reconnecting: %s", grant.model, data)
@@ -268,8 +283,14 @@ class SidecarCoordinator:
             decision = str(data.get("decision", ""))
             if decision not in ("use", "load"):
                 raise SidecarError(status, "bad_response", f"unexpected acquire answer {data!r}")
+            instance = data.get("generation")
             return Grant(
-                name, decision, str(data.get("lease")) if data.get("lease") else None, session, self.sessions_opened
+                name,
+                decision,
+                str(data.get("lease")) if data.get("lease") else None,
+                session,
+                self.sessions_opened,
+                instance if isinstance(instance, int) else None,
             )
 
         while True:
@@ -327,12 +348,18 @@ class SidecarCoordinator:
             log.warning("release of %s: %s", grant.model, error)
         return local_default
 
-    def unloaded(self, name: str, command: Optional[Any] = None) -> None:
-        """Tells the sidecar a model is gone (``command``: ``(session, id)`` it answers)."""
+    def unloaded(self, name: str, command: Optional[Any] = None, instance: Optional[int] = None) -> None:
+        """Tells the sidecar an instance is gone (``command``: ``(session, id, generation)`` it
+        answers; ``instance``: the generation this process held)."""
         session = self.session
         if session is None:
             return  # the next session's holds will not list it
-        body: Dict[str, Any] = {"session": session, "model": name}
+        if command is not None and command[0] == session and instance is None:
+            instance = command[2]
+        if instance is None:
+            log.debug("unloaded %s: its instance is unknown to this session; the sidecar sees it by memory", name)
+            return
+        body: Dict[str, Any] = {"session": session, "model": name, "generation": instance}
         if command is not None and command[0] == session:
             body["command"] = command[1]
         try:
@@ -470,4 +497,8 @@ class SidecarCoordinator:
         if kind != "unload" or not model:
             log.debug("ignoring sidecar command %r", command)
             return False
-        return self.manager._unload_commanded(str(model), str(command.get("reason", "")), (session, command.get("id")))
+        instance = command.get("generation")
+        instance = instance if isinstance(instance, int) else None
+        return self.manager._unload_commanded(
+            str(model), str(command.get("reason", "")), (session, command.get("id"), instance), instance
+        )

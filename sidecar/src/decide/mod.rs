@@ -1,0 +1,1594 @@
+//! The decision core: one synchronous, pure object that owns the sidecar's state (sessions,
+//! leases, placeholders, waiting acquires, reclaim tracks, the policy engine) and turns each
+//! event into effects.
+//!
+//! ```text
+//!  shell (shell.rs): take readings (meter, clock) ─► lock ─► Core::<event>(now, readings, &mut fx)
+//!                                                              │ engine outputs ─► apply
+//!                                                              ▼
+//!                   answers (return value, waiting acquires' oneshots), Effects: driver unloads,
+//!                   command streams, pids to watch, reclaims seen, the last error; counters
+//!  shell: unlock ─► run the effects (driver calls, logs with memory lines)
+//! ```
+//!
+//! No I/O, no meter and no clock in here: `now` (time since the sidecar started) and every
+//! reading come in as arguments, so the whole core runs in unit tests with a fake clock and
+//! fake readings (`tests.rs`). The async shell (`shell.rs`) stays thin.
+//!
+//! An instance is keyed by the session that holds it; with the `Http` driver the app server
+//! itself is the holder ([`APP_HOLDER`]) and leases belong to the client sessions. Every
+//! instance has a generation (from the engine): commands and acknowledgements name it, so a
+//! stale command can never free or count a later load.
+
+pub mod reclaim;
+pub mod sessions;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use modelpool_policy::{
+    Action, Engine, Footprint, InstanceState, LeaseId, Output, Readings, Refusal, RequestId,
+    SessionId, Sizes, UnloadReason,
+};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub use self::{
+    reclaim::{ProcessNow, SeenBy, Track},
+    sessions::{APP_HOLDER, LeaseInfo, Session, lease_name, parse_id, session_name},
+};
+use crate::{
+    api::wire::{self, AppReadings, Command},
+    measure::{GpuDevice, GpuReading, RamReading, Source, human, percent},
+    metrics::{DeviceGauges, Gauges, Metrics, ModelGauges},
+    pool::{LoadedPool, PoolInfo},
+};
+
+/// The answer to an acquire.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Granted.
+    Granted {
+        /// The lease.
+        lease: LeaseId,
+        /// Use or load.
+        action: Action,
+        /// Who holds the instance.
+        holder: SessionId,
+        /// Which instance.
+        generation: u64,
+    },
+    /// Refused.
+    Refused(Box<Refusal>),
+}
+
+/// What an acquire call learns at once.
+#[derive(Debug)]
+pub enum First {
+    /// Answered now.
+    Now(Verdict),
+    /// `"wait": false` and no room yet: why.
+    Wait(String),
+    /// Queued: the answer comes on the sender given.
+    Queued(RequestId),
+}
+
+/// Why a request about a session, lease, model or instance cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// No such open session.
+    #[error("unknown session {0:?}")]
+    Session(String),
+    /// No such live lease of the session.
+    #[error("unknown lease {lease:?} of session {session:?}")]
+    Lease {
+        /// The lease.
+        lease: String,
+        /// The session.
+        session: String,
+    },
+    /// Models the pool does not list.
+    #[error("models not in the pool: {names:?} (it lists: {listed})")]
+    Model {
+        /// The unknown names.
+        names: Vec<String>,
+        /// The pool's models.
+        listed: String,
+    },
+    /// The sidecar is stopping.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// An acknowledgement names an instance the session does not hold (any more).
+    #[error(
+        "session {session} holds no generation {generation} of model {model:?} ({}): a stale acknowledgement, nothing changed",
+        match current { Some(g) => format!("it holds generation {g}"), None => "it holds no instance of it".to_owned() }
+    )]
+    StaleInstance {
+        /// The session.
+        session: String,
+        /// The model.
+        model: String,
+        /// The generation acknowledged.
+        generation: u64,
+        /// The generation the session holds now, if any.
+        current: Option<u64>,
+    },
+    /// An acknowledgement repeats one already taken.
+    #[error(
+        "generation {generation} of model {model:?} in session {session} was already reported unloaded (state {state}): a duplicate acknowledgement, nothing changed"
+    )]
+    AlreadyUnloaded {
+        /// The session.
+        session: String,
+        /// The model.
+        model: String,
+        /// The generation acknowledged.
+        generation: u64,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The instance cannot be unloaded now.
+    #[error(
+        "generation {generation} of model {model:?} in session {session} cannot be reported unloaded: {why}; nothing changed"
+    )]
+    NotUnloadable {
+        /// The session.
+        session: String,
+        /// The model.
+        model: String,
+        /// The generation acknowledged.
+        generation: u64,
+        /// Why (still loading, leases live).
+        why: String,
+    },
+}
+
+/// A driver call the shell makes after the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unload {
+    /// Who holds the instance.
+    pub holder: SessionId,
+    /// The model.
+    pub model: String,
+    /// The instance.
+    pub generation: u64,
+    /// Why.
+    pub reason: UnloadReason,
+}
+
+/// What the shell carries out once the lock is released.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Unloads to ask of the driver.
+    pub unloads: Vec<Unload>,
+    /// Sessions whose command stream opens.
+    pub streams_opened: Vec<SessionId>,
+    /// Sessions whose command stream closes (pending commands dropped).
+    pub streams_closed: Vec<SessionId>,
+    /// Commands answered: (session, model, generation).
+    pub answered: Vec<(SessionId, String, u64)>,
+    /// Pids to measure from now on (`Some`) or no more (`None`), by session.
+    pub watch: Vec<(SessionId, Option<u32>)>,
+    /// Instances whose memory was seen back (for the memory log line).
+    pub reclaimed: Vec<(SessionId, String, SeenBy)>,
+    /// A problem worth reporting on the pod's report.
+    pub last_error: Option<String>,
+}
+
+impl Effects {
+    /// Whether anything is to be done (besides waking watchers).
+    pub fn is_empty(&self) -> bool {
+        self.unloads.is_empty()
+            && self.streams_opened.is_empty()
+            && self.streams_closed.is_empty()
+            && self.answered.is_empty()
+            && self.watch.is_empty()
+            && self.reclaimed.is_empty()
+            && self.last_error.is_none()
+    }
+}
+
+/// Readings of the latest measurement.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Devices, or why none.
+    pub gpu: GpuReading,
+    /// Pod memory.
+    pub ram: RamReading,
+}
+
+/// Everything a tick needs, read before the lock.
+#[derive(Debug, Clone)]
+pub struct TickReadings {
+    /// Devices (from the sidecar's own meter).
+    pub gpu: GpuReading,
+    /// Pod memory.
+    pub ram: RamReading,
+    /// Every watched pid.
+    pub processes: BTreeMap<u32, ProcessNow>,
+}
+
+/// What the core needs to know of the sidecar's setup.
+#[derive(Debug, Clone, Copy)]
+pub struct CoreConfig {
+    /// Heartbeat interval asked of sessions (two missed: the session ends).
+    pub heartbeat: Duration,
+    /// The driver loads and unloads itself (Http): the app server holds the instances.
+    pub app_server: bool,
+}
+
+/// What a `/v1/loaded` report taught, for the shell's log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedReport {
+    /// The session that reported.
+    pub client: SessionId,
+    /// The model.
+    pub model: String,
+    /// What the sidecar measured.
+    pub sidecar: Sizes,
+    /// What the app reported.
+    pub app: Sizes,
+}
+
+/// The decision core. See the module docs.
+pub struct Core {
+    config: CoreConfig,
+    engine: Engine,
+    pool: PoolInfo,
+    metrics: Metrics,
+    sessions: BTreeMap<SessionId, Session>,
+    next_session: u64,
+    next_request: u64,
+    waiters: HashMap<RequestId, (SessionId, oneshot::Sender<Verdict>)>,
+    immediate: HashMap<RequestId, Verdict>,
+    leases: BTreeMap<LeaseId, LeaseInfo>,
+    tracks: BTreeMap<(SessionId, String), Track>,
+    /// Leases kept for models re-announced as in use (`holds[].leases > 0`): the session's
+    /// first release of that model releases this one too, so an Aggressive pool does not
+    /// unload a model under a running block, and unloads it when the block ends.
+    placeholders: BTreeMap<(SessionId, String), LeaseId>,
+    /// Pids of ended sessions whose models still wait for reclaim.
+    dead_pids: BTreeMap<SessionId, u32>,
+    measured: Measured,
+    shutting_down: bool,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("pool", &self.pool.name)
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The name of a state on the wire and in logs.
+pub fn state_name(state: InstanceState) -> &'static str {
+    match state {
+        InstanceState::Loading => "loading",
+        InstanceState::Loaded => "loaded",
+        InstanceState::Unloading => "unloading",
+        InstanceState::Reclaiming => "reclaiming",
+        InstanceState::Lost => "not_reclaimed",
+    }
+}
+
+impl Core {
+    /// A core enforcing `pool`; session ids start at `first_session`.
+    pub fn new(
+        pool: LoadedPool,
+        config: CoreConfig,
+        metrics: Metrics,
+        first_session: u64,
+        measured: Measured,
+    ) -> Self {
+        Self {
+            config,
+            engine: Engine::new(pool.config),
+            pool: pool.info,
+            metrics,
+            sessions: BTreeMap::new(),
+            next_session: first_session,
+            next_request: 1,
+            waiters: HashMap::new(),
+            immediate: HashMap::new(),
+            leases: BTreeMap::new(),
+            tracks: BTreeMap::new(),
+            placeholders: BTreeMap::new(),
+            dead_pids: BTreeMap::new(),
+            measured,
+            shutting_down: false,
+        }
+    }
+
+    // ---- views ----
+
+    /// The pool in force.
+    pub fn pool(&self) -> &PoolInfo {
+        &self.pool
+    }
+
+    /// The engine (read-only: views and checks).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Whether SIGTERM was received.
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// The open sessions.
+    pub fn sessions(&self) -> &BTreeMap<SessionId, Session> {
+        &self.sessions
+    }
+
+    /// Live lease records.
+    pub fn leases(&self) -> &BTreeMap<LeaseId, LeaseInfo> {
+        &self.leases
+    }
+
+    /// Acquires waiting for an answer.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Pids whose instances still wait for reclaim after their session ended.
+    pub fn dead_pids(&self) -> &BTreeMap<SessionId, u32> {
+        &self.dead_pids
+    }
+
+    /// Reclaim tracks.
+    pub fn tracks(&self) -> &BTreeMap<(SessionId, String), Track> {
+        &self.tracks
+    }
+
+    /// Every pid the shell should read at a tick: open sessions' and ended ones still
+    /// waiting for reclaim.
+    pub fn watched(&self) -> BTreeMap<SessionId, u32> {
+        let mut pids: BTreeMap<SessionId, u32> =
+            self.sessions.iter().map(|(id, s)| (*id, s.pid)).collect();
+        pids.extend(self.dead_pids.iter().map(|(id, pid)| (*id, *pid)));
+        pids
+    }
+
+    /// A session's id from its name, if open.
+    pub fn session_id(&self, name: &str) -> Result<SessionId, LookupError> {
+        parse_id(name, "s-")
+            .map(SessionId)
+            .filter(|id| self.sessions.contains_key(id))
+            .ok_or_else(|| LookupError::Session(name.to_owned()))
+    }
+
+    /// Whether a session is still open.
+    pub fn session_open(&self, id: SessionId) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
+    /// The instances of a session waiting for its unload: (model, generation). A command for
+    /// anything else is obsolete.
+    pub fn unloading(&self, now: Duration, id: SessionId) -> Vec<(String, u64)> {
+        self.engine
+            .instances(now)
+            .into_iter()
+            .filter(|v| v.session == id && v.state == InstanceState::Unloading)
+            .map(|v| (v.model, v.generation))
+            .collect()
+    }
+
+    /// Unloads asked of live sessions (or the app server) still under way.
+    pub fn unloads_in_flight(&self, now: Duration) -> usize {
+        self.engine
+            .instances(now)
+            .iter()
+            .filter(|v| {
+                matches!(
+                    v.state,
+                    InstanceState::Unloading | InstanceState::Reclaiming
+                ) && (v.session == APP_HOLDER || self.sessions.contains_key(&v.session))
+            })
+            .count()
+    }
+
+    /// The freshest device reading an app sent on its heartbeat (used without a GPU of our
+    /// own).
+    pub fn app_gpu(&self, now: Duration) -> Option<GpuReading> {
+        let fresh = self.config.heartbeat * 3;
+        self.sessions
+            .values()
+            .filter_map(|s| s.readings.as_ref())
+            .filter(|(_, at)| now.saturating_sub(*at) <= fresh)
+            .filter_map(|(r, at)| {
+                Some((
+                    GpuDevice {
+                        index: 0,
+                        uuid: String::new(),
+                        name: String::new(),
+                        total_bytes: r.device_vram_total_bytes?,
+                        used_bytes: r.device_vram_used_bytes?,
+                        source: Source::App(r.source.clone()),
+                    },
+                    *at,
+                ))
+            })
+            .max_by_key(|(_, at)| *at)
+            .map(|(device, _)| GpuReading {
+                devices: vec![device],
+                down_reason: None,
+            })
+    }
+
+    /// The levels for `/metrics`: one moment of the ledger and the latest readings.
+    pub fn gauges(&self, now: Duration) -> Gauges {
+        let gpu = &self.measured.gpu;
+        let mut models: Vec<ModelGauges> = self
+            .pool
+            .models
+            .iter()
+            .map(|m| ModelGauges {
+                name: m.name.clone(),
+                ..ModelGauges::default()
+            })
+            .collect();
+        for view in self.engine.instances(now) {
+            let index = match models.iter().position(|m| m.name == view.model) {
+                Some(index) => index,
+                None => {
+                    models.push(ModelGauges {
+                        name: view.model.clone(),
+                        ..ModelGauges::default()
+                    });
+                    models.len() - 1
+                }
+            };
+            let model = &mut models[index];
+            model.loaded += u64::from(view.state == InstanceState::Loaded);
+            model.leases += view.leases as u64;
+            model.held = model.held.plus(view.held);
+        }
+        Gauges {
+            pool: (
+                self.pool.name.clone(),
+                self.pool.namespace.clone(),
+                self.pool.mode,
+            ),
+            gpu_up: gpu.up(),
+            devices: gpu
+                .devices
+                .iter()
+                .map(|d| DeviceGauges {
+                    index: d.index,
+                    uuid: d.uuid.clone(),
+                    total: d.total_bytes,
+                    used: d.used_bytes,
+                })
+                .collect(),
+            ram_used: self.measured.ram.used_bytes,
+            ram_limit: self.measured.ram.total_bytes,
+            held: self.engine.held(),
+            lost: self.engine.lost(),
+            ceilings: self.engine.config().limits,
+            models,
+            sessions: self.sessions.len() as u64,
+        }
+    }
+
+    /// `GET /v1/check`.
+    pub fn check(&self, need: Footprint) -> Value {
+        let result = self.engine.check(need);
+        json!({
+            "available": result.available,
+            "need": need,
+            "free": {"vram": result.free_vram, "ram": result.free_ram},
+            "reclaimable": result.reclaimable,
+            "message": result.message,
+        })
+    }
+
+    /// `GET /v1/state`. `process_vram`: the sidecar's NVML reading per pid; `pending`: each
+    /// session's pending commands (both read before the lock).
+    pub fn state(
+        &self,
+        now: Duration,
+        process_vram: &BTreeMap<u32, (u64, Source)>,
+        pending: &BTreeMap<SessionId, Vec<Command>>,
+    ) -> Value {
+        let Measured { gpu, ram } = &self.measured;
+        let gib = |b: u64| (b as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0;
+        let pct = |a: u64, b: u64| (percent(a, b) * 10.0).round() / 10.0;
+        let (vram_used, vram_total) = (gpu.used_bytes(), gpu.total_bytes());
+        let gpu_source = gpu.devices.first().map(|d| d.source.clone());
+        let models: Vec<Value> = self
+            .engine
+            .instances(now)
+            .into_iter()
+            .map(|view| {
+                let session = self.sessions.get(&view.session);
+                let track = self
+                    .tracks
+                    .get(&(view.session, view.model.clone()))
+                    .filter(|t| t.generation == view.generation);
+                json!({
+                    "model": view.model,
+                    "generation": view.generation,
+                    "session": session_name(view.session),
+                    "pid": session.map(|s| s.pid),
+                    "app": session.map(|s| s.app.clone()),
+                    "state": state_name(view.state),
+                    "leases": view.leases,
+                    "vram_bytes": view.held.vram,
+                    "ram_bytes": view.held.ram,
+                    "declared": view.declared,
+                    "measured": view.measured,
+                    "measured_by_sidecar": track.map(|t| t.sidecar).filter(Sizes::is_known),
+                    "reported_by_app": track.map(|t| t.app).filter(Sizes::is_known),
+                    "peak": view.peak,
+                    "idle_s": (view.idle.as_secs_f64() * 10.0).round() / 10.0,
+                    "pinned": view.pinned,
+                    "unload_reason": view.unload_reason.map(|r| r.as_str()),
+                })
+            })
+            .collect();
+        let sessions: Vec<Value> = self
+            .sessions
+            .iter()
+            .map(|(id, s)| {
+                let vram = process_vram.get(&s.pid);
+                json!({
+                    "session": session_name(*id),
+                    "pid": s.pid,
+                    "vram_bytes": vram.map(|(bytes, _)| *bytes),
+                    "vram_source": vram.map(|(_, source)| source),
+                    "app": s.app,
+                    "models": s.models,
+                    "leases": self.leases.values().filter(|l| l.client == *id).count(),
+                    "last_heartbeat_ms": now.saturating_sub(s.last_seen).as_millis() as u64,
+                    "age_s": now.saturating_sub(s.opened).as_secs(),
+                    "pending_commands": pending.get(id).cloned().unwrap_or_default(),
+                    "readings": s.readings.as_ref().map(|(r, _)| r),
+                    "pid_visible": s.pid_visible,
+                    "rss_bytes": s.last_rss,
+                })
+            })
+            .collect();
+        let counters = self.engine.counters();
+        json!({
+            "ram_used_gb": gib(ram.used_bytes),
+            "ram_total_gb": gib(ram.total_bytes),
+            "ram_percent": pct(ram.used_bytes, ram.total_bytes),
+            "vram_allocated_gb": gib(vram_used),
+            "vram_total_gb": gib(vram_total),
+            "vram_percent": pct(vram_used, vram_total),
+            "ram_used_bytes": ram.used_bytes,
+            "ram_total_bytes": ram.total_bytes,
+            "ram_limit_bytes": ram.limit_bytes,
+            "vram_used_bytes": vram_used,
+            "vram_total_bytes": vram_total,
+            "gpu": gpu_json(gpu),
+            "sources": {
+                "ram": ram.source,
+                "vram": gpu_source,
+                "process_ram": Source::Proc,
+                "process_vram": if gpu.devices.iter().any(|d| d.source == Source::Nvml) { Some(Source::Nvml) } else { None },
+            },
+            "pool": self.pool,
+            "held_bytes": self.engine.held(),
+            "ceiling_bytes": self.pool.limits,
+            "lost_bytes": self.engine.lost(),
+            "queue": self.engine.queue_len(),
+            "models": models,
+            "sessions": sessions,
+            "counters": {
+                "loads": counters.loads,
+                "load_failures": counters.load_failures,
+                "unloads": counters.unloads.iter().map(|(r, n)| (r.as_str().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                "refusals": counters.refusals,
+                "not_reclaimed": counters.not_reclaimed,
+                "ceiling_breaches": counters.ceiling_breaches,
+            },
+            "shutting_down": self.shutting_down,
+        })
+    }
+
+    // ---- sessions ----
+
+    /// `POST /v1/sessions`. `process`: the pid's reading, taken before the lock.
+    pub fn open_session(
+        &mut self,
+        now: Duration,
+        request: &wire::CreateSession,
+        process: ProcessNow,
+        heartbeat: Duration,
+        fx: &mut Effects,
+    ) -> Result<Value, LookupError> {
+        if self.shutting_down {
+            return Err(LookupError::ShuttingDown);
+        }
+        let listed = self.engine.model_names();
+        let unknown: Vec<String> = request
+            .models
+            .iter()
+            .chain(request.holds.iter().map(|h| &h.model))
+            .filter(|m| !listed.contains(&m.as_str()))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(LookupError::Model {
+                names: unknown,
+                listed: listed.join(", "),
+            });
+        }
+        if !process.alive {
+            tracing::warn!(
+                pid = request.pid,
+                "the session's pid is not visible to the sidecar (no shareProcessNamespace?): liveness by heartbeats only, process memory not measured"
+            );
+        }
+        let id = SessionId(self.next_session);
+        self.next_session += 1;
+        let app = request
+            .app
+            .clone()
+            .unwrap_or_else(|| format!("pid {}", request.pid));
+        self.sessions.insert(
+            id,
+            Session {
+                pid: request.pid,
+                app: app.clone(),
+                models: request.models.clone(),
+                last_seen: now,
+                opened: now,
+                readings: None,
+                pid_visible: process.alive,
+                last_rss: process.rss,
+                last_vram: process.vram,
+            },
+        );
+        fx.streams_opened.push(id);
+        fx.watch.push((id, Some(request.pid)));
+        tracing::info!(session = %session_name(id), pid = request.pid, app, models = ?request.models, "session opened");
+
+        // Models the process already holds (it outlived a sidecar restart): into the ledger.
+        let mut refused_holds = Vec::new();
+        let mut adopted = Vec::new();
+        for hold in &request.holds {
+            let reported = Sizes::new(hold.vram_bytes, hold.ram_bytes);
+            match self.adopt(now, id, &hold.model, reported, hold.leases > 0, fx) {
+                Ok(generation) => {
+                    adopted.push(json!({"model": hold.model, "generation": generation}));
+                }
+                Err(message) => {
+                    tracing::warn!(session = %session_name(id), model = hold.model, %message, "held model does not fit: asking the app to unload it");
+                    refused_holds.push(json!({"model": hold.model, "message": message}));
+                    // Not in the ledger: generation 0 names "the hold the sidecar refused".
+                    fx.unloads.push(Unload {
+                        holder: id,
+                        model: hold.model.clone(),
+                        generation: 0,
+                        reason: UnloadReason::Ceiling,
+                    });
+                }
+            }
+        }
+        let pool = &self.pool;
+        Ok(json!({
+            "session": session_name(id),
+            "heartbeat_ms": heartbeat.as_millis() as u64,
+            "pool": {
+                "name": pool.name,
+                "namespace": pool.namespace,
+                "mode": pool.mode,
+                "driver": pool.driver,
+                "limits": {"vram_bytes": pool.limits.vram, "ram_bytes": pool.limits.ram},
+                "models": pool.models.iter().map(|m| json!({
+                    "name": m.name, "vram_bytes": m.vram_bytes, "ram_bytes": m.ram_bytes,
+                    "pinned": m.pinned, "priority": m.priority,
+                })).collect::<Vec<_>>(),
+            },
+            "refused_holds": refused_holds,
+            "adopted": adopted,
+        }))
+    }
+
+    /// `POST /v1/sessions/{id}/heartbeat`.
+    pub fn heartbeat(
+        &mut self,
+        now: Duration,
+        session: &str,
+        readings: Option<AppReadings>,
+    ) -> Result<(), LookupError> {
+        let id = self.session_id(session)?;
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.last_seen = now;
+            if let Some(readings) = readings {
+                s.readings = Some((readings, now));
+            }
+        }
+        Ok(())
+    }
+
+    /// `DELETE /v1/sessions/{id}`.
+    pub fn close_session(
+        &mut self,
+        now: Duration,
+        session: &str,
+        fx: &mut Effects,
+    ) -> Result<(), LookupError> {
+        let id = self.session_id(session)?;
+        self.end_session(now, id, "closed by the app", fx);
+        Ok(())
+    }
+
+    // ---- acquire / loaded / release / unloaded ----
+
+    /// `POST /v1/acquire`. `sender` receives the answer if the acquire must wait.
+    pub fn acquire(
+        &mut self,
+        now: Duration,
+        session: &str,
+        model: &str,
+        wait: bool,
+        sender: oneshot::Sender<Verdict>,
+        fx: &mut Effects,
+    ) -> Result<First, LookupError> {
+        let client = self.session_id(session)?;
+        let holder = if self.config.app_server {
+            APP_HOLDER
+        } else {
+            client
+        };
+        let request = RequestId(self.next_request);
+        self.next_request += 1;
+        let out = self.engine.acquire(now, request, holder, model);
+        // Grants made for this request record `client` as the lease's owner.
+        self.apply_with_client(now, out, Some((request, client)), fx);
+        if let Some(verdict) = self.immediate.remove(&request) {
+            return Ok(First::Now(verdict));
+        }
+        if !wait {
+            self.engine.cancel(request);
+            let need = self.engine.need(model).unwrap_or_default();
+            let check = self.engine.check(need);
+            return Ok(First::Wait(format!(
+                "model {model:?} must wait for room (evictions or releases under way): {}",
+                check.message
+            )));
+        }
+        self.waiters.insert(request, (client, sender));
+        Ok(First::Queued(request))
+    }
+
+    /// A waiting acquire's client went away: withdraw it (true when it was still waiting),
+    /// or hand back the lease it was granted but never got.
+    pub fn abandon(
+        &mut self,
+        now: Duration,
+        request: RequestId,
+        granted: Option<LeaseId>,
+        fx: &mut Effects,
+    ) -> bool {
+        if self.waiters.remove(&request).is_some() {
+            self.engine.cancel(request);
+            tracing::debug!(request = request.0, "acquire abandoned by its client");
+            return true;
+        }
+        if let Some(lease) = granted {
+            tracing::info!(lease = %lease_name(lease), "releasing a lease whose client went away");
+            self.leases.remove(&lease);
+            let out = self.engine.release(now, lease);
+            self.apply(now, out, fx);
+        }
+        false
+    }
+
+    /// The Http driver loaded `model` into the app server.
+    #[allow(clippy::too_many_arguments)]
+    pub fn driver_loaded(
+        &mut self,
+        now: Duration,
+        holder: SessionId,
+        model: &str,
+        generation: u64,
+        reported: Sizes,
+        seconds: f64,
+        fx: &mut Effects,
+    ) {
+        let track = self
+            .tracks
+            .entry((holder, model.to_owned()))
+            .or_insert_with(|| Track::new(generation));
+        track.generation = generation;
+        track.app = reported;
+        let measured = Sizes::combine(Sizes::default(), reported, self.declared(model));
+        let out = self
+            .engine
+            .loaded(now, holder, model, measured, Some(seconds));
+        self.apply(now, out, fx);
+        self.metrics.loads.with_label_values(&[model, "ok"]).inc();
+        self.metrics
+            .load_duration
+            .with_label_values(&[model])
+            .observe(seconds);
+    }
+
+    /// The Http driver failed to load `model`.
+    pub fn driver_load_failed(
+        &mut self,
+        now: Duration,
+        holder: SessionId,
+        model: &str,
+        fx: &mut Effects,
+    ) {
+        let out = self.engine.load_failed(now, holder, model);
+        self.apply(now, out, fx);
+        self.prune_leases();
+        self.metrics
+            .loads
+            .with_label_values(&[model, "failed"])
+            .inc();
+        self.metrics
+            .acquires_refused
+            .with_label_values(&["load_failed"])
+            .inc();
+    }
+
+    /// `POST /v1/loaded`. `process`: the reporting process's reading, taken before the lock
+    /// (`None`: not readable); `before`: its reading when the load was answered, if the shell
+    /// took one (else the last tick's). `Ok(Some)`: a load was learned.
+    pub fn loaded(
+        &mut self,
+        now: Duration,
+        request: &wire::Loaded,
+        process: Option<ProcessNow>,
+        before: Option<Sizes>,
+        fx: &mut Effects,
+    ) -> Result<Option<LoadedReport>, LookupError> {
+        let (client, lease) = self.lease_of(&request.session, &request.lease)?;
+        let Some(info) = self.leases.get(&lease).cloned() else {
+            return Err(LookupError::Lease {
+                lease: request.lease.clone(),
+                session: request.session.clone(),
+            });
+        };
+        let Some(view) = self.engine.instance(now, info.holder, &info.model) else {
+            return Ok(None);
+        };
+        if view.state != InstanceState::Loading {
+            // A `use` lease, or a report repeated: nothing to learn.
+            return Ok(None);
+        }
+        let model = info.model;
+        if !request.ok {
+            let out = self.engine.load_failed(now, info.holder, &model);
+            self.apply(now, out, fx);
+            self.prune_leases();
+            self.tracks.remove(&(info.holder, model.clone()));
+            self.metrics
+                .loads
+                .with_label_values(&[&model, "failed"])
+                .inc();
+            tracing::warn!(session = %session_name(client), model, error = request.error.as_deref().unwrap_or("(none given)"), "load failed in the app");
+            return Ok(None);
+        }
+        // What the load added, measured here (RSS, NVML per process) and by the app.
+        let after = process.map(ProcessNow::sizes).unwrap_or_default();
+        if let Some(session) = self.sessions.get_mut(&info.holder) {
+            session.last_rss = after.ram.or(session.last_rss);
+            session.last_vram = after.vram.or(session.last_vram);
+        }
+        let track = self
+            .tracks
+            .entry((info.holder, model.clone()))
+            .or_insert_with(|| Track::new(view.generation));
+        if let Some(before) = before {
+            track.before = before;
+        }
+        let delta = |before: Option<u64>, after: Option<u64>| Some(after?.saturating_sub(before?));
+        let sidecar = Sizes::new(
+            delta(track.before.vram, after.vram),
+            delta(track.before.ram, after.ram),
+        );
+        let app = Sizes::new(request.vram_bytes, request.ram_bytes);
+        track.generation = view.generation;
+        track.sidecar = sidecar;
+        track.app = app;
+        track.reference = after;
+        let seconds = request.load_seconds.or_else(|| {
+            track
+                .load_started
+                .map(|t| now.saturating_sub(t).as_secs_f64())
+        });
+        let measured = Sizes::combine(sidecar, app, self.declared(&model));
+        let out = self
+            .engine
+            .loaded(now, info.holder, &model, measured, seconds);
+        self.apply(now, out, fx);
+        self.metrics.loads.with_label_values(&[&model, "ok"]).inc();
+        if let Some(seconds) = seconds {
+            self.metrics
+                .load_duration
+                .with_label_values(&[&model])
+                .observe(seconds);
+        }
+        Ok(Some(LoadedReport {
+            client,
+            model,
+            sidecar,
+            app,
+        }))
+    }
+
+    /// `POST /v1/release`: whether the client must unload now.
+    pub fn release(
+        &mut self,
+        now: Duration,
+        session: &str,
+        lease: &str,
+        fx: &mut Effects,
+    ) -> Result<bool, LookupError> {
+        let (client, id) = self.lease_of(session, lease)?;
+        let Some(info) = self.leases.remove(&id) else {
+            return Err(LookupError::Lease {
+                lease: lease.to_owned(),
+                session: session.to_owned(),
+            });
+        };
+        let mut out = self.engine.release(now, id);
+        if let Some(placeholder) = self.placeholders.remove(&(info.holder, info.model.clone())) {
+            out.extend(self.engine.release(now, placeholder));
+        }
+        let unload_now = info.holder == client
+            && out.iter().any(|o| {
+                matches!(o, Output::Unload { session, model, .. } if *session == client && *model == info.model)
+            });
+        self.apply(now, out, fx);
+        Ok(unload_now)
+    }
+
+    /// `POST /v1/unloaded`: the app dropped generation `generation` of `model`. Only that
+    /// instance moves on to the reclaim check (at once, with `process`, the reading taken
+    /// before the lock); an acknowledgement of an instance the session no longer holds, or of
+    /// one already taken, is refused and changes nothing.
+    #[allow(clippy::too_many_arguments)]
+    pub fn unloaded(
+        &mut self,
+        now: Duration,
+        session: &str,
+        model: &str,
+        generation: u64,
+        command: Option<u64>,
+        process: Option<ProcessNow>,
+        fx: &mut Effects,
+    ) -> Result<(), LookupError> {
+        let id = self.session_id(session)?;
+        let instance = self.engine.instance(now, id, model);
+        let known = self.pool.models.iter().any(|m| m.name == model) || instance.is_some();
+        if !known {
+            return Err(LookupError::Model {
+                names: vec![model.to_owned()],
+                listed: self.engine.model_names().join(", "),
+            });
+        }
+        let Some(view) = instance.clone().filter(|v| v.generation == generation) else {
+            if generation == 0 && instance.is_none() {
+                // The answer to the unload of a hold the sidecar refused: nothing to count.
+                fx.answered.push((id, model.to_owned(), 0));
+                return Ok(());
+            }
+            return Err(LookupError::StaleInstance {
+                session: session.to_owned(),
+                model: model.to_owned(),
+                generation,
+                current: instance.map(|v| v.generation),
+            });
+        };
+        let refuse = |why: String| LookupError::NotUnloadable {
+            session: session.to_owned(),
+            model: model.to_owned(),
+            generation,
+            why,
+        };
+        match view.state {
+            InstanceState::Loaded | InstanceState::Unloading if view.leases == 0 => {}
+            InstanceState::Reclaiming | InstanceState::Lost => {
+                return Err(LookupError::AlreadyUnloaded {
+                    session: session.to_owned(),
+                    model: model.to_owned(),
+                    generation,
+                    state: state_name(view.state),
+                });
+            }
+            InstanceState::Loading => {
+                return Err(refuse(
+                    "its load was never reported (POST /v1/loaded, with ok: false for a failed load)"
+                        .to_owned(),
+                ));
+            }
+            InstanceState::Loaded | InstanceState::Unloading => {
+                return Err(refuse(format!(
+                    "{} lease(s) on it are live: release them first",
+                    view.leases
+                )));
+            }
+        }
+        fx.answered.push((id, model.to_owned(), generation));
+        if view.state == InstanceState::Loaded {
+            self.metrics
+                .unloads
+                .with_label_values(&[model, "cleanup"])
+                .inc();
+        }
+        let out = self.engine.unloaded(now, id, model);
+        self.apply(now, out, fx);
+        let last_rss = self.sessions.get(&id).and_then(|s| s.last_rss);
+        let track = self
+            .tracks
+            .entry((id, model.to_owned()))
+            .or_insert_with(|| Track::new(generation));
+        if track.generation != generation {
+            *track = Track::new(generation);
+        }
+        if track.unload_started.is_none() {
+            // The app unloaded on its own: the last sample while it held the model is the
+            // level its memory must fall from.
+            track.unload_started = Some(now);
+            track.unload_reason = Some("cleanup");
+            track.reference.ram = track.reference.ram.max(last_rss);
+        }
+        tracing::debug!(session, model, generation, command, "unload acknowledged");
+        // The app frees before it reports: check at once rather than at the next tick.
+        if let (Some(process), Some(pid)) = (process, self.sessions.get(&id).map(|s| s.pid)) {
+            self.check_reclaims(now, &BTreeMap::from([(pid, process)]), fx);
+        }
+        Ok(())
+    }
+
+    /// The Http driver's app server answered an unload of generation `generation`: its own
+    /// API is the only proof there is, so the answer counts as the reclaim.
+    pub fn driver_unloaded(
+        &mut self,
+        now: Duration,
+        holder: SessionId,
+        model: &str,
+        generation: u64,
+        fx: &mut Effects,
+    ) {
+        let current = self
+            .engine
+            .instance(now, holder, model)
+            .map(|v| v.generation);
+        if current != Some(generation) {
+            // A later instance: this answer is not about it.
+            return;
+        }
+        let mut out = self.engine.unloaded(now, holder, model);
+        out.extend(self.engine.reclaimed(now, holder, model));
+        self.finish_reclaim(now, holder, model, SeenBy::Driver, fx);
+        self.apply(now, out, fx);
+    }
+
+    // ---- cleanup, time passing, pool, shutdown ----
+
+    /// `POST /v1/cleanup`.
+    pub fn cleanup(&mut self, now: Duration, force: bool, fx: &mut Effects) -> Value {
+        let (out, skipped) = self.engine.cleanup(now, force);
+        let unloading: Vec<Value> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Unload { session, model, .. } => Some(json!({
+                    "session": session_name(*session),
+                    "model": model,
+                })),
+                _ => None,
+            })
+            .collect();
+        self.apply(now, out, fx);
+        json!({"unloading": unloading, "skipped_leased": skipped})
+    }
+
+    /// One tick, with every reading taken before the lock: the measurement is kept, dead
+    /// sessions end, reclaims are checked, the engine's timers advance. `draining`: unload
+    /// whatever is idle first, pinned models too.
+    pub fn tick(
+        &mut self,
+        now: Duration,
+        readings: TickReadings,
+        draining: bool,
+        fx: &mut Effects,
+    ) {
+        if draining {
+            self.cleanup(now, true, fx);
+        }
+        let TickReadings {
+            ram,
+            mut gpu,
+            processes,
+        } = readings;
+        if !gpu.up()
+            && let Some(app) = self.app_gpu(now)
+        {
+            gpu = app;
+        }
+        self.measured = Measured {
+            gpu: gpu.clone(),
+            ram: ram.clone(),
+        };
+        let dead_after = self.config.heartbeat * 2;
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            let process = processes
+                .get(&session.pid)
+                .copied()
+                .filter(|_| session.pid_visible);
+            if let Some(process) = process {
+                session.last_rss = process.rss.or(session.last_rss);
+                session.last_vram = process.vram.or(session.last_vram);
+            }
+            let silent = now.saturating_sub(session.last_seen);
+            let why = if process.is_some_and(|p| !p.alive) {
+                Some(format!("process {} is gone", session.pid))
+            } else if silent > dead_after {
+                Some(format!(
+                    "missed heartbeats for {} ms (interval {} ms)",
+                    silent.as_millis(),
+                    self.config.heartbeat.as_millis()
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                self.end_session(now, id, &why, fx);
+            }
+        }
+        self.check_reclaims(now, &processes, fx);
+        let readings = Readings {
+            vram: gpu.up().then(|| (gpu.used_bytes(), gpu.total_bytes())),
+            ram: (ram.total_bytes > 0).then_some((ram.used_bytes, ram.total_bytes)),
+        };
+        let out = self.engine.tick(now, readings);
+        self.apply(now, out, fx);
+    }
+
+    /// Checks every instance waiting for its memory to be seen back, with the readings of
+    /// `processes` (by pid; an instance whose pid was not read waits for the next check).
+    pub fn check_reclaims(
+        &mut self,
+        now: Duration,
+        processes: &BTreeMap<u32, ProcessNow>,
+        fx: &mut Effects,
+    ) {
+        let waiting: Vec<_> = self
+            .engine
+            .instances(now)
+            .into_iter()
+            .filter(|v| matches!(v.state, InstanceState::Reclaiming | InstanceState::Lost))
+            .collect();
+        for view in waiting {
+            let holder = view.session;
+            let pid = self
+                .sessions
+                .get(&holder)
+                .map(|s| s.pid)
+                .or_else(|| self.dead_pids.get(&holder).copied());
+            let reference = self
+                .tracks
+                .get(&(holder, view.model.clone()))
+                .filter(|t| t.generation == view.generation)
+                .map(|t| t.reference)
+                .unwrap_or_default();
+            let expected = view.measured.unwrap_or(view.held);
+            let process = pid.and_then(|pid| processes.get(&pid).copied());
+            let Some(seen_by) =
+                reclaim::seen_back(holder == APP_HOLDER, pid, process, reference, expected)
+            else {
+                continue;
+            };
+            let out = self.engine.reclaimed(now, holder, &view.model);
+            self.finish_reclaim(now, holder, &view.model, seen_by, fx);
+            self.apply(now, out, fx);
+        }
+    }
+
+    /// SIGTERM: stop admitting, ask apps to unload idle models.
+    pub fn shutdown(&mut self, now: Duration, fx: &mut Effects) {
+        self.shutting_down = true;
+        let out = self.engine.shutdown(now);
+        self.apply(now, out, fx);
+    }
+
+    /// Puts a new pool in force.
+    pub fn update_pool(&mut self, now: Duration, pool: LoadedPool, fx: &mut Effects) {
+        let out = self.engine.update_config(now, pool.config);
+        self.pool = pool.info;
+        self.apply(now, out, fx);
+    }
+
+    // ---- internals ----
+
+    /// A model's declared footprint.
+    fn declared(&self, model: &str) -> Footprint {
+        self.pool
+            .models
+            .iter()
+            .find(|m| m.name == model)
+            .map_or_else(Footprint::default, |m| {
+                Footprint::new(m.vram_bytes, m.ram_bytes)
+            })
+    }
+
+    fn lease_of(&self, session: &str, lease: &str) -> Result<(SessionId, LeaseId), LookupError> {
+        let client = self.session_id(session)?;
+        let id = parse_id(lease, "l-")
+            .map(LeaseId)
+            .filter(|id| self.leases.get(id).is_some_and(|l| l.client == client))
+            .ok_or_else(|| LookupError::Lease {
+                lease: lease.to_owned(),
+                session: session.to_owned(),
+            })?;
+        Ok((client, id))
+    }
+
+    /// Drops lease records the engine no longer has.
+    fn prune_leases(&mut self) {
+        let engine = &self.engine;
+        self.leases.retain(|id, _| engine.lease(*id).is_some());
+    }
+
+    /// The process levels of `holder` at its last reading.
+    fn levels(&self, holder: SessionId) -> Option<Sizes> {
+        self.sessions
+            .get(&holder)
+            .map(|s| Sizes::new(s.last_vram, s.last_rss))
+    }
+
+    fn apply(&mut self, now: Duration, outputs: Vec<Output>, fx: &mut Effects) {
+        self.apply_with_client(now, outputs, None, fx);
+    }
+
+    /// Carries out the engine's outputs: answers, lease records, unloads, counters, logs.
+    fn apply_with_client(
+        &mut self,
+        now: Duration,
+        outputs: Vec<Output>,
+        own: Option<(RequestId, SessionId)>,
+        fx: &mut Effects,
+    ) {
+        for output in outputs {
+            match output {
+                Output::Granted {
+                    request,
+                    session: holder,
+                    model,
+                    lease,
+                    generation,
+                    action,
+                    waited,
+                } => {
+                    let client = match own {
+                        Some((r, client)) if r == request => Some(client),
+                        _ => self.waiters.get(&request).map(|(client, _)| *client),
+                    };
+                    let Some(client) = client else {
+                        // Nobody waits for it any more: hand the lease straight back.
+                        let out = self.engine.release(now, lease);
+                        self.apply(now, out, fx);
+                        continue;
+                    };
+                    self.leases.insert(
+                        lease,
+                        LeaseInfo {
+                            client,
+                            holder,
+                            model: model.clone(),
+                        },
+                    );
+                    // The running block renewed its lease: the placeholder kept for it since a
+                    // restart is no longer needed (never the last lease, so nothing unloads).
+                    if client == holder
+                        && let Some(placeholder) =
+                            self.placeholders.remove(&(holder, model.clone()))
+                    {
+                        let out = self.engine.release(now, placeholder);
+                        self.apply(now, out, fx);
+                    }
+                    if action == Action::Load {
+                        // The level the load adds to: the holder's last reading.
+                        let before = self.levels(holder).unwrap_or_default();
+                        self.tracks.insert(
+                            (holder, model.clone()),
+                            Track {
+                                generation,
+                                load_started: Some(now),
+                                before,
+                                ..Track::default()
+                            },
+                        );
+                    }
+                    tracing::info!(
+                        model,
+                        session = %session_name(client),
+                        lease = %lease_name(lease),
+                        generation,
+                        decision = match action { Action::Use => "use", Action::Load => "load" },
+                        waited_ms = waited.as_millis() as u64,
+                        "acquire granted"
+                    );
+                    let verdict = Verdict::Granted {
+                        lease,
+                        action,
+                        holder,
+                        generation,
+                    };
+                    self.deliver(now, request, verdict, fx);
+                }
+                Output::Refused {
+                    request,
+                    model,
+                    refusal,
+                    ..
+                } => {
+                    self.metrics
+                        .acquires_refused
+                        .with_label_values(&[refusal.reason.as_str()])
+                        .inc();
+                    tracing::warn!(model, reason = refusal.reason.as_str(), message = %refusal.message, "acquire refused");
+                    self.deliver(now, request, Verdict::Refused(refusal), fx);
+                }
+                Output::Unload {
+                    session: holder,
+                    model,
+                    generation,
+                    reason,
+                } => {
+                    self.metrics
+                        .unloads
+                        .with_label_values(&[model.as_str(), reason.as_str()])
+                        .inc();
+                    let levels = self.levels(holder);
+                    let track = self
+                        .tracks
+                        .entry((holder, model.clone()))
+                        .or_insert_with(|| Track::new(generation));
+                    if track.generation != generation {
+                        *track = Track::new(generation);
+                    }
+                    if let Some(levels) = levels {
+                        // The model is still held: this is the level its unload must fall from.
+                        track.hold_reference(levels);
+                    }
+                    track.unload_started = Some(now);
+                    track.unload_reason = Some(reason.as_str());
+                    tracing::info!(model, session = %session_name(holder), generation, reason = reason.as_str(), "unloading {model} ({})", reason.as_str());
+                    fx.unloads.push(Unload {
+                        holder,
+                        model,
+                        generation,
+                        reason,
+                    });
+                }
+                Output::MemoryNotReclaimed {
+                    session,
+                    model,
+                    held,
+                    generation,
+                } => {
+                    self.metrics.memory_not_reclaimed.inc();
+                    fx.last_error = Some(format!(
+                        "MemoryNotReclaimed: {model} ({held}) not seen back within the reclaim timeout"
+                    ));
+                    tracing::error!(
+                        model,
+                        session = %session_name(session),
+                        generation,
+                        held = %held,
+                        timeout_ms = self.engine.config().reclaim_timeout.as_millis() as u64,
+                        "MemoryNotReclaimed: {model} was unloaded but its memory was not seen back within the reclaim timeout; it stays counted as lost"
+                    );
+                    if self.pool.enforcement == "Restart" {
+                        tracing::error!(
+                            model,
+                            "enforcement Restart: restarting the app container needs the operator (not available in standalone mode)"
+                        );
+                    }
+                }
+                Output::CeilingExceeded {
+                    resource,
+                    held,
+                    limit,
+                } => {
+                    self.metrics
+                        .ceiling_breaches
+                        .with_label_values(&[resource.as_str()])
+                        .inc();
+                    tracing::warn!(
+                        resource = resource.as_str(),
+                        "ceiling exceeded: models hold {} of {resource}, ceiling {}",
+                        human(held),
+                        human(limit)
+                    );
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, now: Duration, request: RequestId, verdict: Verdict, fx: &mut Effects) {
+        match self.waiters.remove(&request) {
+            Some((_, sender)) => {
+                if let Err(Verdict::Granted { lease, .. }) = sender.send(verdict) {
+                    // Its client is gone: hand the lease back.
+                    self.leases.remove(&lease);
+                    let out = self.engine.release(now, lease);
+                    self.apply(now, out, fx);
+                }
+            }
+            // Answered within the acquire call itself.
+            None => {
+                self.immediate.insert(request, verdict);
+            }
+        }
+    }
+
+    /// Adopts a model a process already holds: its generation. Err: it does not fit (message).
+    fn adopt(
+        &mut self,
+        now: Duration,
+        id: SessionId,
+        model: &str,
+        hold_sizes: Sizes,
+        in_use: bool,
+        fx: &mut Effects,
+    ) -> Result<u64, String> {
+        let request = RequestId(self.next_request);
+        self.next_request += 1;
+        let out = self.engine.acquire(now, request, id, model);
+        let granted = out.iter().find_map(|o| match o {
+            Output::Granted {
+                request: r,
+                lease,
+                generation,
+                action: Action::Load,
+                ..
+            } if *r == request => Some((*lease, *generation)),
+            _ => None,
+        });
+        let refused = out.iter().find_map(|o| match o {
+            Output::Refused {
+                request: r,
+                refusal,
+                ..
+            } if *r == request => Some(refusal.message.clone()),
+            _ => None,
+        });
+        // Other outputs (evictions started for it) are carried out.
+        let rest: Vec<Output> = out
+            .into_iter()
+            .filter(|o| !matches!(o, Output::Granted { request: r, .. } | Output::Refused { request: r, .. } if *r == request))
+            .collect();
+        self.apply(now, rest, fx);
+        let Some((lease, generation)) = granted else {
+            self.engine.cancel(request);
+            return Err(refused.unwrap_or_else(|| "no room for it now".to_owned()));
+        };
+        let measured = Sizes::combine(Sizes::default(), hold_sizes, self.declared(model));
+        let out = self.engine.loaded(now, id, model, measured, None);
+        self.apply(now, out, fx);
+        let reference = self.levels(id).unwrap_or_default();
+        self.tracks.insert(
+            (id, model.to_owned()),
+            Track {
+                generation,
+                app: hold_sizes,
+                reference,
+                ..Track::default()
+            },
+        );
+        if in_use {
+            // A block is still using it: keep a placeholder lease until the session's next
+            // release of this model.
+            self.placeholders.insert((id, model.to_owned()), lease);
+            tracing::info!(session = %session_name(id), model, generation, "held model adopted into the ledger, in use");
+            return Ok(generation);
+        }
+        // Held without a lease: Aggressive mode unloads it now, Cache mode keeps it.
+        let out = self.engine.release(now, lease);
+        self.apply(now, out, fx);
+        tracing::info!(session = %session_name(id), model, generation, "held model adopted into the ledger");
+        Ok(generation)
+    }
+
+    /// Ends a session: its leases go, its waiting acquires fail, its models wait for reclaim.
+    fn end_session(&mut self, now: Duration, id: SessionId, why: &str, fx: &mut Effects) {
+        let Some(session) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.placeholders.retain(|(holder, _), _| *holder != id);
+        self.dead_pids.insert(id, session.pid);
+        for view in self.engine.instances(now) {
+            if view.session == id
+                && matches!(view.state, InstanceState::Loading | InstanceState::Loaded)
+            {
+                self.metrics
+                    .unloads
+                    .with_label_values(&[view.model.as_str(), "session_gone"])
+                    .inc();
+                let track = self
+                    .tracks
+                    .entry((id, view.model.clone()))
+                    .or_insert_with(|| Track::new(view.generation));
+                track.unload_started.get_or_insert(now);
+                track.unload_reason.get_or_insert("session_gone");
+                track.reference.ram = track.reference.ram.max(session.last_rss);
+            }
+        }
+        // Its leases on instances held by the app server (Http driver) end too.
+        let foreign: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.client == id && l.holder != id)
+            .map(|(lease, _)| *lease)
+            .collect();
+        let mut out = Vec::new();
+        for lease in foreign {
+            out.extend(self.engine.release(now, lease));
+        }
+        out.extend(self.engine.session_gone(now, id));
+        // Waiting acquires of this session end with it (their senders drop: 404 to the client).
+        self.waiters.retain(|_, (client, _)| *client != id);
+        self.leases.retain(|_, l| l.client != id);
+        fx.streams_closed.push(id);
+        tracing::warn!(session = %session_name(id), pid = session.pid, app = session.app, why, "session ended: its leases are released and its models leave the accounting once their memory is seen freed");
+        self.apply(now, out, fx);
+        self.prune_leases();
+        self.forget_dead(id, fx);
+    }
+
+    fn finish_reclaim(
+        &mut self,
+        now: Duration,
+        holder: SessionId,
+        model: &str,
+        seen_by: SeenBy,
+        fx: &mut Effects,
+    ) {
+        if let Some(track) = self.tracks.remove(&(holder, model.to_owned()))
+            && let Some(started) = track.unload_started
+        {
+            let seconds = now.saturating_sub(started).as_secs_f64();
+            self.metrics.reclaim_duration.observe(seconds);
+            tracing::debug!(model, seen_by = seen_by.as_str(), seconds, "reclaim seen");
+        }
+        fx.reclaimed.push((holder, model.to_owned(), seen_by));
+        self.forget_dead(holder, fx);
+    }
+
+    /// An ended session with nothing left to reclaim: its pid is no longer watched.
+    fn forget_dead(&mut self, holder: SessionId, fx: &mut Effects) {
+        if self.sessions.contains_key(&holder) || !self.dead_pids.contains_key(&holder) {
+            return;
+        }
+        let waiting = self
+            .engine
+            .instances(Duration::ZERO)
+            .iter()
+            .any(|v| v.session == holder);
+        if !waiting {
+            self.dead_pids.remove(&holder);
+            self.tracks.retain(|(s, _), _| *s != holder);
+            fx.watch.push((holder, None));
+        }
+    }
+}
+
+fn gpu_json(gpu: &GpuReading) -> Value {
+    match &gpu.down_reason {
+        Some(reason) => json!({"up": false, "reason": format!("no GPU: {reason}")}),
+        None => json!({"up": true, "devices": gpu.devices}),
+    }
+}

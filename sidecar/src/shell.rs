@@ -1,0 +1,784 @@
+//! The async shell around the decision core ([`crate::decide::Core`]): API handlers, the
+//! ticker and the drivers call [`Shared`], which reads the clock and the meter *before* taking
+//! the core's lock, makes one locked call into the core, and carries out the effects after the
+//! lock is released (driver calls, command streams, log lines with memory readings).
+//!
+//! ```text
+//!  API handler ─► Shared::acquire ─ clock ─► lock ─► Core::acquire ─► unlock ─► effects
+//!  ticker ─────► Shared::tick ─ clock, meter (gpu, ram, every watched pid) ─► lock ─► Core::tick
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex, MutexGuard, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use modelpool_policy::{Action, Footprint, RequestId, SessionId, Sizes};
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+
+use crate::{
+    api::wire::{self, AppReadings},
+    decide::{
+        Core, CoreConfig, Effects, First, LookupError, Measured, ProcessNow, TickReadings, Verdict,
+        parse_id, session_name,
+    },
+    driver::{Driver, LoadOutcome, UnloadOutcome, sdk::CommandHub},
+    measure::{GpuReading, MemoryLine, Meter, RamReading, human},
+    metrics::{Gauges, Metrics},
+    pool::{LoadedPool, PoolInfo},
+};
+
+/// Timing knobs from the flags.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Heartbeat interval asked of sessions.
+    pub heartbeat: Duration,
+    /// How often the ticker runs.
+    pub tick: Duration,
+    /// Reclaim timeout (also given to the engine).
+    pub reclaim_timeout: Duration,
+}
+
+/// The core's clock: time since the sidecar started.
+pub trait Clock: Send + Sync + 'static {
+    /// Now.
+    fn now(&self) -> Duration;
+}
+
+/// The real clock.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock(Instant);
+
+impl SystemClock {
+    /// A clock starting now.
+    pub fn start() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// The answer to `POST /v1/acquire`.
+#[derive(Debug)]
+pub enum AcquireAnswer {
+    /// `use` or `load`.
+    Granted {
+        /// `use` / `load`.
+        action: Action,
+        /// The lease.
+        lease: modelpool_policy::LeaseId,
+        /// The instance the lease is on.
+        generation: u64,
+    },
+    /// `wait` (only with `"wait": false`).
+    Wait {
+        /// Why, with numbers.
+        message: String,
+    },
+    /// Refused, with the numbers.
+    Refused(Box<modelpool_policy::Refusal>),
+    /// The Http driver's load failed.
+    LoadFailed {
+        /// The driver's error.
+        message: String,
+    },
+}
+
+/// The sidecar: the core behind one lock, measurement, metrics and the driver, shared by
+/// handlers and tasks.
+pub struct Shared {
+    core: Mutex<Core>,
+    /// Pids to measure, by session (open sessions and ended ones still reclaiming): kept from
+    /// the core's effects, read before the lock.
+    watched: RwLock<BTreeMap<SessionId, u32>>,
+    /// The app's process reading when a `load` was answered, by (session, lease): what its
+    /// `/v1/loaded` report is measured against.
+    baselines: Mutex<HashMap<(String, modelpool_policy::LeaseId), Sizes>>,
+    /// The Sdk command streams.
+    pub hub: Arc<CommandHub>,
+    driver: Arc<dyn Driver>,
+    meter: Arc<dyn Meter>,
+    clock: Arc<dyn Clock>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Timing.
+    pub settings: Settings,
+    /// Set once the API listens.
+    pub ready: AtomicBool,
+    /// Set when the pool is being deleted (cluster mode): unload everything, admit nothing.
+    draining: AtomicBool,
+    /// The last problem worth reporting (cluster mode puts it on the pod's report).
+    last_error: Mutex<Option<String>>,
+    changed: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("driver", &self.driver.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// A sidecar enforcing `pool`, on the real clock.
+    pub fn new(
+        pool: LoadedPool,
+        driver: Arc<dyn Driver>,
+        hub: Arc<CommandHub>,
+        meter: Arc<dyn Meter>,
+        metrics: Metrics,
+        settings: Settings,
+    ) -> Arc<Self> {
+        Self::with_clock(
+            pool,
+            driver,
+            hub,
+            meter,
+            Arc::new(SystemClock::start()),
+            metrics,
+            settings,
+            crate::decide::sessions::first_session_id(),
+        )
+    }
+
+    /// A sidecar on a given clock, with session ids from `first_session` (tests).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_clock(
+        pool: LoadedPool,
+        driver: Arc<dyn Driver>,
+        hub: Arc<CommandHub>,
+        meter: Arc<dyn Meter>,
+        clock: Arc<dyn Clock>,
+        metrics: Metrics,
+        settings: Settings,
+        first_session: u64,
+    ) -> Arc<Self> {
+        let measured = Measured {
+            gpu: meter.gpu(),
+            ram: meter.ram(),
+        };
+        let config = CoreConfig {
+            heartbeat: settings.heartbeat,
+            app_server: driver.loads_itself(),
+        };
+        let core = Core::new(pool, config, metrics.clone(), first_session, measured);
+        Arc::new(Self {
+            core: Mutex::new(core),
+            watched: RwLock::new(BTreeMap::new()),
+            baselines: Mutex::new(HashMap::new()),
+            hub,
+            driver,
+            meter,
+            clock,
+            metrics,
+            settings,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            changed: watch::Sender::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // Plain data behind the lock: a panicked handler must not wedge the sidecar.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.now()
+    }
+
+    /// Subscribes to "something changed" (state views, shutdown waits).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// The pool in force.
+    pub fn pool(&self) -> PoolInfo {
+        self.lock().pool().clone()
+    }
+
+    /// The driver's kind.
+    pub fn driver_kind(&self) -> &'static str {
+        self.driver.kind()
+    }
+
+    /// Whether SIGTERM was received.
+    pub fn shutting_down(&self) -> bool {
+        self.lock().shutting_down()
+    }
+
+    /// The seed's memory line, measured now.
+    pub fn memory_line(&self) -> MemoryLine {
+        let ram = self.meter.ram();
+        let mut gpu = self.meter.gpu();
+        if !gpu.up() {
+            // No GPU in the sidecar: the freshest app-side device reading, if any.
+            let now = self.now();
+            if let Some(app) = self.lock().app_gpu(now) {
+                gpu = app;
+            }
+        }
+        line_of(&ram, &gpu)
+    }
+
+    /// One reading of a session's process (its pid as the core last knew it), before the lock.
+    fn read_session(&self, session: &str) -> Option<ProcessNow> {
+        let id = SessionId(parse_id(session, "s-")?);
+        let pid = *self
+            .watched
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)?;
+        Some(self.read_pid(pid))
+    }
+
+    fn read_pid(&self, pid: u32) -> ProcessNow {
+        let process = self.meter.process(pid);
+        let vram = self
+            .meter
+            .process_vram(&[pid])
+            .get(&pid)
+            .map(|(bytes, _)| *bytes);
+        ProcessNow {
+            alive: process.alive,
+            rss: process.rss_bytes,
+            vram,
+        }
+    }
+
+    /// Drops load baselines `drop` picks (their load was reported, released or its session
+    /// ended).
+    fn forget_baseline(&self, drop: impl Fn(&(String, modelpool_policy::LeaseId)) -> bool) {
+        let mut baselines = self.baselines.lock().unwrap_or_else(|e| e.into_inner());
+        if !baselines.is_empty() {
+            baselines.retain(|key, _| !drop(key));
+        }
+    }
+
+    /// Carries out what the core decided, after its lock is released.
+    fn run(self: &Arc<Self>, fx: Effects) {
+        if !fx.watch.is_empty() {
+            let mut watched = self.watched.write().unwrap_or_else(|e| e.into_inner());
+            for (id, pid) in &fx.watch {
+                match pid {
+                    Some(pid) => watched.insert(*id, *pid),
+                    None => watched.remove(id),
+                };
+            }
+        }
+        for id in &fx.streams_opened {
+            self.hub.open(*id);
+        }
+        for id in &fx.streams_closed {
+            self.hub.close(*id);
+            let name = session_name(*id);
+            self.forget_baseline(|(s, _)| *s == name);
+        }
+        for (id, model, generation) in &fx.answered {
+            self.hub.answered(*id, model, *generation);
+        }
+        if let Some(error) = fx.last_error {
+            self.set_last_error(error);
+        }
+        for unload in fx.unloads {
+            let this = Arc::clone(self);
+            let call = self.driver.unload(
+                unload.holder,
+                &unload.model,
+                unload.generation,
+                unload.reason,
+            );
+            let loads_itself = self.driver.loads_itself();
+            tokio::spawn(async move {
+                let (holder, model, generation) = (unload.holder, unload.model, unload.generation);
+                match call.await {
+                    Ok(UnloadOutcome::Queued { command }) => {
+                        tracing::debug!(model, command, generation, session = %session_name(holder), "unload command queued");
+                    }
+                    Ok(UnloadOutcome::Done) => {
+                        let now = this.now();
+                        let mut fx = Effects::default();
+                        this.lock()
+                            .driver_unloaded(now, holder, &model, generation, &mut fx);
+                        this.run(fx);
+                    }
+                    Err(error) if loads_itself => {
+                        tracing::error!(%error, model, "driver failed to unload; the memory stays counted until the reclaim timeout");
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, model, "no command stream for the unload");
+                    }
+                }
+            });
+        }
+        if !fx.reclaimed.is_empty() {
+            let line = self.memory_line();
+            for (holder, model, seen_by) in &fx.reclaimed {
+                tracing::info!(model, session = %session_name(*holder), seen_by = seen_by.as_str(), "Memory after unload of {model}: {line}");
+            }
+        }
+        self.bump();
+    }
+
+    // ---- sessions ----
+
+    /// `POST /v1/sessions`.
+    pub fn open_session(
+        self: &Arc<Self>,
+        request: wire::CreateSession,
+    ) -> Result<Value, LookupError> {
+        let process = self.read_pid(request.pid);
+        let now = self.now();
+        let mut fx = Effects::default();
+        let answer =
+            self.lock()
+                .open_session(now, &request, process, self.settings.heartbeat, &mut fx);
+        self.run(fx);
+        answer
+    }
+
+    /// `POST /v1/sessions/{id}/heartbeat`.
+    pub fn heartbeat(
+        &self,
+        session: &str,
+        readings: Option<AppReadings>,
+    ) -> Result<(), LookupError> {
+        let now = self.now();
+        self.lock().heartbeat(now, session, readings)
+    }
+
+    /// `DELETE /v1/sessions/{id}`.
+    pub fn close_session(self: &Arc<Self>, session: &str) -> Result<(), LookupError> {
+        let now = self.now();
+        let mut fx = Effects::default();
+        let result = self.lock().close_session(now, session, &mut fx);
+        self.run(fx);
+        result
+    }
+
+    /// Resolves a session name for the command stream.
+    pub fn command_session(&self, session: &str) -> Result<SessionId, LookupError> {
+        self.lock().session_id(session)
+    }
+
+    /// Drops commands whose instance no longer waits for its unload.
+    pub fn prune_commands(&self, id: SessionId) {
+        let now = self.now();
+        let unloading = self.lock().unloading(now, id);
+        // A command stays while its own instance waits for the unload; a refused hold's
+        // (generation 0) stays until it is answered.
+        self.hub.retain(id, |c| {
+            c.generation == 0
+                || unloading
+                    .iter()
+                    .any(|(model, generation)| *model == c.model && *generation == c.generation)
+        });
+    }
+
+    /// Whether a session is still open.
+    pub fn session_open(&self, id: SessionId) -> bool {
+        self.lock().session_open(id)
+    }
+
+    // ---- acquire / loaded / release / unloaded ----
+
+    /// `POST /v1/acquire`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        session: &str,
+        model: &str,
+        wait: bool,
+    ) -> Result<AcquireAnswer, LookupError> {
+        let started = Instant::now();
+        let (sender, receiver) = oneshot::channel();
+        let now = self.now();
+        let mut fx = Effects::default();
+        let first = self
+            .lock()
+            .acquire(now, session, model, wait, sender, &mut fx);
+        self.run(fx);
+        let request = match first? {
+            First::Now(verdict) => return self.answer(session, model, verdict, started).await,
+            First::Wait(message) => return Ok(AcquireAnswer::Wait { message }),
+            First::Queued(request) => request,
+        };
+        self.metrics.acquire_queue.inc();
+        let guard = WaitGuard {
+            shared: Arc::clone(self),
+            request,
+            receiver: Some(receiver),
+        };
+        let verdict = guard.wait().await;
+        self.metrics.acquire_queue.dec();
+        match verdict {
+            Some(verdict) => self.answer(session, model, verdict, started).await,
+            // The session ended while waiting.
+            None => Err(LookupError::Session(session.to_owned())),
+        }
+    }
+
+    async fn answer(
+        self: &Arc<Self>,
+        session: &str,
+        model: &str,
+        verdict: Verdict,
+        started: Instant,
+    ) -> Result<AcquireAnswer, LookupError> {
+        self.metrics
+            .acquire_wait
+            .observe(started.elapsed().as_secs_f64());
+        match verdict {
+            Verdict::Refused(refusal) => Ok(AcquireAnswer::Refused(refusal)),
+            Verdict::Granted {
+                lease,
+                action: Action::Load,
+                holder,
+                generation,
+            } if self.driver.loads_itself() => {
+                tracing::info!(
+                    model,
+                    "Memory before load of {model}: {}",
+                    self.memory_line()
+                );
+                match self.driver.load(holder, model).await {
+                    Ok(LoadOutcome::Loaded { reported, seconds }) => {
+                        let now = self.now();
+                        let mut fx = Effects::default();
+                        self.lock().driver_loaded(
+                            now, holder, model, generation, reported, seconds, &mut fx,
+                        );
+                        self.run(fx);
+                        tracing::info!(
+                            model,
+                            seconds,
+                            "Memory after load of {model}: {}",
+                            self.memory_line()
+                        );
+                        Ok(AcquireAnswer::Granted {
+                            action: Action::Use,
+                            lease,
+                            generation,
+                        })
+                    }
+                    Ok(LoadOutcome::AppLoads) => Ok(AcquireAnswer::Granted {
+                        action: Action::Load,
+                        lease,
+                        generation,
+                    }),
+                    Err(error) => {
+                        let now = self.now();
+                        let mut fx = Effects::default();
+                        self.lock().driver_load_failed(now, holder, model, &mut fx);
+                        self.run(fx);
+                        tracing::error!(%error, model, session, "driver failed to load");
+                        Ok(AcquireAnswer::LoadFailed {
+                            message: format!("model {model:?} failed to load: {error}"),
+                        })
+                    }
+                }
+            }
+            Verdict::Granted {
+                lease,
+                action,
+                generation,
+                ..
+            } => {
+                if action == Action::Load {
+                    // The level the app's load adds to: read now, before it starts loading.
+                    if let Some(before) = self.read_session(session) {
+                        self.baselines
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert((session.to_owned(), lease), before.sizes());
+                    }
+                    tracing::info!(
+                        model,
+                        session,
+                        "Memory before load of {model}: {}",
+                        self.memory_line()
+                    );
+                }
+                Ok(AcquireAnswer::Granted {
+                    action,
+                    lease,
+                    generation,
+                })
+            }
+        }
+    }
+
+    /// `POST /v1/loaded`.
+    pub fn loaded(self: &Arc<Self>, request: wire::Loaded) -> Result<(), LookupError> {
+        let process = self.read_session(&request.session);
+        let before = parse_id(&request.lease, "l-").and_then(|lease| {
+            self.baselines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(request.session.clone(), modelpool_policy::LeaseId(lease)))
+        });
+        let now = self.now();
+        let mut fx = Effects::default();
+        let report = self.lock().loaded(now, &request, process, before, &mut fx);
+        self.run(fx);
+        if let Some(report) = report? {
+            let model = &report.model;
+            tracing::info!(
+                model,
+                session = %session_name(report.client),
+                measured_ram = %report.sidecar.ram.map_or("?".into(), human),
+                reported_ram = %report.app.ram.map_or("?".into(), human),
+                "Memory after load of {model}: {}",
+                self.memory_line()
+            );
+        }
+        Ok(())
+    }
+
+    /// `POST /v1/release`: whether the client must unload now.
+    pub fn release(self: &Arc<Self>, session: &str, lease: &str) -> Result<bool, LookupError> {
+        self.forget_baseline(|(s, l)| s == session && parse_id(lease, "l-") == Some(l.0));
+        let now = self.now();
+        let mut fx = Effects::default();
+        let unload = self.lock().release(now, session, lease, &mut fx);
+        self.run(fx);
+        unload
+    }
+
+    /// `POST /v1/unloaded`: the app dropped generation `generation` of `model`.
+    pub fn unloaded(
+        self: &Arc<Self>,
+        session: &str,
+        model: &str,
+        generation: u64,
+        command: Option<u64>,
+    ) -> Result<(), LookupError> {
+        // The app frees before it reports: its process is read now, for an immediate check.
+        let process = self.read_session(session);
+        let now = self.now();
+        let mut fx = Effects::default();
+        let result = self
+            .lock()
+            .unloaded(now, session, model, generation, command, process, &mut fx);
+        self.run(fx);
+        result
+    }
+
+    // ---- cleanup, check, state ----
+
+    /// `POST /v1/cleanup`.
+    pub fn cleanup(self: &Arc<Self>, force: bool) -> Value {
+        tracing::info!(force, "Memory before cleanup: {}", self.memory_line());
+        let now = self.now();
+        let mut fx = Effects::default();
+        let answer = self.lock().cleanup(now, force, &mut fx);
+        self.run(fx);
+        answer
+    }
+
+    /// `GET /v1/check`.
+    pub fn check(&self, need: Footprint) -> Value {
+        self.lock().check(need)
+    }
+
+    /// `GET /v1/state`.
+    pub fn state(&self) -> Value {
+        let pids: Vec<u32> = self
+            .watched
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .copied()
+            .collect();
+        let process_vram = self.meter.process_vram(&pids);
+        let pending = self.hub.pending_all();
+        let now = self.now();
+        self.lock().state(now, &process_vram, &pending)
+    }
+
+    // ---- time passing ----
+
+    /// One tick: measure (before the lock), then end dead sessions, verify reclaims and
+    /// advance the engine's timers (one locked call).
+    pub fn tick(self: &Arc<Self>) {
+        let started = Instant::now();
+        let ram = self.meter.ram();
+        let gpu = self.meter.gpu();
+        let pids: Vec<u32> = self
+            .watched
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .copied()
+            .collect();
+        let vram = if gpu.up() && !pids.is_empty() {
+            self.meter.process_vram(&pids)
+        } else {
+            BTreeMap::new()
+        };
+        let processes: BTreeMap<u32, ProcessNow> = pids
+            .iter()
+            .map(|pid| {
+                let process = self.meter.process(*pid);
+                (
+                    *pid,
+                    ProcessNow {
+                        alive: process.alive,
+                        rss: process.rss_bytes,
+                        vram: vram.get(pid).map(|(bytes, _)| *bytes),
+                    },
+                )
+            })
+            .collect();
+        self.metrics
+            .measure_duration
+            .observe(started.elapsed().as_secs_f64());
+        let draining = self.draining();
+        let now = self.now();
+        let mut fx = Effects::default();
+        self.lock().tick(
+            now,
+            TickReadings {
+                gpu,
+                ram,
+                processes,
+            },
+            draining,
+            &mut fx,
+        );
+        if !fx.is_empty() {
+            self.run(fx);
+        }
+    }
+
+    /// SIGTERM: stop admitting, ask apps to unload idle models.
+    pub fn begin_shutdown(self: &Arc<Self>) {
+        tracing::info!("Memory before shutdown: {}", self.memory_line());
+        let now = self.now();
+        let mut fx = Effects::default();
+        self.lock().shutdown(now, &mut fx);
+        self.run(fx);
+        self.hub.wake();
+    }
+
+    /// Starts draining: nothing new is admitted, idle models are unloaded now and the rest
+    /// (pinned ones too) as soon as their leases end.
+    pub fn begin_drain(self: &Arc<Self>) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.begin_shutdown();
+        self.cleanup(true);
+    }
+
+    /// Whether the sidecar is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Records a problem for the pod's report.
+    pub fn set_last_error(&self, message: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+    }
+
+    /// The last problem recorded, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether unloads asked of live sessions are still under way.
+    pub fn unloads_in_flight(&self) -> usize {
+        let now = self.now();
+        self.lock().unloads_in_flight(now)
+    }
+
+    /// Puts a new pool in force.
+    pub fn update_pool(self: &Arc<Self>, pool: LoadedPool) {
+        let now = self.now();
+        let mut fx = Effects::default();
+        self.lock().update_pool(now, pool, &mut fx);
+        self.run(fx);
+    }
+
+    /// The levels for `/metrics`, taken under one lock.
+    pub fn gauges(&self) -> Gauges {
+        let now = self.now();
+        self.lock().gauges(now)
+    }
+
+    /// `GET /metrics`: the levels of one moment, then the event counters.
+    pub fn render_metrics(&self) -> String {
+        let gauges = self.gauges();
+        self.metrics.render(&gauges)
+    }
+
+    /// Runs `f` on the core (tests and views).
+    pub fn with_core<T>(&self, f: impl FnOnce(&Core) -> T) -> T {
+        f(&self.lock())
+    }
+
+    /// A waiting acquire's client went away: withdraw it (true), or, when it was answered
+    /// already, hand back the lease it never got.
+    fn abandon(self: &Arc<Self>, request: RequestId, receiver: &mut oneshot::Receiver<Verdict>) {
+        let now = self.now();
+        let mut fx = Effects::default();
+        let withdrawn = self.lock().abandon(now, request, None, &mut fx);
+        if !withdrawn && let Ok(Verdict::Granted { lease, .. }) = receiver.try_recv() {
+            let now = self.now();
+            self.lock().abandon(now, request, Some(lease), &mut fx);
+        }
+        self.run(fx);
+    }
+}
+
+fn line_of(ram: &RamReading, gpu: &GpuReading) -> MemoryLine {
+    MemoryLine {
+        ram_used: ram.used_bytes,
+        ram_total: ram.total_bytes,
+        vram: match &gpu.down_reason {
+            None => Ok((gpu.used_bytes(), gpu.total_bytes())),
+            Some(reason) => Err(reason.clone()),
+        },
+    }
+}
+
+/// Cancels a waiting acquire whose client went away, and releases a lease granted to it
+/// that was never delivered.
+struct WaitGuard {
+    shared: Arc<Shared>,
+    request: RequestId,
+    receiver: Option<oneshot::Receiver<Verdict>>,
+}
+
+impl WaitGuard {
+    async fn wait(mut self) -> Option<Verdict> {
+        let receiver = self.receiver.as_mut()?;
+        let verdict = receiver.await.ok();
+        self.receiver = None;
+        verdict
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let Some(mut receiver) = self.receiver.take() else {
+            return;
+        };
+        self.shared.abandon(self.request, &mut receiver);
+    }
+}
