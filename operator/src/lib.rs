@@ -1,5 +1,5 @@
 //! The ModelPool operator: reconciles pools and their pods, injects the sidecar, aggregates
-//! what sidecars report into `status`, and drains pools on delete. See DESIGN section 5.
+//! what sidecars report into `status`, and drains pools on delete.
 
 pub mod args;
 pub mod certs;

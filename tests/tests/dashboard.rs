@@ -153,7 +153,7 @@ fn dashboard_is_well_formed() {
     }
 }
 
-/// Catches DESIGN section 4 metrics the dashboard forgot to show.
+/// Catches a core sidecar metric (the starting set every pool exports) the dashboard forgot to show.
 #[test]
 fn dashboard_shows_every_design_metric() {
     let exprs: String = panel_queries(&dashboard())

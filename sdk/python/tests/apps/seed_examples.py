@@ -1,4 +1,4 @@
-"""The seed's examples (shared/seed/memory-manager.pt.md), unchanged apart from the import.
+"""The seed's examples (the usage examples of the in-process memory manager ModelPool grew out of), unchanged apart from the import.
 
 The lines between the `# --- seed` markers are the seed's code; what is around them sets the
 scene (models that hold real memory) and prints what a test checks, as JSON on the last line.
