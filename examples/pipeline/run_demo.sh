@@ -1,14 +1,8 @@
 #!/usr/bin/env bash
 # The seed's video pipeline (t2v -> upscale -> frame_interpolation) on ModelPool, end to end:
-# builds the sidecar, starts it standalone with examples/pools/cogvideo.yaml on a temporary
-# socket, runs the pipeline against it, prints the seed's memory table from measured numbers,
-# checks that RAM ends within 10 % of idle, and stops the sidecar.
-#
-#   examples/pipeline/run_demo.sh                 # with the sidecar
-#   examples/pipeline/run_demo.sh --local         # no sidecar: the same policy in-process
-#   examples/pipeline/run_demo.sh --scale 4       # bigger models (1 = 320 MiB of weights)
-#
-# Other arguments go to pipeline.py (--frames, --jobs, --backend, --device, --mode, --report).
+# starts the sidecar standalone with examples/pools/cogvideo.yaml on a temporary socket, runs the
+# pipeline against it, prints the seed's memory table from measured numbers, checks that RAM
+# ends within 10 % of idle, and stops the sidecar. `--help` prints the usage below.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -17,12 +11,39 @@ target="${CARGO_TARGET_DIR:-$repo/target}"
 venv="${MODELPOOL_DEMO_VENV:-$target/demo-venv}"
 pool="${MODELPOOL_DEMO_POOL:-$repo/examples/pools/cogvideo.yaml}"
 
+usage() {
+  cat <<'USAGE'
+Usage: examples/pipeline/run_demo.sh [--local] [PIPELINE OPTIONS]
+
+Runs the seed's video pipeline (t2v -> upscale -> frame_interpolation) on ModelPool and prints
+the memory table (idle / generating / after use) from measured numbers; exits 1 unless RAM ends
+within 10 % of idle.
+
+Options:
+  --local          no sidecar: the same pool's policy runs in-process
+  --scale N        model sizes (1 = 64 + 160 + 96 MiB of weights)
+  --frames N       frames per video (default 16)
+  --jobs N         videos to generate, one after the other (default 1)
+  --backend B      auto | numpy | torch
+  --device D       auto | cpu | cuda
+  --mode M         pool | aggressive | cache
+  --report FILE    write the measurements as JSON
+  -h, --help       print this help
+
+Environment:
+  MODELPOOL_SIDECAR_BIN   a prebuilt modelpool-sidecar to run (default: build it with cargo)
+  MODELPOOL_DEMO_POOL     the pool file (default: examples/pools/cogvideo.yaml)
+  MODELPOOL_DEMO_VENV     the Python virtualenv to use or create (default: target/demo-venv)
+  PYTHON                  the Python that creates the virtualenv (default: python3)
+USAGE
+}
+
 local_mode=0
 args=()
 for arg in "$@"; do
   case "$arg" in
     --local) local_mode=1 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) args+=("$arg") ;;
   esac
 done
@@ -49,11 +70,21 @@ if [ "$local_mode" = 1 ]; then
     exec "$venv/bin/python" examples/pipeline/pipeline.py --check ${args[@]+"${args[@]}"}
 fi
 
-# 2. the sidecar, standalone on a temporary socket
-say "building the sidecar (cargo build -p modelpool-sidecar)"
-cargo build -p modelpool-sidecar
-sidecar="$target/debug/modelpool-sidecar"
-[ -x "$sidecar" ] || { echo "error: $sidecar was not built" >&2; exit 1; }
+# 2. the sidecar, standalone on a temporary socket: a prebuilt one, or built here
+if [ -n "${MODELPOOL_SIDECAR_BIN:-}" ]; then
+  sidecar="$MODELPOOL_SIDECAR_BIN"
+  [ -x "$sidecar" ] || { echo "error: MODELPOOL_SIDECAR_BIN=$sidecar is not an executable file" >&2; exit 1; }
+  say "using the prebuilt sidecar $sidecar"
+else
+  command -v cargo >/dev/null || {
+    echo "error: cargo is not installed: install Rust, or set MODELPOOL_SIDECAR_BIN to a prebuilt modelpool-sidecar" >&2
+    exit 1
+  }
+  say "building the sidecar (cargo build -p modelpool-sidecar)"
+  cargo build -p modelpool-sidecar
+  sidecar="$target/debug/modelpool-sidecar"
+  [ -x "$sidecar" ] || { echo "error: $sidecar was not built" >&2; exit 1; }
+fi
 
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/modelpool-demo.XXXXXX")"
 sock="$tmp/sidecar.sock"

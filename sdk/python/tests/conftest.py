@@ -54,8 +54,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 _BIN: Dict[str, Any] = {}
 
 
+# The test command sets MODELPOOL_REQUIRE_SIDECAR=1 to mean "fail, do not skip, when the sidecar
+# binary cannot be had". The SDK reads the same variable (fail closed without a sidecar), so it is
+# taken out of this process's environment, and so out of the apps' it starts: each test that
+# wants the SDK to fail closed sets it itself.
+_REQUIRE_BINARY = os.environ.pop("MODELPOOL_REQUIRE_SIDECAR", "") in ("1", "true", "yes")
+
+
 def _require() -> bool:
-    return os.environ.get("MODELPOOL_REQUIRE_SIDECAR", "") in ("1", "true", "yes")
+    return _REQUIRE_BINARY
 
 
 def _unavailable(reason: str) -> None:

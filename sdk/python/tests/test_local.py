@@ -14,7 +14,7 @@ import weakref
 import pytest
 
 from conftest import MIB, SDK, pool_yaml
-from modelpool import AcquireRefusedError, MemoryManager, ModelUnloadedError, Pool, UnknownModelError
+from modelpool import AcquireRefusedError, MemoryManager, ModelUnloadedError, Pool, SidecarUnavailableError, UnknownModelError
 from modelpool.pool import Pool as PoolType
 
 TOLERANCE = 0.10
@@ -185,7 +185,7 @@ def test_temporary_operation_cleans_up_even_on_error(caplog):
 
 
 def laptop_pool(mode: str = "Cache", timeout: str = "2s", ttl: str = "5m") -> PoolType:
-    from modelpool.pool import parse_simple_yaml
+    from modelpool.pool import parse_document
 
     text = pool_yaml(
         [{"name": "a", "ram": "60Mi"}, {"name": "b", "ram": "60Mi"}, {"name": "pin", "ram": "10Mi", "pinned": True},
@@ -195,7 +195,7 @@ def laptop_pool(mode: str = "Cache", timeout: str = "2s", ttl: str = "5m") -> Po
         acquire_timeout=timeout,
         idle_ttl=ttl,
     )
-    return Pool.from_manifest(parse_simple_yaml(text))
+    return Pool.from_manifest(parse_document(text))
 
 
 def test_pool_refuses_models_it_does_not_list():
@@ -360,3 +360,102 @@ def test_memory_line_says_no_gpu_without_one():
     line = format_stats({"ram_used_gb": 2.3, "ram_total_gb": 20.0, "ram_percent": 11.5,
                          "vram_allocated_gb": 12.1, "vram_total_gb": 24.0, "vram_percent": 50.4})
     assert line == "RAM 2.3/20.0GB (11.5%) | VRAM 12.1/24.0GB (50.4%)"
+
+
+# --- failing closed, saying so, and waiting out loud ---------------------------------------------
+
+
+def test_required_sidecar_missing_is_an_error_naming_what_to_check(monkeypatch, tmp_path):
+    """Catches MODELPOOL_REQUIRE_SIDECAR=1 running unconstrained in local mode anyway."""
+    missing = str(tmp_path / "sidecar.sock")
+    monkeypatch.setenv("MODELPOOL_REQUIRE_SIDECAR", "1")
+    monkeypatch.setenv("MODELPOOL_SOCKET", missing)
+    monkeypatch.setenv("MODELPOOL_CONNECT_TIMEOUT", "0.5")
+    with pytest.raises(SidecarUnavailableError) as caught:
+        MemoryManager()
+    message = str(caught.value)
+    assert f"No ModelPool sidecar answers at {missing} ($MODELPOOL_SOCKET; no such socket file)" in message
+    assert "MODELPOOL_REQUIRE_SIDECAR=1" in message and "--socket" in message
+    # the flag does the same without the environment variable
+    monkeypatch.delenv("MODELPOOL_REQUIRE_SIDECAR")
+    with pytest.raises(SidecarUnavailableError, match=r"require_sidecar=True"):
+        MemoryManager(sidecar=missing, require_sidecar=True)
+    # and asking for local mode while requiring a sidecar is a contradiction, said at once
+    with pytest.raises(SidecarUnavailableError, match=r"local mode was asked for \(sidecar=False\)"):
+        MemoryManager(sidecar=False, require_sidecar=True)
+    monkeypatch.setenv("MODELPOOL_SOCKET", "none")
+    with pytest.raises(SidecarUnavailableError, match=r"\$MODELPOOL_SOCKET is 'none'"):
+        MemoryManager(require_sidecar=True)
+
+
+def test_required_sidecar_that_does_not_answer_is_an_error(monkeypatch, tmp_path):
+    """A socket file nobody serves (a crashed sidecar) fails closed too, after the timeout."""
+    import socket as socketlib
+
+    path = str(tmp_path / "dead.sock")
+    server = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    server.bind(path)
+    server.close()  # the file stays, nothing listens: connection refused
+    monkeypatch.setenv("MODELPOOL_CONNECT_TIMEOUT", "0.5")
+    started = time.monotonic()
+    with pytest.raises(SidecarUnavailableError, match=r"did not answer GET /v1/state within 0\.5 s"):
+        MemoryManager(sidecar=path, require_sidecar=True)
+    assert time.monotonic() - started < 30
+
+
+def test_local_mode_without_a_sidecar_is_a_warning_with_the_reason():
+    """Catches an app that expected a sidecar silently running without the pod's ceilings."""
+    code = (
+        "import modelpool\n"  # no logging configured: Python's last-resort handler shows warnings
+        "modelpool.MemoryManager()\n"
+    )
+    env = dict(os.environ, MODELPOOL_SOCKET="/nonexistent/sidecar.sock", MODELPOOL_CONNECT_TIMEOUT="0",
+               PYTHONPATH=str(SDK / "src"))
+    env.pop("MODELPOOL_REQUIRE_SIDECAR", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "No ModelPool sidecar answers at /nonexistent/sidecar.sock ($MODELPOOL_SOCKET; no such socket file)" in out.stderr
+    assert "local mode" in out.stderr and "MODELPOOL_REQUIRE_SIDECAR=1" in out.stderr
+
+
+def test_a_waiting_acquire_logs_what_it_waits_for_and_behind_whom(caplog, monkeypatch):
+    """Catches a silent wait: the seed's users watch the logs to see why a job does not start."""
+    monkeypatch.setenv("MODELPOOL_WAIT_LOG_AFTER", "0.3")
+    monkeypatch.setenv("MODELPOOL_WAIT_LOG_INTERVAL", "0.5")
+    caplog.set_level(logging.INFO, logger="modelpool")
+    mm = manager(laptop_pool(mode="Aggressive", timeout="30s"))
+    mm.register_model_loader("a", lambda: Weights("a"))
+    mm.register_model_loader("b", lambda: Weights("b"))
+    holding = threading.Event()
+    let_go = threading.Event()
+
+    def hold_a():
+        with mm.load_model("a"):
+            holding.set()
+            let_go.wait(30)
+
+    holder = threading.Thread(target=hold_a)
+    holder.start()
+    assert holding.wait(30)
+    timer = threading.Timer(2.0, let_go.set)
+    timer.start()
+    with mm.load_model("b") as model:  # a (60 Mi) + b (60 Mi) > 100 Mi: waits for a's block
+        assert model.process(1) == ("b", 1)
+    holder.join(30)
+    text = caplog.text
+    first = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Waiting for room to load b")]
+    assert len(first) == 1, text
+    assert "needs ram 60.0 MiB" in first[0] and "ceiling ram 100.0 MiB (60.0 MiB held)" in first[0], first[0]
+    assert "held by a (vram 0 B, ram 60.0 MiB, 1 lease)" in first[0], first[0]
+    assert "Still waiting for room to load b after" in text
+    assert "Room for b after waiting" in text
+
+
+def test_an_acquire_answered_at_once_logs_no_wait(caplog, monkeypatch):
+    monkeypatch.setenv("MODELPOOL_WAIT_LOG_AFTER", "0.2")
+    caplog.set_level(logging.INFO, logger="modelpool")
+    mm = manager(laptop_pool(mode="Aggressive"))
+    mm.register_model_loader("a", lambda: Weights("a"))
+    with mm.load_model("a"):
+        time.sleep(0.5)  # longer than the first-log delay, but the acquire was answered already
+    assert "Waiting for room" not in caplog.text

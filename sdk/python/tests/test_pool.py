@@ -1,4 +1,5 @@
-"""Pool files as local mode reads them: quantities, durations, the built-in YAML subset reader."""
+"""Pool files as local mode reads them: quantities, durations, PyYAML or JSON, and the pool files
+the sidecar's reader runs too (``crds/tests/pool-files/``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from modelpool.pool import (
     PoolFileError,
     load_pool_file,
     parse_duration,
+    parse_document,
     parse_quantity,
-    parse_simple_yaml,
 )
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples" / "pools").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLES = sorted((REPO / "examples" / "pools").glob("*.yaml"))
+CORPUS = REPO / "crds" / "tests" / "pool-files"
 
 
 @pytest.mark.parametrize(
@@ -44,23 +47,49 @@ def test_bad_duration():
         parse_duration("5 minutes", "spec.policy.idleTTL")
 
 
+def _expected():
+    return json.loads((CORPUS / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(_expected()), ids=str)
+def test_reads_the_shared_pool_files_as_the_sidecar_does(name):
+    """Catches the SDK reading a pool file differently from the sidecar (crds/tests/pool_files.rs
+    checks the sidecar's reader against the same expectations)."""
+    want = _expected()[name]
+    pool = load_pool_file(str(CORPUS / name))
+    assert pool.name == want["name"]
+    assert pool.mode == want["mode"]
+    assert {"vram_bytes": pool.limit_vram_bytes, "ram_bytes": pool.limit_ram_bytes} == want["limits"]
+    assert list(pool.models) == want["models"]
+    assert {n: m.vram_bytes for n, m in pool.models.items()} == want["model_vram_bytes"]
+
+
+def test_every_corpus_file_has_expectations():
+    assert sorted(p.name for p in CORPUS.glob("*.yaml")) == sorted(_expected())
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_builtin_reader_agrees_with_pyyaml_on_the_example_pools(path):
-    """Without PyYAML the SDK falls back to its own reader: it must read our pools the same."""
-    yaml = pytest.importorskip("yaml")
-    text = path.read_text()
-    assert parse_simple_yaml(text) == yaml.safe_load(text)
+def test_reads_the_example_pools(path):
+    pool = load_pool_file(str(path))
+    assert pool.models
 
 
-def test_builtin_reader_flow_collections_quotes_and_comments():
-    yaml = pytest.importorskip("yaml")
-    text = (
-        "a: {x: 1, y: [1, 2, \"q: r\"]}  # comment\n"
-        "b:\n- 1\n- k: v\n  j: 'it''s'\n  l:\n    - z\n"
-        "c: \"#not a comment\"\nd: ~\ne: true\nf: 1.5\n"
-        "models:\n  - {name: t2v, vram: 12Gi, ram: 2Gi, priority: 100}\n"
-    )
-    assert parse_simple_yaml(text) == yaml.safe_load(text)
+def test_yaml_without_pyyaml_says_what_to_install(monkeypatch):
+    """Catches a missing PyYAML turning into a parse error or a half-read pool."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_yaml(name, *args, **kwargs):
+        if name == "yaml":
+            raise ImportError("No module named 'yaml'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_yaml)
+    with pytest.raises(PoolFileError, match=r"pool.yaml: reading a YAML pool file needs PyYAML.*modelpool\[yaml\]"):
+        parse_document("kind: ModelPool\n", "pool.yaml")
+    # JSON needs nothing
+    assert parse_document('{"kind": "ModelPool"}', "pool.json") == {"kind": "ModelPool"}
 
 
 def test_cogvideo_pool():

@@ -23,7 +23,7 @@ from .errors import (
     SidecarUnavailableError,
     UnknownModelError,
 )
-from .manager import LoadedModels, MemoryManager, get_memory_manager, reset_memory_manager
+from .manager import LoadedModels, MemoryManager, ModelKey, get_memory_manager, reset_memory_manager
 from .memory import format_stats, memory_stats, rss_bytes
 from .pool import Pool, PoolFileError, PoolModel, load_pool_file
 from .proxy import ModelProxy, unwrap
@@ -34,6 +34,7 @@ __all__ = [
     "AcquireRefusedError",
     "LoadedModels",
     "MemoryManager",
+    "ModelKey",
     "ModelPoolError",
     "ModelProxy",
     "ModelUnloadedError",

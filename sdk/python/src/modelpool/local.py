@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from . import memory
+from ._wait import WaitReporter
 from .errors import AcquireRefusedError, UnknownModelError
 from .pool import Pool
 
@@ -155,7 +156,6 @@ class LocalCoordinator:
     def acquire(self, name: str) -> Grant:
         if not self._vram_cap_done:
             self._vram_cap_done = memory.apply_vram_cap(self.pool)
-        cond = self.manager._cond
         need = self._size(name, None)
         ceiling = self._ceiling()
         for resource in RESOURCES:
@@ -172,6 +172,31 @@ class LocalCoordinator:
                 )
         timeout = self.pool.acquire_timeout_s if self.pool else 0.0
         deadline = time.monotonic() + timeout
+        with WaitReporter(name, lambda: self._describe_room(name, need)):
+            return self._acquire_or_wait(name, need, ceiling, timeout, deadline)
+
+    def _describe_room(self, name: str, need: Dict[str, int]) -> str:
+        ceiling = self._ceiling()
+        with self.manager._cond:
+            held = self._held()
+            holders = self._describe_held()
+        limits = ", ".join(
+            f"{r} {memory.format_bytes(ceiling[r])} ({memory.format_bytes(held[r])} held)"
+            for r in RESOURCES
+            if ceiling[r] is not None
+        )
+        needs = ", ".join(f"{r} {memory.format_bytes(need[r])}" for r in RESOURCES if need[r])
+        return f"needs {needs or 'nothing declared'}; ceiling {limits or 'none'}; held by {holders}"
+
+    def _acquire_or_wait(
+        self,
+        name: str,
+        need: Dict[str, int],
+        ceiling: Dict[str, Optional[int]],
+        timeout: float,
+        deadline: float,
+    ) -> Grant:
+        cond = self.manager._cond
         with cond:
             while True:
                 entry = self.manager._entries.get(name)

@@ -7,6 +7,10 @@
     # block ends (normally or by an exception): proxy let go ─► release ─► unload if the
     # policy says so (Aggressive: now; Cache: on idle TTL, pressure, eviction, cleanup)
 
+From asyncio, ``async with mm.load_model_async("upscale") as model:`` does the same without
+blocking the event loop: the acquire (which may wait for room), the loader and the unload run in
+the manager's worker threads.
+
 The manager keeps the only reference the SDK holds to each model (``_Entry.model``); unloading
 drops it, runs the app's ``unloader`` if any, ``gc.collect()``, ``torch.cuda.empty_cache()`` +
 ``ipc_collect()`` when torch is on CUDA, and glibc's ``malloc_trim(0)``.
@@ -14,7 +18,9 @@ drops it, runs the app's ``unloader`` if any, ``gc.collect()``, ``torch.cuda.emp
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -24,11 +30,26 @@ import traceback
 import weakref
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Type, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+    cast,
+    overload,
+)
 
 from . import memory
 from ._http import DEFAULT_SOCKET, SidecarHTTP
-from .errors import UnknownModelError
+from .errors import SidecarUnavailableError, UnknownModelError
 from .local import Grant, LocalCoordinator
 from .pool import Pool, load_pool_file
 from .proxy import ModelProxy
@@ -38,6 +59,17 @@ log = logging.getLogger("modelpool")
 
 Loader = Callable[[], Any]
 Unloader = Callable[[Any], None]
+
+M = TypeVar("M")
+"""The type a model's loader returns."""
+
+
+class ModelKey(str, Generic[M]):
+    """A model's name, as :meth:`MemoryManager.register_model_loader` returns it: a plain ``str``
+    that also carries the loader's return type, so that ``with mm.load_model(key) as model``
+    gives ``model`` that type for type checkers. Plain names keep working (typed ``Any``)."""
+
+    __slots__ = ()
 
 _LOCAL_ANNOUNCED = False
 _OFF = ("", "none", "off", "local", "0", "false", "no")
@@ -103,7 +135,7 @@ class LoadedModels(Mapping):  # type: ignore[type-arg]
         return f"LoadedModels({sorted(self._snapshot())})"
 
 
-class _LoadModel:
+class _LoadModel(Generic[M]):
     """The context manager ``load_model`` returns (a class, not a generator, so that no frame
     of the SDK keeps a reference to the model after the block)."""
 
@@ -113,9 +145,10 @@ class _LoadModel:
         self._grant: Optional[Grant] = None
         self._proxy: Optional[ModelProxy] = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> M:
         self._grant, self._proxy = self._manager._enter(self._name)
-        return self._proxy
+        # the proxy forwards to the model (and detaches at the end of the block)
+        return cast(M, self._proxy)
 
     def __exit__(
         self,
@@ -131,6 +164,65 @@ class _LoadModel:
         return False
 
 
+class _AsyncLoadModel(Generic[M]):
+    """The async context manager ``load_model_async`` returns. The acquire (which may wait for
+    room), the loader and the release/unload run in the manager's worker threads, so the event
+    loop keeps running other tasks meanwhile. A task cancelled while it waits for room gives
+    the lease back as soon as the acquire it started is answered."""
+
+    def __init__(self, manager: "MemoryManager", name: str) -> None:
+        self._manager = manager
+        self._name = name
+        self._grant: Optional[Grant] = None
+        self._proxy: Optional[ModelProxy] = None
+
+    async def __aenter__(self) -> M:
+        manager, name = self._manager, self._name
+        # A concurrent future, so that a lease granted after this task was cancelled is given
+        # back from the worker thread, even once the event loop has closed.
+        work = manager._executor().submit(manager._enter, name)
+        try:
+            grant, proxy = await asyncio.shield(asyncio.wrap_future(work))
+        except asyncio.CancelledError:
+
+            def give_back(done: "concurrent.futures.Future[Tuple[Grant, ModelProxy]]") -> None:
+                if done.cancelled() or done.exception() is not None:
+                    return
+                grant, proxy = done.result()
+                log.info("Giving back %s: the task that asked for it was cancelled", name)
+                manager._exit(name, grant, proxy, None, None)
+
+            if work.done():
+                try:
+                    manager._executor().submit(give_back, work)
+                except RuntimeError:  # the manager is closing: do it here
+                    give_back(work)
+            else:
+                work.add_done_callback(give_back)
+            raise
+        self._grant, self._proxy = grant, proxy
+        return cast(M, proxy)
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> Literal[False]:
+        grant, proxy = self._grant, self._proxy
+        self._grant = self._proxy = None
+        if grant is None or proxy is None:
+            return False
+        # shielded: a cancellation during the release must not leave the lease behind
+        work = self._manager._executor().submit(self._manager._exit, self._name, grant, proxy, exc, tb)
+        await asyncio.shield(asyncio.wrap_future(work))
+        return False
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 class MemoryManager:
     """The seed's memory manager. Get the process-wide one with :func:`get_memory_manager`.
 
@@ -142,6 +234,10 @@ class MemoryManager:
     ``sidecar``: a socket path (or ``http://127.0.0.1:PORT``), ``False`` for local mode, or
     ``None`` for ``$MODELPOOL_SOCKET`` / ``/var/run/modelpool/sidecar.sock``.
     ``pool``: local mode's pool (a :class:`Pool` or a file), default ``$MODELPOOL_POOL``.
+    ``require_sidecar``: ``True`` makes a missing sidecar an error
+    (:class:`SidecarUnavailableError`, after ``$MODELPOOL_CONNECT_TIMEOUT`` seconds, default 10)
+    instead of local mode; default ``$MODELPOOL_REQUIRE_SIDECAR`` (``1`` / ``true``). Use it in a
+    cluster, where running without the pod's ceilings would starve the pod's neighbours.
     """
 
     def __init__(
@@ -152,6 +248,7 @@ class MemoryManager:
         pool: Union[Pool, str, None] = None,
         app: Optional[str] = None,
         clear_error_frames: bool = True,
+        require_sidecar: Optional[bool] = None,
     ) -> None:
         self.aggressive_cleanup = aggressive_cleanup
         self.clear_error_frames = clear_error_frames
@@ -161,7 +258,13 @@ class MemoryManager:
         self._learned: Dict[str, Dict[str, int]] = {}
         self._grants: Dict[int, Grant] = {}  # the leases of the `with` blocks now running
         self._closed = False
-        self._coordinator: Union[LocalCoordinator, SidecarCoordinator] = self._connect(sidecar, pool, app)
+        self._pool_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._executor_lock = threading.Lock()
+        if require_sidecar is None:
+            require_sidecar = _env_flag("MODELPOOL_REQUIRE_SIDECAR")
+        self._coordinator: Union[LocalCoordinator, SidecarCoordinator] = self._connect(
+            sidecar, pool, app, require_sidecar
+        )
         self._coordinator.start()
         weak = weakref.ref(self)
         atexit.register(_close_weak, weak)
@@ -171,32 +274,56 @@ class MemoryManager:
     # --- choosing the backend --------------------------------------------------------------
 
     def _connect(
-        self, sidecar: Union[str, bool, None], pool: Union[Pool, str, None], app: Optional[str]
+        self,
+        sidecar: Union[str, bool, None],
+        pool: Union[Pool, str, None],
+        app: Optional[str],
+        require: bool,
     ) -> Union[LocalCoordinator, SidecarCoordinator]:
         global _LOCAL_ANNOUNCED
         app = app or os.environ.get("MODELPOOL_APP") or _program_name()
         explicit = False
         address: Optional[str] = None
+        source = "the default socket"
         if isinstance(sidecar, str):
-            address, explicit = sidecar, True
+            address, explicit, source = sidecar, True, "sidecar="
         elif sidecar is None:
             env = os.environ.get("MODELPOOL_SOCKET")
             if env is not None:
-                address, explicit = env, True
+                address, explicit, source = env, True, "$MODELPOOL_SOCKET"
             else:
                 address = DEFAULT_SOCKET
+        looked = sidecar is not False and address is not None and address.strip().lower() not in _OFF
+        required_by = "require_sidecar=True" if require and not _env_flag("MODELPOOL_REQUIRE_SIDECAR") else "MODELPOOL_REQUIRE_SIDECAR=1"
+        if require and not looked:
+            raise SidecarUnavailableError(
+                f"a ModelPool sidecar is required ({required_by}) but local mode was asked for "
+                f"({'sidecar=False' if sidecar is False else f'{source} is {address!r}'})"
+            )
         why = "local mode requested"
-        if sidecar is not False and address is not None and address.strip().lower() not in _OFF:
+        if looked:
+            assert address is not None
             http = SidecarHTTP(address, token=os.environ.get("MODELPOOL_API_TOKEN") or None)
-            wait = float(os.environ.get("MODELPOOL_CONNECT_TIMEOUT", "10" if explicit else "0"))
+            wait = float(os.environ.get("MODELPOOL_CONNECT_TIMEOUT", "10" if explicit or require else "0"))
             deadline = time.monotonic() + wait
+            is_tcp = address.startswith("http")
             while True:
-                if (address.startswith("http") or os.path.exists(address)) and http.reachable():
+                if (is_tcp or os.path.exists(address)) and http.reachable():
                     return SidecarCoordinator(self, http, app)
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(0.2)
-            why = f"no ModelPool sidecar answers at {address}"
+            if not is_tcp and not os.path.exists(address):
+                detail = "no such socket file"
+            else:
+                detail = f"it did not answer GET /v1/state within {wait:g} s"
+            why = f"no ModelPool sidecar answers at {address} ({source}; {detail})"
+            if require:
+                raise SidecarUnavailableError(
+                    f"{why[0].upper() + why[1:]}, and one is required ({required_by}): check that the "
+                    "sidecar runs (in a cluster: the pod is labelled modelpool.io/pool and shows a "
+                    "modelpool-sidecar container), and that MODELPOOL_SOCKET is its --socket path"
+                )
         local_pool: Optional[Pool]
         if isinstance(pool, Pool) or pool is None:
             local_pool = pool
@@ -206,9 +333,17 @@ class MemoryManager:
             local_pool = load_pool_file(os.environ["MODELPOOL_POOL"])
         if not _LOCAL_ANNOUNCED:
             _LOCAL_ANNOUNCED = True
-            level = logging.WARNING if explicit and sidecar is not False else logging.INFO
             where = f"pool {local_pool.name} ({local_pool.mode})" if local_pool else "no pool: every registered loader is allowed"
-            log.log(level, "%s: managing memory in-process (local mode, %s)", why[0].upper() + why[1:], where)
+            if looked:
+                # loud: an app that expected a sidecar now runs without the pod's shared ceilings
+                log.warning(
+                    "%s: managing memory in-process (local mode, %s); nothing limits this process "
+                    "against the others sharing the GPU. Set MODELPOOL_REQUIRE_SIDECAR=1 to fail instead.",
+                    why[0].upper() + why[1:],
+                    where,
+                )
+            else:
+                log.info("%s: managing memory in-process (local mode, %s)", why[0].upper() + why[1:], where)
         return LocalCoordinator(self, local_pool)
 
     # --- what the app sees -------------------------------------------------------------------
@@ -245,9 +380,14 @@ class MemoryManager:
         if isinstance(self._coordinator, SidecarCoordinator):
             self._coordinator.ensure_session()
 
-    def register_model_loader(self, name: str, loader: Loader, unloader: Optional[Unloader] = None) -> None:
+    def register_model_loader(
+        self, name: str, loader: Callable[[], M], unloader: Optional[Callable[[M], None]] = None
+    ) -> ModelKey[M]:
         """Registers how to load ``name`` (``loader()`` returns the model) and, optionally, how to
-        release it (``unloader(model)``, before the SDK drops its reference)."""
+        release it (``unloader(model)``, before the SDK drops its reference).
+
+        Returns ``name`` as a :class:`ModelKey` (a ``str``): ``with mm.load_model(key) as model``
+        then types ``model`` as what ``loader`` returns."""
         if not callable(loader):
             raise TypeError(f"loader for {name!r} is not callable")
         with self._cond:
@@ -260,15 +400,52 @@ class MemoryManager:
                 self._loaders.pop(name, None)
             raise
         log.debug("%s model loader: %s", "Replaced" if replaced else "Registered", name)
+        return ModelKey(name)
 
-    def load_model(self, name: str) -> _LoadModel:
+    @overload
+    def load_model(self, name: ModelKey[M]) -> _LoadModel[M]: ...
+
+    @overload
+    def load_model(self, name: str) -> _LoadModel[Any]: ...
+
+    def load_model(self, name: str) -> _LoadModel[Any]:
         """``with mm.load_model(name) as model:`` loads ``name`` if needed and holds it for the
         block. ``model`` is a proxy that forwards to the model and lets go of it at the end."""
+        self._check_registered(name)
+        return _LoadModel(self, str(name))
+
+    @overload
+    def load_model_async(self, name: ModelKey[M]) -> _AsyncLoadModel[M]: ...
+
+    @overload
+    def load_model_async(self, name: str) -> _AsyncLoadModel[Any]: ...
+
+    def load_model_async(self, name: str) -> _AsyncLoadModel[Any]:
+        """``async with mm.load_model_async(name) as model:``, the asyncio form of
+        :meth:`load_model`: waiting for room, loading and unloading never block the event loop
+        (they run in the manager's worker threads, ``$MODELPOOL_ASYNC_THREADS``, default 32;
+        the loader is called in one of them)."""
+        self._check_registered(name)
+        return _AsyncLoadModel(self, str(name))
+
+    def _check_registered(self, name: str) -> None:
         if name not in self._loaders:
             raise UnknownModelError(
                 f"no loader registered for model {name!r} (registered: {', '.join(sorted(self._loaders)) or 'none'})"
             )
-        return _LoadModel(self, name)
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The worker threads of the async API (created on first use)."""
+        with self._executor_lock:
+            if self._pool_executor is None:
+                try:
+                    threads = max(1, int(os.environ.get("MODELPOOL_ASYNC_THREADS", "32")))
+                except ValueError:
+                    threads = 32
+                self._pool_executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=threads, thread_name_prefix="modelpool-async"
+                )
+            return self._pool_executor
 
     @contextlib.contextmanager
     def temporary_operation(self, name: str) -> Iterator[None]:
@@ -364,6 +541,9 @@ class MemoryManager:
             return
         self._closed = True
         self._coordinator.close()
+        executor, self._pool_executor = self._pool_executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     # --- internals: load, release, unload ------------------------------------------------------
 
@@ -615,6 +795,8 @@ class MemoryManager:
 
     def _after_fork(self) -> None:
         self._cond = threading.Condition(threading.RLock())
+        self._executor_lock = threading.Lock()
+        self._pool_executor = None  # its threads did not survive the fork
         self._coordinator.after_fork()
 
 

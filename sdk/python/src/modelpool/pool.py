@@ -1,10 +1,10 @@
 """A ModelPool manifest as the in-process (local) mode uses it: models, ceilings, policy.
 
-``MODELPOOL_POOL=FILE`` points at the same manifest the sidecar's ``--pool`` reads. The file is
-parsed with PyYAML when it is installed; otherwise JSON is accepted, and failing that a small
-built-in reader for the YAML subset pool manifests use (block mappings and lists, flow
-``{a: b}`` / ``[a, b]`` collections, plain/quoted scalars, comments). Anchors, tags, multi-line
-strings and multiple documents need PyYAML. The sidecar stays the authority on validation: this
+``MODELPOOL_POOL=FILE`` points at the same manifest the sidecar's ``--pool`` reads. YAML is read
+with PyYAML (the ``yaml`` extra: ``pip install 'modelpool[yaml]'``), JSON with the standard
+library; without PyYAML a YAML file is refused with that advice. The pool files of
+``crds/tests/pool-files/`` are read by both this module and the sidecar's reader, in the tests of
+each, so that both accept the same files. The sidecar stays the authority on validation: this
 module checks only what local mode needs.
 """
 
@@ -14,7 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 _FACTORS: Dict[Optional[str], int] = {
@@ -213,189 +213,25 @@ def load_pool_file(path: str) -> Pool:
 
 
 def parse_document(text: str, origin: str = "pool") -> Any:
-    """YAML (PyYAML if installed, else the built-in subset reader) or JSON."""
-    try:
-        import yaml  # type: ignore[import-untyped]
-    except ImportError:
-        yaml = None
-    if yaml is not None:
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise PoolFileError(f"{origin}: not valid YAML: {error}") from error
-    if text.lstrip().startswith(("{", "[")):
+    """A pool manifest's text: JSON, or YAML through PyYAML (``pip install 'modelpool[yaml]'``).
+
+    The SDK has no YAML reader of its own: a second reader would accept a different language
+    than the sidecar's (block scalars, anchors, ...). Without PyYAML a YAML file is refused
+    with what to install; JSON needs nothing."""
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
         try:
             return json.loads(text)
         except ValueError as error:
             raise PoolFileError(f"{origin}: not valid JSON: {error}") from error
-    return parse_simple_yaml(text, origin)
-
-
-# --- the built-in YAML subset reader -------------------------------------------------------
-
-
-def _strip_comment(line: str) -> str:
-    quote: Optional[str] = None
-    for index, char in enumerate(line):
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "'\"":
-            quote = char
-        elif char == "#" and (index == 0 or line[index - 1] in " \t"):
-            return line[:index].rstrip()
-    return line.rstrip()
-
-
-def _scalar(text: str) -> Any:
-    text = text.strip()
-    if not text:
-        return None
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        inner = text[1:-1]
-        return inner.replace("''", "'") if text[0] == "'" else json.loads(text)
-    if text in ("~", "null", "Null", "NULL"):
-        return None
-    if text in ("true", "True", "TRUE"):
-        return True
-    if text in ("false", "False", "FALSE"):
-        return False
-    if re.fullmatch(r"[-+]?[0-9]+", text):
-        return int(text)
-    if re.fullmatch(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", text):
-        return float(text)
-    return text
-
-
-def _split_flow(text: str) -> List[str]:
-    items, depth, quote, start = [], 0, None, 0
-    for index, char in enumerate(text):
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "'\"":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            items.append(text[start:index])
-            start = index + 1
-    tail = text[start:]
-    if tail.strip():
-        items.append(tail)
-    return items
-
-
-def _split_key(text: str) -> Optional[Tuple[str, str]]:
-    """``key: rest`` at the top level of ``text`` (not inside quotes or brackets)."""
-    depth, quote = 0, None
-    for index, char in enumerate(text):
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "'\"":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == ":" and depth == 0 and (index + 1 == len(text) or text[index + 1] in " \t"):
-            return str(_scalar(text[:index])), text[index + 1 :].strip()
-    return None
-
-
-def _value(text: str) -> Any:
-    text = text.strip()
-    if text.startswith("{") and text.endswith("}"):
-        out: Dict[str, Any] = {}
-        for item in _split_flow(text[1:-1]):
-            pair = _split_key(item.strip())
-            if pair is None:
-                raise PoolFileError(f"expected 'key: value' in {{...}}, found {item.strip()!r}")
-            out[pair[0]] = _value(pair[1])
-        return out
-    if text.startswith("[") and text.endswith("]"):
-        return [_value(item) for item in _split_flow(text[1:-1])]
-    return _scalar(text)
-
-
-def parse_simple_yaml(text: str, origin: str = "pool") -> Any:
-    """Parses the YAML subset described in the module doc."""
-    lines: List[Tuple[int, int, str]] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if raw.strip() in ("---", "..."):
-            continue
-        stripped = _strip_comment(raw)
-        if stripped.strip():
-            if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-                raise PoolFileError(f"{origin}: line {number}: tabs are not allowed for indentation")
-            lines.append((number, len(stripped) - len(stripped.lstrip(" ")), stripped.strip()))
-    if not lines:
-        return None
-    position = [0]
-
-    def block(indent: int) -> Any:
-        number, current, content = lines[position[0]]
-        if content.startswith("- ") or content == "-":
-            return sequence(current)
-        return mapping(current)
-
-    def sequence(indent: int) -> List[Any]:
-        items: List[Any] = []
-        while position[0] < len(lines):
-            number, current, content = lines[position[0]]
-            if current < indent or not (content.startswith("- ") or content == "-"):
-                if current > indent:
-                    raise PoolFileError(f"{origin}: line {number}: bad indentation")
-                break
-            if current > indent:
-                raise PoolFileError(f"{origin}: line {number}: bad indentation")
-            rest = content[1:].strip()
-            if not rest:
-                position[0] += 1
-                items.append(block(indent + 1) if position[0] < len(lines) and lines[position[0]][1] > indent else None)
-                continue
-            pair = _split_key(rest) if not rest.startswith(("{", "[")) else None
-            if pair is None:
-                items.append(_value(rest))
-                position[0] += 1
-                continue
-            # "- key: value" opens a mapping whose keys sit at the column after "- "
-            column = current + (len(content) - len(rest))
-            lines[position[0]] = (number, column, rest)
-            items.append(mapping(column))
-        return items
-
-    def mapping(indent: int) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        while position[0] < len(lines):
-            number, current, content = lines[position[0]]
-            if current < indent:
-                break
-            if current > indent:
-                raise PoolFileError(f"{origin}: line {number}: bad indentation")
-            if content.startswith("- "):
-                break
-            pair = _split_key(content)
-            if pair is None:
-                raise PoolFileError(f"{origin}: line {number}: expected 'key: value', found {content!r}")
-            key, rest = pair
-            position[0] += 1
-            if rest:
-                out[key] = _value(rest)
-            elif position[0] < len(lines) and (
-                lines[position[0]][1] > indent
-                or (lines[position[0]][1] == indent and lines[position[0]][2].startswith("- "))
-            ):
-                out[key] = block(lines[position[0]][1])
-            else:
-                out[key] = None
-        return out
-
-    result = block(lines[0][1])
-    if position[0] < len(lines):
-        number = lines[position[0]][0]
-        raise PoolFileError(f"{origin}: line {number}: unexpected content")
-    return result
+    try:
+        import yaml  # type: ignore[import-untyped]
+    except ImportError:
+        raise PoolFileError(
+            f"{origin}: reading a YAML pool file needs PyYAML, which is not installed: "
+            "pip install 'modelpool[yaml]' (or PyYAML), or give the pool as JSON"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise PoolFileError(f"{origin}: not valid YAML: {error}") from error

@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from . import memory
 from ._http import SidecarHTTP
+from ._wait import WaitReporter
 from .errors import AcquireRefusedError, SidecarError, SidecarUnavailableError, UnknownModelError
 from .local import Grant
 from .pool import Pool
@@ -44,6 +45,54 @@ def _env_float(name: str, default: float) -> float:
         return float(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def describe_room(name: str, state: Dict[str, Any], pool: Optional[Pool]) -> str:
+    """``needs ram 200 MiB; ceiling ram 300 MiB, 200 MiB held by a (ram 200 MiB, 1 lease,
+    app worker pid 42); 1 acquire(s) waiting``: what a waiting acquire is behind."""
+    parts = []
+    spec = pool.models.get(name) if pool else None
+    if spec is not None:
+        need = [
+            f"{r} {memory.format_bytes(b)}" for r, b in (("vram", spec.vram_bytes), ("ram", spec.ram_bytes)) if b
+        ]
+        if need:
+            parts.append("needs " + ", ".join(need))
+    ceiling = state.get("ceiling_bytes") or {}
+    held = state.get("held_bytes") or {}
+    limits = [
+        f"{r} {memory.format_bytes(ceiling[r])} ({memory.format_bytes(held.get(r) or 0)} held)"
+        for r in ("vram", "ram")
+        if isinstance(ceiling.get(r), int)
+    ]
+    if limits:
+        parts.append("ceiling " + ", ".join(limits))
+    holders = []
+    for model in state.get("models") or []:
+        if not isinstance(model, dict) or model.get("model") == name and not model.get("leases"):
+            continue
+        sizes = ", ".join(
+            f"{r} {memory.format_bytes(model[f'{r}_bytes'])}"
+            for r in ("vram", "ram")
+            if isinstance(model.get(f"{r}_bytes"), int) and model[f"{r}_bytes"] > 0
+        )
+        leases = int(model.get("leases") or 0)
+        who = f"app {model['app']} pid {model.get('pid')}" if model.get("app") else f"pid {model.get('pid')}"
+        detail = ", ".join(
+            x
+            for x in (
+                sizes,
+                f"{leases} lease{'s' if leases != 1 else ''}" if leases else str(model.get("state") or "idle"),
+                who,
+            )
+            if x
+        )
+        holders.append(f"{model.get('model')} ({detail})")
+    parts.append("held by " + ("; ".join(holders) if holders else "nothing"))
+    queue = state.get("queue")
+    if isinstance(queue, int) and queue > 0:
+        parts.append(f"{queue} acquire(s) waiting")
+    return "; ".join(parts)
 
 
 class SidecarCoordinator:
@@ -293,7 +342,7 @@ class SidecarCoordinator:
                 instance if isinstance(instance, int) else None,
             )
 
-        while True:
+        with WaitReporter(name, lambda: self._describe_room(name)):
             try:
                 return self._retrying(f"acquire {name}", call)
             except SidecarError as error:
@@ -302,6 +351,11 @@ class SidecarCoordinator:
                 if error.code == "shutting_down":
                     raise AcquireRefusedError(name, "shutting_down", error.message) from error
                 raise
+
+    def _describe_room(self, name: str) -> str:
+        """What an acquire of ``name`` waits behind, from the sidecar's ``/v1/state``."""
+        _, state = self.http.request("GET", "/v1/state", timeout=5.0)
+        return describe_room(name, state if isinstance(state, dict) else {}, self.pool)
 
     def loaded(self, grant: Grant, ok: bool, **measured: Any) -> Grant:
         """Reports a load; returns the grant to release later (a new one if the session changed)."""

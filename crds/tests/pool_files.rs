@@ -1,0 +1,49 @@
+//! The shared corpus of pool files (`crds/tests/pool-files/`): the sidecar's reader must find in
+//! each what `expected.json` says. The Python SDK's tests read the same files against the same
+//! expectations, so a file one reader accepts and the other does not fails a test.
+
+use std::path::PathBuf;
+
+use modelpool_crds::load_pool_file;
+use serde_json::{Value, json};
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/pool-files")
+}
+
+fn bytes(q: Option<&modelpool_crds::Quantity>) -> Value {
+    q.map_or(Value::Null, |q| json!(q.bytes().expect("a valid quantity")))
+}
+
+/// Catches the sidecar's reader disagreeing with the SDK's on a pool file (block scalars,
+/// anchors, JSON), or the corpus losing a file its expectations name.
+#[test]
+fn the_sidecar_reads_every_shared_pool_file_as_expected() {
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(corpus().join("expected.json")).expect("expected.json"),
+    )
+    .expect("expected.json is JSON");
+    let expected = expected.as_object().expect("an object of files");
+    let mut files: Vec<String> = std::fs::read_dir(corpus())
+        .expect("the corpus folder")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    let mut named: Vec<String> = expected.keys().cloned().collect();
+    named.sort();
+    assert_eq!(files, named, "every corpus file has expectations, and only those");
+    for (file, want) in expected {
+        let pool = load_pool_file(&corpus().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let spec = &pool.spec;
+        let got = json!({
+            "name": pool.metadata.name,
+            "mode": spec.policy.mode,
+            "limits": {"vram_bytes": bytes(spec.limits.vram.as_ref()), "ram_bytes": bytes(spec.limits.ram.as_ref())},
+            "models": spec.models.iter().map(|m| m.name.clone()).collect::<Vec<_>>(),
+            "model_vram_bytes": spec.models.iter().map(|m| (m.name.clone(), bytes(m.vram.as_ref()))).collect::<serde_json::Map<_, _>>(),
+        });
+        assert_eq!(&got, want, "{file}");
+    }
+}
