@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Reconciles ModelPools and their pods, and injects the sidecar.
 #[derive(Parser, Debug)]
@@ -18,7 +18,9 @@ pub struct Cli {
 pub enum Command {
     /// Print the ModelPool CustomResourceDefinition as YAML (what `crds/modelpool.yaml` holds).
     Crd,
-    /// Run the operator: controller (when leader), webhook and metrics.
+    /// Run the operator: controller (when leader), webhook and metrics. A flag given twice
+    /// takes its last value (the chart's `operator.extraArgs` come last).
+    #[command(args_override_self = true)]
     Run(Box<RunArgs>),
 }
 
@@ -81,9 +83,25 @@ pub struct RunArgs {
     /// Memory limit of the injected sidecar.
     #[arg(long, default_value = "128Mi")]
     pub sidecar_memory_limit: String,
+    /// CPU limit of the injected sidecar (none by default; namespaces with a ResourceQuota on
+    /// `limits.cpu` require one).
+    #[arg(long)]
+    pub sidecar_cpu_limit: Option<String>,
+    /// Image pull policy of the injected sidecar.
+    #[arg(long, value_enum, default_value_t = PullPolicy::IfNotPresent)]
+    pub sidecar_image_pull_policy: PullPolicy,
     /// `RUST_LOG` of the injected sidecar.
     #[arg(long, default_value = "info")]
     pub sidecar_log_level: String,
+    /// Log format of the injected sidecar: `json` (one object per line, for `kubectl logs` and
+    /// log pipelines) or `text`.
+    #[arg(long, value_enum, default_value_t = LogFormat::Json)]
+    pub sidecar_log_format: LogFormat,
+    /// Bind this ClusterRole (the sidecar's permissions) in each pool's namespace, for the
+    /// ServiceAccounts the pool's pods run as: a RoleBinding `modelpool-sidecar-<pool>` owned
+    /// by the pool. Needs `bind` on the ClusterRole and create/patch on RoleBindings.
+    #[arg(long, env = "MODELPOOL_SIDECAR_CLUSTER_ROLE")]
+    pub sidecar_cluster_role: Option<String>,
     /// Seconds a deleted pool waits for its sidecars to drain.
     #[arg(long, default_value_t = 60)]
     pub drain_timeout_s: u64,
@@ -99,4 +117,88 @@ pub struct RunArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "MODELPOOL_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+/// A container image pull policy (`imagePullPolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PullPolicy {
+    /// Pull on every container start.
+    #[value(name = "Always")]
+    Always,
+    /// Pull only when the node lacks the image.
+    #[value(name = "IfNotPresent")]
+    IfNotPresent,
+    /// Never pull (the image must be on the node).
+    #[value(name = "Never")]
+    Never,
+}
+
+impl PullPolicy {
+    /// The value Kubernetes expects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// A log format (the sidecar's `--log-format` / `MODELPOOL_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+impl LogFormat {
+    /// The value the sidecar reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Text => "text",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let mut argv = vec!["modelpool-operator", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).expect("valid flags").command {
+            Command::Run(args) => *args,
+            Command::Crd => panic!("parsed as crd"),
+        }
+    }
+
+    /// Catches the chart's `operator.extraArgs` (appended after the chart's own flags) being
+    /// refused as a repeated flag instead of overriding the chart's value.
+    #[test]
+    fn a_later_flag_overrides_an_earlier_one() {
+        let args = run_args(&["--api-qps=20", "--api-qps=25", "--sidecar-log-format=text"]);
+        assert_eq!(args.api_qps, 25);
+        assert_eq!(args.sidecar_log_format, LogFormat::Text);
+    }
+
+    /// Catches sidecar defaults that would put escape codes in `kubectl logs` or pull on every
+    /// start.
+    #[test]
+    fn sidecar_defaults_suit_a_cluster() {
+        let args = run_args(&[]);
+        assert_eq!(args.sidecar_log_format, LogFormat::Json);
+        assert_eq!(args.sidecar_image_pull_policy, PullPolicy::IfNotPresent);
+        assert_eq!(args.sidecar_cpu_limit, None);
+        let err = Cli::try_parse_from([
+            "modelpool-operator",
+            "run",
+            "--sidecar-image-pull-policy=Sometimes",
+        ])
+        .expect_err("a bad pull policy is refused");
+        assert!(err.to_string().contains("Always"), "{err}");
+    }
 }

@@ -123,7 +123,13 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
                 cpu_request: args.sidecar_cpu_request.clone(),
                 memory_request: args.sidecar_memory_request.clone(),
                 memory_limit: args.sidecar_memory_limit.clone(),
+                cpu_limit: args
+                    .sidecar_cpu_limit
+                    .clone()
+                    .filter(|cpu| !cpu.trim().is_empty()),
+                pull_policy: args.sidecar_image_pull_policy.as_str().to_owned(),
                 log_filter: args.sidecar_log_level.clone(),
+                log_format: args.sidecar_log_format.as_str().to_owned(),
             },
             metrics: metrics.clone(),
         };
@@ -166,6 +172,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         namespace: args.watch_namespace.clone(),
         drain_timeout: Duration::from_secs(args.drain_timeout_s),
         resync: Duration::from_secs(args.resync_s),
+        sidecar_cluster_role: args.sidecar_cluster_role.clone().filter(|r| !r.is_empty()),
     };
     tokio::select! {
         () = controller::run(client, metrics.clone(), settings) => {}

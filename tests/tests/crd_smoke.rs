@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use modelpool_e2e::{ControlPlane, repo_root};
 
 const COLUMNS: &[&str] = &[
-    "NAME", "MODELS", "PODS", "VRAM", "CEILING", "MODE", "READY", "AGE",
+    "NAME", "MODELS", "PODS", "VRAM", "CEILING", "RAM", "MODE", "READY", "AGE",
 ];
 
 /// Installs the CRD once per test process and waits until it is served.
@@ -120,10 +120,29 @@ async fn examples_apply_and_print_columns() {
         ]);
         assert_eq!(cell("CEILING"), vram, "{shown}:\n{table}");
         // No operator runs here: the status columns are empty.
-        for status_column in ["MODELS", "PODS", "VRAM", "READY"] {
+        for status_column in ["MODELS", "PODS", "VRAM", "RAM", "READY"] {
             assert_eq!(cell(status_column), "", "{shown}:\n{table}");
         }
         assert!(!cell("AGE").is_empty(), "{shown}:\n{table}");
+        // `-o wide` adds the RAM ceiling.
+        let wide = cp.kubectl_ok(["get", "mp", "-n", &ns, &name, "-o", "wide"]);
+        let ram = cp.kubectl_ok([
+            "get",
+            "mp",
+            "-n",
+            &ns,
+            &name,
+            "-o",
+            "jsonpath={.spec.limits.ram}",
+        ]);
+        let header = wide.lines().next().unwrap_or_default();
+        assert!(header.contains("RAM CEILING"), "{wide}");
+        if !ram.is_empty() {
+            assert!(
+                wide.lines().nth(1).unwrap_or_default().contains(&ram),
+                "{wide}"
+            );
+        }
     }
 
     // All pools, through the short name, across namespaces.

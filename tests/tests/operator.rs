@@ -39,6 +39,17 @@ impl Operator {
         webhook_port: u16,
         webhook_config: &str,
     ) -> Self {
+        Self::start_with(cp, ns, identity, webhook_port, webhook_config, &[])
+    }
+
+    fn start_with(
+        cp: &ControlPlane,
+        ns: &str,
+        identity: &str,
+        webhook_port: u16,
+        webhook_config: &str,
+        extra: &[&str],
+    ) -> Self {
         let metrics_port = free_port();
         let log = std::fs::File::create(std::env::temp_dir().join(format!("{ns}-{identity}.log")))
             .expect("log file");
@@ -52,6 +63,7 @@ impl Operator {
                 "--webhook-config",
                 webhook_config,
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -143,11 +155,13 @@ fn loaded(models: &[(&str, u64)], v: u64) -> PodReport {
             .map(|(name, gib)| ModelReport {
                 name: (*name).into(),
                 vram: gib << 30,
+                ram: gib << 28,
                 loads: 1,
                 ..ModelReport::default()
             })
             .collect(),
         vram: models.iter().map(|(_, gib)| gib << 30).sum(),
+        ram: models.iter().map(|(_, gib)| gib << 28).sum(),
         loads: models.len() as u64,
         ..PodReport::default()
     }
@@ -290,7 +304,7 @@ async fn operator_injects_aggregates_fails_over_and_drains() {
     assert_eq!(
         header,
         [
-            "NAME", "MODELS", "PODS", "VRAM", "CEILING", "MODE", "READY", "AGE"
+            "NAME", "MODELS", "PODS", "VRAM", "CEILING", "RAM", "MODE", "READY", "AGE"
         ],
         "{table}"
     );
@@ -301,8 +315,17 @@ async fn operator_injects_aggregates_fails_over_and_drains() {
         .split_whitespace()
         .collect();
     assert_eq!(
-        &row[..7],
-        ["video", "2/3", "3/3", "28Gi", "20Gi", "Aggressive", "True"],
+        &row[..8],
+        [
+            "video",
+            "2/3",
+            "3/3",
+            "28Gi",
+            "20Gi",
+            "7Gi",
+            "Aggressive",
+            "True"
+        ],
         "{table}"
     );
 
@@ -486,4 +509,152 @@ async fn restart_enforcement_deletes_a_pod_whose_memory_was_not_reclaimed() {
     // Nothing would bring a pod without a controller back: it stays.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(pods.get_opt("bare").await.expect("get").is_some());
+}
+
+/// What the chart's sidecar values and `sidecar.rbac.autoBind` become, through the real
+/// webhook: the injected container's pull policy, CPU limit and log format, and a RoleBinding
+/// in the pool's namespace that lets the pod's ServiceAccount (and no other) read its pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_sidecar_settings_and_the_sidecar_role_binding() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.restricted_namespace("operator-bind").await;
+    let client = cp.client();
+    let role = format!("modelpool-sidecar-{ns}");
+    let cluster_role = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": role},
+        "rules": [
+            {"apiGroups": ["modelpool.io"], "resources": ["modelpools"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+        ],
+    });
+    let out = cp.kubectl_stdin(["apply", "-f", "-"], &cluster_role.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.kubectl_ok(["create", "serviceaccount", "cogvideo", "-n", &ns]);
+    cp.kubectl_ok(["create", "serviceaccount", "bystander", "-n", &ns]);
+
+    let webhook_name = format!("modelpool-{ns}");
+    let port = free_port();
+    cp.kubectl_stdin(
+        ["apply", "-f", "-"],
+        &webhook_config(&webhook_name, &ns, &format!("127.0.0.1:{port}")).to_string(),
+    );
+    let role_arg = format!("--sidecar-cluster-role={role}");
+    let operator = Operator::start_with(
+        cp,
+        &ns,
+        "op-bind",
+        port,
+        &webhook_name,
+        &[
+            &role_arg,
+            "--sidecar-cpu-limit=250m",
+            "--sidecar-image-pull-policy=Always",
+            "--sidecar-log-format=text",
+        ],
+    );
+    eventually("the operator serving", Duration::from_secs(60), || async {
+        (operator.is_leader()
+            && http_get(operator.metrics_port, "/readyz").as_deref() == Some("ok"))
+        .then_some(())
+    })
+    .await;
+    eventually("the caBundle", Duration::from_secs(60), || async {
+        let out = cp.kubectl([
+            "get",
+            "mutatingwebhookconfiguration",
+            &webhook_name,
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ]);
+        (!out.stdout.is_empty()).then_some(())
+    })
+    .await;
+    cp.kubectl_stdin(["apply", "-n", &ns, "-f", "-"], POOL);
+
+    let who = format!("system:serviceaccount:{ns}:cogvideo");
+    let can_read_pools = |who: &str| {
+        let out = cp.kubectl([
+            "auth",
+            "can-i",
+            "get",
+            "modelpools.modelpool.io",
+            "-n",
+            &ns,
+            "--as",
+            who,
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    assert!(!can_read_pools(&who), "no binding before a pod runs as it");
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut pod = app_pod("app-0", "video");
+    pod.spec.as_mut().expect("spec").service_account_name = Some("cogvideo".into());
+    let created = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("creating a pooled pod");
+    assert_eq!(
+        created
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("modelpool.io/service-account"))
+            .map(String::as_str),
+        Some("cogvideo")
+    );
+    let spec = created.spec.expect("spec");
+    let sidecar = spec
+        .init_containers
+        .as_ref()
+        .and_then(|c| c.iter().find(|c| c.name == "modelpool-sidecar"))
+        .expect("injected");
+    assert_eq!(sidecar.image_pull_policy.as_deref(), Some("Always"));
+    let limits = sidecar
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .unwrap_or_default();
+    assert_eq!(limits.get("cpu").map(|q| q.0.as_str()), Some("250m"));
+    let log_format = sidecar
+        .env
+        .as_ref()
+        .and_then(|env| env.iter().find(|e| e.name == "MODELPOOL_LOG_FORMAT"))
+        .and_then(|e| e.value.clone());
+    assert_eq!(log_format.as_deref(), Some("text"));
+
+    eventually(
+        "the sidecar's RoleBinding",
+        Duration::from_secs(60),
+        || async { can_read_pools(&who).then_some(()) },
+    )
+    .await;
+    assert!(
+        !can_read_pools(&format!("system:serviceaccount:{ns}:bystander")),
+        "only the pool's pods' ServiceAccounts are bound"
+    );
+    let binding: serde_json::Value = serde_json::from_str(&cp.kubectl_ok([
+        "get",
+        "rolebinding",
+        "modelpool-sidecar-video",
+        "-n",
+        &ns,
+        "-o",
+        "json",
+    ]))
+    .expect("JSON");
+    assert_eq!(binding["roleRef"]["name"], role.as_str());
+    assert_eq!(
+        binding["metadata"]["ownerReferences"][0]["kind"],
+        "ModelPool"
+    );
+    assert_eq!(binding["metadata"]["ownerReferences"][0]["name"], "video");
+    cp.kubectl(["delete", "mutatingwebhookconfiguration", &webhook_name]);
+    cp.kubectl(["delete", "clusterrole", &role]);
 }

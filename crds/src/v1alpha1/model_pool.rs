@@ -52,6 +52,19 @@ pub const MAX_MODELS: usize = 64;
         description = "Per-pod VRAM ceiling",
         json_path = ".spec.limits.vram"
     ),
+    printcolumn(
+        name = "RAM",
+        type_ = "string",
+        description = "RAM held by the pool's models, summed over pods",
+        json_path = ".status.ramUsed"
+    ),
+    printcolumn(
+        name = "RAM Ceiling",
+        type_ = "string",
+        description = "Per-pod RAM ceiling",
+        json_path = ".spec.limits.ram",
+        priority = 1
+    ),
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.policy.mode"),
     printcolumn(
         name = "Ready",

@@ -3,6 +3,7 @@
 //! conflicts, aggregates reports into `status` with server-side apply, records Events on
 //! transitions, and holds a finalizer until the pool's sidecars have drained.
 
+pub mod bind;
 pub mod select;
 pub mod status;
 
@@ -100,6 +101,10 @@ pub struct Context {
     pub drain_timeout: Duration,
     /// Periodic resync.
     pub resync: Duration,
+    /// The sidecar's ClusterRole to bind in each pool's namespace (opt-in), see [`bind`].
+    pub sidecar_role: Option<String>,
+    /// Per pool, the ServiceAccounts its RoleBinding was last written with.
+    pub bound: Mutex<HashMap<String, Vec<String>>>,
 }
 
 fn pool_key(pool: &ModelPool) -> String {
@@ -215,10 +220,47 @@ async fn apply(pool: &ModelPool, ctx: &Context) -> Result<Action, Error> {
         ctx.metrics.status_writes.inc();
         publish_transitions(pool, &new_status, ctx).await;
     }
+    if let Some(role) = &ctx.sidecar_role {
+        bind_sidecars(pool, &metas, &selection.pods, role, ctx).await;
+    }
     if pool.spec.policy.enforcement == Enforcement::Restart {
         restart_leaking_pods(pool, &metas, &selection.pods, ctx).await;
     }
     Ok(Action::requeue(ctx.resync))
+}
+
+/// `--sidecar-cluster-role`: keeps the pool's RoleBinding on the ServiceAccounts its pods run
+/// as; writes only when they changed since the last write of this process.
+async fn bind_sidecars(
+    pool: &ModelPool,
+    metas: &[&ObjectMeta],
+    governed: &[String],
+    role: &str,
+    ctx: &Context,
+) {
+    let key = pool_key(pool);
+    let accounts = bind::service_accounts(metas.iter().copied(), governed);
+    let unchanged = ctx
+        .bound
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .is_some_and(|done| *done == accounts);
+    if unchanged {
+        return;
+    }
+    match bind::apply(&ctx.client, &bind::desired(pool, role, &accounts)).await {
+        Ok(()) => {
+            tracing::info!(pool = %key, service_accounts = ?accounts, cluster_role = role, "sidecar RoleBinding written");
+            ctx.bound
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, accounts);
+        }
+        Err(error) => {
+            tracing::warn!(%error, pool = %key, cluster_role = role, "failed to write the sidecar RoleBinding (does the operator have bind on the ClusterRole?)")
+        }
+    }
 }
 
 /// `enforcement: Restart`: a pod whose sidecar reports memory that never came back after an
@@ -440,6 +482,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Periodic resync of unchanged pools.
     pub resync: Duration,
+    /// Bind this ClusterRole for each pool's pods' ServiceAccounts in the pool's namespace.
+    pub sidecar_cluster_role: Option<String>,
 }
 
 /// Runs the controller until the process ends.
@@ -455,6 +499,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         identity,
         drain_timeout,
         resync,
+        sidecar_cluster_role,
         ..
     } = settings;
 
@@ -502,6 +547,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         failures: Mutex::new(HashMap::new()),
         drain_timeout,
         resync,
+        sidecar_role: sidecar_cluster_role,
+        bound: Mutex::new(HashMap::new()),
     });
     let reset = ctx.clone();
     controller

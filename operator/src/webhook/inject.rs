@@ -41,8 +41,14 @@ pub struct SidecarTemplate {
     pub memory_request: String,
     /// Memory limit.
     pub memory_limit: String,
+    /// CPU limit, if any.
+    pub cpu_limit: Option<String>,
+    /// `imagePullPolicy`.
+    pub pull_policy: String,
     /// `RUST_LOG` for the sidecar.
     pub log_filter: String,
+    /// `MODELPOOL_LOG_FORMAT` for the sidecar: `json` or `text`.
+    pub log_format: String,
 }
 
 impl Default for SidecarTemplate {
@@ -52,7 +58,10 @@ impl Default for SidecarTemplate {
             cpu_request: "10m".into(),
             memory_request: "32Mi".into(),
             memory_limit: "128Mi".into(),
+            cpu_limit: None,
+            pull_policy: "IfNotPresent".into(),
             log_filter: "info".into(),
+            log_format: "json".into(),
         }
     }
 }
@@ -166,11 +175,17 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
             .into(),
         ),
         limits: Some(
-            [(
+            std::iter::once((
                 "memory".to_string(),
                 Quantity(template.memory_limit.clone()),
-            )]
-            .into(),
+            ))
+            .chain(
+                template
+                    .cpu_limit
+                    .iter()
+                    .map(|cpu| ("cpu".to_string(), Quantity(cpu.clone()))),
+            )
+            .collect(),
         ),
         claims: if claims.is_empty() {
             None
@@ -181,7 +196,7 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
     let sidecar = Container {
         name: SIDECAR_NAME.into(),
         image: Some(template.image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
+        image_pull_policy: Some(template.pull_policy.clone()),
         args: Some(vec![
             "--socket".into(),
             SOCKET_PATH.into(),
@@ -199,6 +214,11 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
             EnvVar {
                 name: "RUST_LOG".into(),
                 value: Some(template.log_filter.clone()),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "MODELPOOL_LOG_FORMAT".into(),
+                value: Some(template.log_format.clone()),
                 ..EnvVar::default()
             },
         ]),
@@ -238,10 +258,23 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
         });
     }
     spec.share_process_namespace = Some(true);
-    pod.metadata
+    // The ServiceAccount admission plugin has run before the webhooks: the name is set.
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or_else(|| "default".to_owned());
+    let annotations = pod
+        .metadata
         .annotations
-        .get_or_insert_with(Default::default)
-        .insert(INJECTED_ANNOTATION.into(), "true".into());
+        .get_or_insert_with(Default::default);
+    annotations.insert(INJECTED_ANNOTATION.into(), "true".into());
+    // What the operator binds the sidecar's role for (`--sidecar-cluster-role`): it watches
+    // pods as metadata only.
+    annotations.insert(
+        crate::controller::bind::SERVICE_ACCOUNT_ANNOTATION.into(),
+        service_account,
+    );
     pod
 }
 
@@ -288,7 +321,8 @@ mod tests {
                 "POD_NAME",
                 "POD_NAMESPACE",
                 "MODELPOOL_POOL_NAME",
-                "RUST_LOG"
+                "RUST_LOG",
+                "MODELPOOL_LOG_FORMAT"
             ]
         );
         assert_eq!(spec.share_process_namespace, Some(true));
@@ -309,6 +343,14 @@ mod tests {
         );
         assert!(is_injected(&pod));
         assert!(!is_injected(&app_pod(false)));
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(
+            annotations
+                .get(crate::controller::bind::SERVICE_ACCOUNT_ANNOTATION)
+                .map(String::as_str),
+            Some("default"),
+            "a pod without serviceAccountName runs as default"
+        );
     }
 
     #[test]
@@ -317,6 +359,49 @@ mod tests {
         let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
         let claims = sidecar.resources.as_ref().unwrap().claims.as_ref().unwrap();
         assert_eq!(claims[0].name, "gpu");
+    }
+
+    /// Catches the chart's sidecar values (log format and level, CPU limit, pull policy) not
+    /// reaching the injected container, and a CPU limit appearing when none was asked for.
+    #[test]
+    fn the_template_settings_reach_the_injected_container() {
+        let sidecar_of = |template: &SidecarTemplate| {
+            let pod = inject(&app_pod(false), "video", template);
+            pod.spec.unwrap().init_containers.unwrap().remove(0)
+        };
+        let env = |c: &Container, name: &str| {
+            c.env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        let default = sidecar_of(&SidecarTemplate::default());
+        assert_eq!(
+            env(&default, "MODELPOOL_LOG_FORMAT").as_deref(),
+            Some("json")
+        );
+        assert_eq!(default.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        let limits = default.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert!(!limits.contains_key("cpu"), "no CPU limit unless asked for");
+
+        let custom = sidecar_of(&SidecarTemplate {
+            cpu_limit: Some("200m".into()),
+            pull_policy: "Always".into(),
+            log_filter: "debug".into(),
+            log_format: "text".into(),
+            ..SidecarTemplate::default()
+        });
+        assert_eq!(
+            env(&custom, "MODELPOOL_LOG_FORMAT").as_deref(),
+            Some("text")
+        );
+        assert_eq!(env(&custom, "RUST_LOG").as_deref(), Some("debug"));
+        assert_eq!(custom.image_pull_policy.as_deref(), Some("Always"));
+        let limits = custom.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits.get("cpu"), Some(&Quantity("200m".into())));
+        assert_eq!(limits.get("memory"), Some(&Quantity("128Mi".into())));
     }
 
     #[test]
