@@ -33,7 +33,10 @@ fn the_sidecar_reads_every_shared_pool_file_as_expected() {
     files.sort();
     let mut named: Vec<String> = expected.keys().cloned().collect();
     named.sort();
-    assert_eq!(files, named, "every corpus file has expectations, and only those");
+    assert_eq!(
+        files, named,
+        "every corpus file has expectations, and only those"
+    );
     for (file, want) in expected {
         let pool = load_pool_file(&corpus().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         let spec = &pool.spec;

@@ -142,7 +142,10 @@ fn the_declared_licence_is_shipped() {
     for (file, needle) in [
         ("Cargo.toml", "license = \"Apache-2.0\""),
         ("sdk/python/pyproject.toml", "license = \"Apache-2.0\""),
-        ("charts/modelpool/Chart.yaml", "artifacthub.io/license: Apache-2.0"),
+        (
+            "charts/modelpool/Chart.yaml",
+            "artifacthub.io/license: Apache-2.0",
+        ),
     ] {
         let text = std::fs::read_to_string(root.join(file)).expect(file);
         assert!(text.contains(needle), "{file} does not declare {needle}");
