@@ -19,6 +19,10 @@ use serde_json::{Value, json};
 
 const RELEASE: &str = "mp";
 
+/// The install tests share release name `mp` and find their objects cluster-wide by its
+/// label: one at a time.
+static INSTALLS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn chart_dir() -> PathBuf {
     repo_root().join("charts/modelpool")
 }
@@ -428,6 +432,43 @@ fn all_on_values_render_every_optional_object() {
     assert_hardened("operator", &deployment["spec"]["template"]["spec"]);
     let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(args.contains("--lease-name=modelpool-leader"), "{args}");
+    // The injected sidecar's settings reach the operator, which applies them.
+    for expected in [
+        "--sidecar-cpu-limit=200m",
+        "--sidecar-image-pull-policy=Always",
+        "--sidecar-log-level=debug",
+        "--sidecar-log-format=text",
+    ] {
+        assert!(
+            args.contains(expected),
+            "operator args lack {expected}: {args}"
+        );
+    }
+    // extraArgs come last, so they win over the chart's own flags.
+    let arg_list: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(arg_list.last(), Some(&"--api-qps=25"), "{arg_list:?}");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .any(|m| m["name"] == "scratch" && m["mountPath"] == "/scratch"),
+        "extraVolumeMounts: {container}"
+    );
+    assert!(
+        deployment["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["name"] == "scratch"),
+        "extraVolumes"
+    );
     assert!(
         args.contains("@sha256:"),
         "the sidecar image by digest: {args}"
@@ -461,6 +502,164 @@ fn all_on_values_render_every_optional_object() {
         "modelpool-operator"
     );
     assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+}
+
+/// Writes `text` as a values file in a temporary folder and returns both (keep the folder).
+fn values_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("values.yaml");
+    std::fs::write(&path, text).expect("write values");
+    (dir, path)
+}
+
+/// Catches the escape hatches (security contexts, extra args, env, volumes, pod metadata) not
+/// reaching the operator pod, and an override of one security field dropping the other
+/// restricted defaults.
+#[test]
+fn escape_hatches_reach_the_operator_pod() {
+    let (_dir, values) = values_file(
+        r#"
+operator:
+  podSecurityContext:
+    runAsUser: 1000740000
+    fsGroup: 1000740000
+  containerSecurityContext:
+    runAsUser: 1000740000
+  extraArgs: ["--resync-s=60"]
+  extraEnv: [{name: HTTPS_PROXY, value: "http://proxy.internal:3128"}]
+  extraVolumes: [{name: trust, configMap: {name: corporate-ca}}]
+  extraVolumeMounts: [{name: trust, mountPath: /etc/ssl/certs/corporate, readOnly: true}]
+  podAnnotations: {example.com/scrape: "false"}
+  podLabels: {example.com/team: ml}
+"#,
+    );
+    let objects = template(&["--values", values.to_str().expect("utf-8")]);
+    let pod_template = &one(&objects, "Deployment")["spec"]["template"];
+    let pod = &pod_template["spec"];
+    // Helm merges maps: the fields not overridden keep the restricted defaults.
+    assert_hardened("operator", pod);
+    assert_eq!(pod["securityContext"]["runAsUser"], 1000740000);
+    assert_eq!(pod["securityContext"]["fsGroup"], 1000740000);
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["runAsUser"], 1000740000);
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(args.last(), Some(&"--resync-s=60"));
+    assert!(
+        container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "HTTPS_PROXY")
+    );
+    assert!(
+        container["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .any(|m| m["name"] == "trust" && m["readOnly"] == true)
+    );
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["configMap"]["name"] == "corporate-ca")
+    );
+    assert_eq!(
+        pod_template["metadata"]["annotations"]["example.com/scrape"],
+        "false"
+    );
+    assert_eq!(pod_template["metadata"]["labels"]["example.com/team"], "ml");
+
+    // A platform that assigns its own IDs (OpenShift) drops the pod security context.
+    let objects = template(&["--set", "operator.podSecurityContext=null"]);
+    let pod = &one(&objects, "Deployment")["spec"]["template"]["spec"];
+    assert!(
+        pod["securityContext"].is_null(),
+        "{}",
+        pod["securityContext"]
+    );
+}
+
+/// Catches the cert-manager mode rendering without its Certificate, without the CA-injection
+/// annotation, with the operator still managing (and allowed to write) its own certificate, or
+/// with the pod not mounting the Secret cert-manager writes.
+#[test]
+fn cert_manager_mode_hands_the_certificate_to_cert_manager() {
+    let objects = template(&["--set", "webhook.certManager.enabled=true"]);
+    let kinds = kinds(&objects);
+    assert!(
+        kinds.contains("Issuer") && kinds.contains("Certificate"),
+        "{kinds:?}"
+    );
+    let cert = one(&objects, "Certificate");
+    assert_eq!(cert["spec"]["secretName"], "mp-modelpool-webhook-tls");
+    assert_eq!(
+        cert["spec"]["dnsNames"],
+        json!([
+            "mp-modelpool-webhook.modelpool.svc",
+            "mp-modelpool-webhook.modelpool.svc.cluster.local"
+        ])
+    );
+    assert_eq!(cert["spec"]["issuerRef"]["name"], "mp-modelpool-webhook");
+    assert_eq!(one(&objects, "Issuer")["spec"]["selfSigned"], json!({}));
+    let hook = one(&objects, "MutatingWebhookConfiguration");
+    assert_eq!(
+        hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "modelpool/mp-modelpool-webhook"
+    );
+    let pod = &one(&objects, "Deployment")["spec"]["template"]["spec"];
+    let args = pod["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--tls-cert-file=/etc/modelpool/webhook-tls/tls.crt")
+            && args.contains("--tls-key-file=/etc/modelpool/webhook-tls/tls.key"),
+        "{args}"
+    );
+    for managed in ["--tls-secret", "--webhook-config", "--tls-names"] {
+        assert!(
+            !args.contains(managed),
+            "{managed} with cert-manager: {args}"
+        );
+    }
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "mp-modelpool-webhook-tls")
+    );
+    let role = one(&objects, "Role").to_string();
+    assert!(
+        !role.contains("secrets"),
+        "no Secret access with cert-manager: {role}"
+    );
+    let roles = find(&objects, "ClusterRole");
+    let operator_role = roles
+        .iter()
+        .find(|r| r["metadata"]["name"] == "mp-modelpool-modelpool-operator")
+        .expect("the operator ClusterRole");
+    assert!(
+        !operator_role
+            .to_string()
+            .contains("mutatingwebhookconfigurations"),
+        "cert-manager writes the caBundle: {operator_role}"
+    );
+
+    // An existing ClusterIssuer: no Issuer of the chart's own.
+    let objects = template(&[
+        "--set",
+        "webhook.certManager.enabled=true,webhook.certManager.issuerRef.name=corp-ca,webhook.certManager.issuerRef.kind=ClusterIssuer",
+    ]);
+    assert!(find(&objects, "Issuer").is_empty());
+    let issuer = &one(&objects, "Certificate")["spec"]["issuerRef"];
+    assert_eq!(issuer["name"], "corp-ca");
+    assert_eq!(issuer["kind"], "ClusterIssuer");
+    assert_eq!(issuer["group"], "cert-manager.io");
 }
 
 /// Catches `auto` monitoring objects that appear without the Prometheus Operator's API (the
@@ -640,6 +839,20 @@ fn schema_refuses_bad_values() {
             "/operator/resources/requests/memory",
         ),
         ("sidecar.image.digest=latest", "/sidecar/image/digest"),
+        ("sidecar.logFormat=pretty", "/sidecar/logFormat"),
+        (
+            "sidecar.image.pullPolicy=Sometimes",
+            "/sidecar/image/pullPolicy",
+        ),
+        (
+            "sidecar.resources.limits.cpu=lots",
+            "/sidecar/resources/limits/cpu",
+        ),
+        ("operator.extraArgs[0]=api-qps", "/operator/extraArgs/0"),
+        (
+            "webhook.certManager.issuerRef.kind=Vault",
+            "/webhook/certManager/issuerRef/kind",
+        ),
         (
             "operator.leaderElection.leaseDurationSeconds=0",
             "/operator/leaderElection/leaseDurationSeconds",
@@ -761,7 +974,19 @@ fn kubeconfig_with_token(cp: &ControlPlane, token: &str, path: &Path) {
 /// The operator, authenticated as the chart's ServiceAccount, does its job with the chart's
 /// RBAC: wins the Lease, creates the certificate Secret, patches its webhook's caBundle and
 /// reconciles a pool (status and finalizer), without a single "forbidden".
-fn operator_works_with_chart_rbac(cp: &ControlPlane, ns: &str, apps: &str, dir: &Path) {
+///
+/// With `cert_files` (cert-manager mode) it serves those files instead: it must then work
+/// without any access to Secrets or to the webhook configuration. With `bind_role`
+/// (`sidecar.rbac.autoBind`) it must also bind that ClusterRole for a pooled pod's
+/// ServiceAccount in the pool's namespace.
+fn operator_works_with_chart_rbac(
+    cp: &ControlPlane,
+    ns: &str,
+    apps: &str,
+    dir: &Path,
+    cert_files: Option<(&Path, &Path)>,
+    bind_role: Option<&str>,
+) {
     let sa = format!("{RELEASE}-modelpool-operator");
     let token = cp.kubectl_ok(["create", "token", &sa, "-n", ns, "--duration=2h"]);
     let kubeconfig = dir.join("operator.kubeconfig");
@@ -781,17 +1006,39 @@ fn operator_works_with_chart_rbac(cp: &ControlPlane, ns: &str, apps: &str, dir: 
     let metrics = free_port();
     let mut cmd = Command::new(workspace_bin("modelpool-operator"));
     cmd.args(["run", "--namespace", ns, "--identity", "chart-test-0"])
-        .arg(format!("--lease-name={RELEASE}-modelpool-operator"))
-        .arg(format!("--tls-secret={RELEASE}-modelpool-webhook-tls"))
-        .arg(format!("--webhook-config={RELEASE}-modelpool-{ns}"))
-        .args([
-            "--tls-names",
-            "127.0.0.1",
-            "--lease-duration-s",
-            "10",
-            "--lease-retry-s",
-            "1",
-        ])
+        .arg(format!("--lease-name={RELEASE}-modelpool-operator"));
+    match cert_files {
+        None => {
+            cmd.arg(format!("--tls-secret={RELEASE}-modelpool-webhook-tls"))
+                .arg(format!("--webhook-config={RELEASE}-modelpool-{ns}"))
+                .args(["--tls-names", "127.0.0.1"]);
+        }
+        Some((cert, key)) => {
+            cmd.arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key);
+        }
+    }
+    if let Some(role) = bind_role {
+        cmd.arg(format!("--sidecar-cluster-role={role}"));
+        // A pooled pod as the webhook leaves it (the annotation names its ServiceAccount).
+        cp.kubectl_ok(["create", "serviceaccount", "teamapp", "-n", apps]);
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "video-0", "namespace": apps,
+                "labels": {"modelpool.io/pool": "video", "app": "video"},
+                "annotations": {"modelpool.io/service-account": "teamapp"}},
+            "spec": {"serviceAccountName": "teamapp", "containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
+        });
+        let out = cp.kubectl_stdin(["create", "-f", "-"], &pod.to_string());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    cmd.args(["--lease-duration-s", "10", "--lease-retry-s", "1"])
         .arg(format!("--webhook-listen=127.0.0.1:{}", free_port()))
         .arg(format!("--metrics-listen=127.0.0.1:{metrics}"))
         .env("KUBECONFIG", &kubeconfig)
@@ -815,24 +1062,39 @@ fn operator_works_with_chart_rbac(cp: &ControlPlane, ns: &str, apps: &str, dir: 
             ]);
             Ok((String::from_utf8_lossy(&out.stdout) == "chart-test-0").then_some(()))
         })?;
-        poll("the webhook's caBundle is set", timeout, every, || {
-            operator.check_running()?;
-            let out = cp.kubectl([
+        if cert_files.is_none() {
+            poll("the webhook's caBundle is set", timeout, every, || {
+                operator.check_running()?;
+                let out = cp.kubectl([
+                    "get",
+                    "mutatingwebhookconfiguration",
+                    &format!("{RELEASE}-modelpool-{ns}"),
+                    "-o",
+                    "jsonpath={.webhooks[0].clientConfig.caBundle}",
+                ]);
+                Ok((!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(()))
+            })?;
+            cp.kubectl_ok([
                 "get",
-                "mutatingwebhookconfiguration",
-                &format!("{RELEASE}-modelpool-{ns}"),
-                "-o",
-                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+                "secret",
+                &format!("{RELEASE}-modelpool-webhook-tls"),
+                "-n",
+                ns,
             ]);
-            Ok((!String::from_utf8_lossy(&out.stdout).trim().is_empty()).then_some(()))
-        })?;
-        cp.kubectl_ok([
-            "get",
-            "secret",
-            &format!("{RELEASE}-modelpool-webhook-tls"),
-            "-n",
-            ns,
-        ]);
+        } else {
+            poll(
+                "the webhook serves the certificate files",
+                timeout,
+                every,
+                || {
+                    operator.check_running()?;
+                    Ok(operator
+                        .log_text()
+                        .contains("webhook certificate loaded")
+                        .then_some(()))
+                },
+            )?;
+        }
         poll("the pool is reconciled", timeout, every, || {
             operator.check_running()?;
             let out = cp.kubectl(["get", "modelpool", "video", "-n", apps, "-o", "json"]);
@@ -843,6 +1105,13 @@ fn operator_works_with_chart_rbac(cp: &ControlPlane, ns: &str, apps: &str, dir: 
                     .is_some_and(|f| !f.is_empty());
             Ok(done.then_some(()))
         })?;
+        if bind_role.is_some() {
+            let who = format!("system:serviceaccount:{apps}:teamapp");
+            poll("the sidecar's RoleBinding", timeout, every, || {
+                operator.check_running()?;
+                Ok(can_i(cp, &who, apps, "get", "modelpools.modelpool.io").then_some(()))
+            })?;
+        }
         Ok(())
     })();
     let log = operator.log_text();
@@ -988,6 +1257,7 @@ fn install_prometheus_operator_crds(cp: &ControlPlane) {
 /// cluster yet), then the all-on values with the Prometheus Operator's CRDs installed.
 #[tokio::test(flavor = "multi_thread")]
 async fn install_and_uninstall_in_a_restricted_namespace() {
+    let _one_at_a_time = INSTALLS.lock().await;
     let cp = ControlPlane::shared();
     let dir = tempfile::Builder::new()
         .prefix("modelpool-chart-")
@@ -1103,7 +1373,7 @@ async fn install_and_uninstall_in_a_restricted_namespace() {
             "operator: {verb} {resource} in {target_ns}"
         );
     }
-    operator_works_with_chart_rbac(cp, &ns, &apps, dir.path());
+    operator_works_with_chart_rbac(cp, &ns, &apps, dir.path(), None, None);
 
     helm_cluster_ok(cp, &["uninstall", RELEASE, "--namespace", &ns, "--wait"]);
     let left = installed(cp, RELEASE, &ns, false);
@@ -1169,5 +1439,155 @@ async fn install_and_uninstall_in_a_restricted_namespace() {
         &apps,
         "serviceaccounts,rolebindings.rbac.authorization.k8s.io",
     ));
+    assert!(left.is_empty(), "left after helm uninstall: {left:?}");
+}
+
+/// cert-manager's real CRDs (Issuer, Certificate) from its pinned Go module, so that the
+/// chart's cert-manager objects are validated by their real schemas.
+fn install_cert_manager_crds(cp: &ControlPlane) {
+    const MODULE: &str = "github.com/cert-manager/cert-manager@v1.21.2";
+    let out = Command::new("go")
+        .args(["mod", "download", "-json", MODULE])
+        .env("GOFLAGS", "-mod=mod")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("running go mod download");
+    let info: Value =
+        serde_json::from_str(&success_stdout("go mod download", out)).expect("go's JSON");
+    let dir = PathBuf::from(info["Dir"].as_str().expect("module dir")).join("deploy/crds");
+    for kind in ["issuers", "certificates"] {
+        let file = dir.join(format!("cert-manager.io_{kind}.yaml"));
+        cp.kubectl_ok([
+            "apply",
+            "--server-side",
+            "-f",
+            file.to_str().expect("utf-8"),
+        ]);
+        cp.kubectl_ok([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=120s",
+            &format!("crd/{kind}.cert-manager.io"),
+        ]);
+    }
+}
+
+/// Catches a cert-manager install the API server refuses (the Issuer and Certificate against
+/// cert-manager's real schemas, the operator pod with its Secret volume under PodSecurity
+/// `restricted`), an operator that cannot work with the narrower RBAC of that mode (no
+/// Secrets, no webhook configuration), and an uninstall that leaves the cert-manager objects.
+#[tokio::test(flavor = "multi_thread")]
+async fn install_with_cert_manager_in_a_restricted_namespace() {
+    let _one_at_a_time = INSTALLS.lock().await;
+    let cp = ControlPlane::shared();
+    install_cert_manager_crds(cp);
+    let dir = tempfile::Builder::new()
+        .prefix("modelpool-chart-cm-")
+        .tempdir()
+        .expect("tmp");
+    let chart = chart_dir();
+    let ns = cp.restricted_namespace("mp-chart-cm").await;
+    let apps = cp.fresh_namespace("mp-chart-cm-apps").await;
+    helm_cluster_ok(
+        cp,
+        &[
+            "install",
+            RELEASE,
+            chart.to_str().expect("utf-8"),
+            "--namespace",
+            &ns,
+            "--set",
+            "webhook.certManager.enabled=true,sidecar.rbac.autoBind=true",
+        ],
+    );
+    let cm_kinds = "issuers.cert-manager.io,certificates.cert-manager.io";
+    let objects = release_objects(cp, RELEASE, &ns, cm_kinds);
+    for expected in [
+        format!("issuer.cert-manager.io/{RELEASE}-modelpool-webhook"),
+        format!("certificate.cert-manager.io/{RELEASE}-modelpool-webhook"),
+    ] {
+        assert!(
+            objects.contains(&expected),
+            "{expected} not installed: {objects:?}"
+        );
+    }
+    let hook: Value = serde_json::from_str(&cp.kubectl_ok([
+        "get",
+        "mutatingwebhookconfiguration",
+        &format!("{RELEASE}-modelpool-{ns}"),
+        "-o",
+        "json",
+    ]))
+    .expect("JSON");
+    assert_eq!(
+        hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        format!("{ns}/{RELEASE}-modelpool-webhook")
+    );
+    admit_operator_pod(cp, &ns, &format!("{RELEASE}-modelpool-operator"));
+
+    let op = format!("system:serviceaccount:{ns}:{RELEASE}-modelpool-operator");
+    for (verb, resource) in [
+        ("get", format!("secrets/{RELEASE}-modelpool-webhook-tls")),
+        ("create", "secrets".to_owned()),
+        (
+            "patch",
+            format!(
+                "mutatingwebhookconfigurations.admissionregistration.k8s.io/{RELEASE}-modelpool-{ns}"
+            ),
+        ),
+    ] {
+        assert!(
+            !can_i(cp, &op, &ns, verb, &resource),
+            "with cert-manager the operator must not {verb} {resource}"
+        );
+    }
+    // What cert-manager would write, served from files as the pod mounts them.
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let names = vec![format!("{RELEASE}-modelpool-webhook.{ns}.svc")];
+    let cert = rcgen::CertificateParams::new(names)
+        .expect("params")
+        .self_signed(&key)
+        .expect("a self-signed certificate");
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, cert.pem()).expect("write");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write");
+    operator_works_with_chart_rbac(
+        cp,
+        &ns,
+        &apps,
+        dir.path(),
+        Some((&cert_file, &key_file)),
+        Some(&format!("{RELEASE}-modelpool-{ns}-sidecar")),
+    );
+    let binding: Value = serde_json::from_str(&cp.kubectl_ok([
+        "get",
+        "rolebinding",
+        "modelpool-sidecar-video",
+        "-n",
+        &apps,
+        "-o",
+        "json",
+    ]))
+    .expect("JSON");
+    assert_eq!(
+        binding["metadata"]["ownerReferences"][0]["kind"],
+        "ModelPool"
+    );
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "teamapp", "namespace": apps}])
+    );
+    // Nothing else: the operator may bind only the sidecar's role.
+    assert!(!can_i(
+        cp,
+        &op,
+        &apps,
+        "bind",
+        "clusterroles.rbac.authorization.k8s.io/cluster-admin"
+    ));
+
+    helm_cluster_ok(cp, &["uninstall", RELEASE, "--namespace", &ns, "--wait"]);
+    let mut left = installed(cp, RELEASE, &ns, false);
+    left.extend(release_objects(cp, RELEASE, &ns, cm_kinds));
     assert!(left.is_empty(), "left after helm uninstall: {left:?}");
 }

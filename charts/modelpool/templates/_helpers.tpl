@@ -110,13 +110,8 @@ Call with (dict "enabled" <value> "api" "<group/version[/Kind]>" "root" $); prin
 {{- else if eq (toString .enabled) "true" }}true{{ end }}
 {{- end }}
 
-{{/* The container security context every container of the chart uses (PodSecurity restricted). */}}
-{{- define "modelpool.containerSecurityContext" -}}
-runAsNonRoot: true
-readOnlyRootFilesystem: true
-allowPrivilegeEscalation: false
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
+{{/* The webhook Service's DNS names, one a line (the serving certificate's names). */}}
+{{- define "modelpool.webhook.dnsNames" -}}
+{{ include "modelpool.webhook.name" . }}.{{ .Release.Namespace }}.svc
+{{ include "modelpool.webhook.name" . }}.{{ .Release.Namespace }}.svc.cluster.local
 {{- end }}
