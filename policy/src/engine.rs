@@ -315,7 +315,6 @@ struct Instance {
     held: Footprint,
     measured: Option<Footprint>,
     last_used: Duration,
-    credit: f64,
     unload_reason: Option<UnloadReason>,
     /// When the current Unloading/Reclaiming phase began.
     phase_since: Duration,
@@ -326,6 +325,8 @@ struct Learned {
     measured: Option<Footprint>,
     peak: Footprint,
     load_seconds: Option<f64>,
+    /// Its requests, for eviction (kept while no instance is loaded).
+    demand: eviction::Demand,
 }
 
 #[derive(Clone, Debug)]
@@ -351,7 +352,10 @@ pub struct Engine {
     /// Models dropped by a config update whose instances are still in the ledger.
     retired: Vec<bool>,
     readings: Readings,
-    inflation: f64,
+    /// Acquires of listed models seen, and the first one's time (the pool's request rate,
+    /// for models asked for only once so far).
+    arrivals: u64,
+    first_arrival: Option<Duration>,
     next_lease: u64,
     next_generation: u64,
     next_seq: u64,
@@ -373,7 +377,8 @@ impl Engine {
             queue: Vec::new(),
             learned,
             readings: Readings::default(),
-            inflation: 0.0,
+            arrivals: 0,
+            first_arrival: None,
             next_lease: 1,
             next_generation: 1,
             next_seq: 0,
@@ -616,6 +621,9 @@ impl Engine {
             self.refuse(request, session, model.to_owned(), refusal, &mut out);
             return out;
         }
+        self.learned[index].demand.record(now);
+        self.arrivals += 1;
+        self.first_arrival.get_or_insert(now);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.queue.push(Waiting {
@@ -651,7 +659,6 @@ impl Engine {
             return out;
         };
         let key = (session, index);
-        let inflation = self.inflation;
         let Some(instance) = self.instances.get_mut(&key) else {
             return out;
         };
@@ -681,10 +688,6 @@ impl Engine {
                 Some(previous) => 0.5 * previous + 0.5 * seconds,
                 None => seconds,
             });
-        }
-        let cost = self.load_seconds(index);
-        if let Some(instance) = self.instances.get_mut(&key) {
-            instance.credit = eviction::gds_credit(inflation, cost, held, self.config.limits);
         }
         self.check_ceilings(now, &mut out);
         self.process_queue(now, &mut out);
@@ -719,9 +722,6 @@ impl Engine {
         let Some(key) = self.leases.remove(&lease) else {
             return out;
         };
-        let inflation = self.inflation;
-        let limits = self.config.limits;
-        let cost = self.load_seconds(key.1);
         let pinned = self.config.models[key.1].pinned;
         let listed = self.is_listed(key.1);
         let mode = self.config.mode;
@@ -730,7 +730,6 @@ impl Engine {
         };
         instance.leases.remove(&lease);
         instance.last_used = now;
-        instance.credit = eviction::gds_credit(inflation, cost, instance.held, limits);
         let idle_loaded = instance.leases.is_empty() && instance.state == InstanceState::Loaded;
         if idle_loaded && !listed {
             self.start_unload(now, key, UnloadReason::Cleanup, &mut out);
@@ -1206,13 +1205,6 @@ impl Engine {
         instance.state = InstanceState::Unloading;
         instance.unload_reason = Some(reason);
         instance.phase_since = now;
-        if matches!(
-            reason,
-            UnloadReason::Evicted | UnloadReason::Pressure | UnloadReason::Ceiling
-        ) {
-            // GreedyDual-Size: the evicted credit becomes the new floor.
-            self.inflation = self.inflation.max(instance.credit);
-        }
         *self.counters.unloads.entry(reason).or_default() += 1;
         let generation = instance.generation;
         out.push(Output::Unload {
@@ -1223,10 +1215,22 @@ impl Engine {
         });
     }
 
-    /// Idle, unpinned, loaded instances in eviction order.
-    fn eviction_order(&self) -> Vec<Key> {
-        let mut candidates: Vec<Candidate<Key>> = self
-            .instances
+    /// The pool's mean time between requests times the number of models it lists: the gap
+    /// a model would have if all were equally popular (for models not yet asked for twice).
+    fn prior_gap_s(&self, now: Duration) -> f64 {
+        let models = self.retired.iter().filter(|r| !**r).count().max(1) as f64;
+        match self.first_arrival {
+            Some(first) if self.arrivals > 0 => {
+                now.saturating_sub(first).as_secs_f64() / self.arrivals as f64 * models
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Idle, unpinned, loaded instances, as eviction candidates.
+    fn candidates(&self, now: Duration) -> Vec<Candidate<Key>> {
+        let prior = self.prior_gap_s(now);
+        self.instances
             .iter()
             .filter(|(key, i)| {
                 i.state == InstanceState::Loaded
@@ -1237,9 +1241,16 @@ impl Engine {
                 key: *key,
                 priority: self.config.models[key.1].priority,
                 last_used: i.last_used,
-                credit: i.credit,
+                held: i.held,
+                loss: self.load_seconds(key.1) / self.learned[key.1].demand.next_s(now, prior),
+                size: eviction::size(i.held, self.config.limits),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Idle, unpinned, loaded instances in eviction order.
+    fn eviction_order(&self, now: Duration) -> Vec<Key> {
+        let mut candidates = self.candidates(now);
         eviction::order(self.config.eviction, &mut candidates);
         candidates.into_iter().map(|c| c.key).collect()
     }
@@ -1262,7 +1273,10 @@ impl Engine {
     /// While that room is coming back nothing may pass it. While it waits for leases to end
     /// instead (no telling when), later requests that fit in the room there is now may pass,
     /// but only until it has waited half its acquire timeout, so that small requests cannot
-    /// starve a big one.
+    /// starve a big one. A request for a copy already loaded in its session is served
+    /// whatever waits before it: it takes no room. (Holding those back behind a head that
+    /// waited on leases made them wait, and time out, for nothing: found by the eviction
+    /// benchmark's `diurnal` trace.)
     fn process_queue(&mut self, now: Duration, out: &mut Vec<Output>) {
         if self.shutting_down {
             return;
@@ -1270,6 +1284,8 @@ impl Engine {
         self.queue
             .sort_by(|a, b| b.priority.cmp(&a.priority).then(a.seq.cmp(&b.seq)));
         let mut blocked_head: Option<Duration> = None;
+        // Once closed, only requests for a loaded copy are served (they take no room).
+        let mut closed = false;
         let mut index = 0;
         while index < self.queue.len() {
             let waiting = self.queue[index].clone();
@@ -1295,10 +1311,16 @@ impl Engine {
                 self.refuse(waiting.request, waiting.session, model, refusal, out);
                 continue;
             }
+            if closed {
+                index += 1;
+                continue;
+            }
             if let Some(head_since) = blocked_head
                 && now.saturating_sub(head_since) >= self.config.acquire_timeout / 2
             {
-                break;
+                closed = true;
+                index += 1;
+                continue;
             }
             if self.fits(need) {
                 self.queue.remove(index);
@@ -1313,7 +1335,6 @@ impl Engine {
                         held: need,
                         measured: None,
                         last_used: now,
-                        credit: 0.0,
                         unload_reason: None,
                         phase_since: now,
                     },
@@ -1325,9 +1346,7 @@ impl Engine {
             if blocked_head.is_none() {
                 self.make_room(now, need, out);
                 // Room is on its way back for it: nothing may pass and take that room.
-                if !self.in_flight().is_zero() {
-                    break;
-                }
+                closed = !self.in_flight().is_zero();
                 blocked_head = Some(waiting.since);
             }
             index += 1;
@@ -1346,7 +1365,7 @@ impl Engine {
         };
         let short =
             |coming_back: Footprint| Resource::ALL.into_iter().any(|r| short_of(r, coming_back));
-        let mut coming_back = self.in_flight();
+        let coming_back = self.in_flight();
         if !short(coming_back) {
             return;
         }
@@ -1355,21 +1374,16 @@ impl Engine {
         if short(coming_back.plus(self.reclaimable())) {
             return;
         }
-        for key in self.eviction_order() {
-            if !short(coming_back) {
-                break;
-            }
-            let Some(held_by_victim) = self.instances.get(&key).map(|i| i.held) else {
-                continue;
-            };
-            // Evicting a model that holds none of the short resource does not help.
-            let helps = Resource::ALL
-                .into_iter()
-                .any(|r| held_by_victim.get(r) > 0 && short_of(r, coming_back));
-            if !helps {
-                continue;
-            }
-            coming_back = coming_back.plus(held_by_victim);
+        let missing = |r: Resource| {
+            let slot = if r == Resource::Vram { 0 } else { 1 };
+            rooms[slot].map_or(0, |room| {
+                need.get(r)
+                    .saturating_sub(room.saturating_add(coming_back.get(r)))
+            })
+        };
+        let missing = Footprint::new(missing(Resource::Vram), missing(Resource::Ram));
+        let victims = eviction::choose(self.config.eviction, &self.candidates(now), missing);
+        for key in victims {
             self.start_unload(now, key, UnloadReason::Evicted, out);
         }
     }
@@ -1378,15 +1392,11 @@ impl Engine {
         let lease = LeaseId(self.next_lease);
         self.next_lease += 1;
         let key = (waiting.session, waiting.model);
-        let inflation = self.inflation;
-        let limits = self.config.limits;
-        let cost = self.load_seconds(waiting.model);
         let mut generation = 0;
         if let Some(instance) = self.instances.get_mut(&key) {
             generation = instance.generation;
             instance.leases.insert(lease);
             instance.last_used = now;
-            instance.credit = eviction::gds_credit(inflation, cost, instance.held, limits);
         }
         self.leases.insert(lease, key);
         out.push(Output::Granted {
@@ -1426,7 +1436,7 @@ impl Engine {
                 continue;
             }
             let mut excess = (used - allowed).saturating_sub(self.in_flight().get(resource));
-            for key in self.eviction_order() {
+            for key in self.eviction_order(now) {
                 if excess == 0 {
                     break;
                 }
@@ -1467,7 +1477,7 @@ impl Engine {
             self.over_ceiling[slot] = over;
             if over && self.config.evict_over_ceiling {
                 let mut excess = (held - limit).saturating_sub(self.in_flight().get(resource));
-                for key in self.eviction_order() {
+                for key in self.eviction_order(now) {
                     if excess == 0 {
                         break;
                     }

@@ -1,18 +1,40 @@
-//! Eviction order among idle instances.
+//! Which idle instances go when room is needed.
 //!
-//! `CostAware` is GreedyDual-Size (Cao & Irani, "Cost-Aware WWW Proxy Caching Algorithms",
-//! USENIX Symposium on Internet Technologies and Systems, 1997): each cached item carries
-//! `H = L + cost / size`, refreshed on every hit; the item with the smallest `H` is evicted and
-//! the inflation value `L` becomes that `H`, so items not used for a long time age out even
-//! when they are expensive. Here cost is the model's measured load time in seconds (the pool's
-//! `loadSeconds` hint until a load has been measured, 1 s without either) and size is the
-//! larger share of a ceiling it holds (`max(vram / limits.vram, ram / limits.ram)`): a model
-//! that fills most of the RAM ceiling is big even when it holds little VRAM. Without
-//! ceilings, size is the larger of its VRAM and RAM in GiB. (Sizing by VRAM alone made
-//! CostAware keep RAM-heavy models while RAM was the tight ceiling: `BENCHMARKS.md`.)
-//!
-//! Priority comes first under both policies: a lower-priority instance is always evicted
+//! Priority comes first under both policies: a lower-priority instance is always chosen
 //! before a higher-priority one.
+//!
+//! `Lru` evicts the least recently used idle instance first, each one that holds some of the
+//! resource that is short, until the request fits.
+//!
+//! `CostAware` estimates, for each idle model, what evicting it will cost per second: its
+//! reload time divided by the time until it is next asked for, `load_s / next_s`. That is the
+//! rule of the clairvoyant schedule the eviction benchmark compares against (cost-weighted
+//! Belady: evict the smallest `load_s / (size × time to next use)`), with the future replaced by
+//! an estimate from the past:
+//!
+//! - `next_s = max(gap, since)`: `gap` is a moving average of the time between requests for
+//!   the model (weight [`GAP_WEIGHT`] on the newest), `since` the time since its last request.
+//!   A model whose requests stop (the hot set moved on) sees `since` grow past its `gap`, so
+//!   it loses its place without any tuned horizon; a model that turns hot gets a short `gap`
+//!   within a few requests.
+//! - The estimates outlive the instance: an evicted model keeps its history (a "ghost", as in
+//!   ARC or LeCaR), so a model evicted by mistake and asked for again soon comes back with a
+//!   short `gap` and is kept the next time. A model never asked for twice gets the pool's mean
+//!   time between requests times the number of models (what it would be if all were equally
+//!   popular), so a one-off load does not look hot just because it is recent.
+//!
+//! The victims are then chosen as a *set*, not one by one in a fixed order: greedily the
+//! candidate with the least cost per second per share of the shortfall it frees (only what is
+//! short counts, and nothing beyond the shortfall), then any victim the others made
+//! unnecessary is kept (the dearest first). So a cheap model that holds a little of the short
+//! resource is not evicted when a model that frees the whole shortfall costs less per second,
+//! and several small models are not evicted where one larger, colder one is enough. Under
+//! pressure and over-ceiling eviction (which only know an excess in bytes) candidates go in
+//! order of cost per second per share of the ceilings they hold ([`size`]).
+//!
+//! This replaced GreedyDual-Size (`H = L + load_s / size`), which measured frequency only
+//! through recency and gave small, cheap, RAM-heavy models the lowest credit, so those were
+//! reloaded over and over when RAM was short (`BENCHMARKS.md`, eviction).
 
 use std::time::Duration;
 
@@ -24,7 +46,11 @@ use crate::{
 /// Cost used when neither a measurement nor a hint exists.
 pub const DEFAULT_LOAD_SECONDS: f64 = 1.0;
 
-/// The size GreedyDual-Size divides by: the larger share of a ceiling, or GiB without any.
+/// Weight of the newest gap in a model's moving average of the time between its requests.
+pub const GAP_WEIGHT: f64 = 0.3;
+
+/// The size a model's cost is spread over: the larger share of a ceiling it holds, or GiB
+/// without any ceiling.
 pub fn size(held: Footprint, limits: Limits) -> f64 {
     let shares: Vec<f64> = Resource::ALL
         .into_iter()
@@ -42,9 +68,36 @@ pub fn size(held: Footprint, limits: Limits) -> f64 {
     }
 }
 
-/// GreedyDual-Size credit of one instance: `L + cost / size`.
-pub fn gds_credit(inflation: f64, load_seconds: f64, held: Footprint, limits: Limits) -> f64 {
-    inflation + load_seconds.max(0.0) / size(held, limits)
+/// What the engine remembers of a model's requests, kept after its instances are gone.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Demand {
+    /// When it was last asked for.
+    pub last_request: Option<Duration>,
+    /// Moving average of the seconds between its requests.
+    pub gap_s: Option<f64>,
+}
+
+impl Demand {
+    /// Counts a request at `now`.
+    pub fn record(&mut self, now: Duration) {
+        if let Some(last) = self.last_request {
+            let gap = now.saturating_sub(last).as_secs_f64();
+            self.gap_s = Some(match self.gap_s {
+                Some(mean) => (1.0 - GAP_WEIGHT) * mean + GAP_WEIGHT * gap,
+                None => gap,
+            });
+        }
+        self.last_request = Some(now);
+    }
+
+    /// Seconds until it is likely asked for again: `max(gap, since last request)`, with
+    /// `prior_gap_s` standing in for a gap not yet seen.
+    pub fn next_s(&self, now: Duration, prior_gap_s: f64) -> f64 {
+        let since = self
+            .last_request
+            .map_or(prior_gap_s, |last| now.saturating_sub(last).as_secs_f64());
+        self.gap_s.unwrap_or(prior_gap_s).max(since).max(1e-3)
+    }
 }
 
 /// A candidate for eviction, with what orders it.
@@ -56,37 +109,141 @@ pub struct Candidate<K> {
     pub priority: i32,
     /// When it was last used.
     pub last_used: Duration,
-    /// Its GreedyDual-Size credit.
-    pub credit: f64,
+    /// What it holds.
+    pub held: Footprint,
+    /// Seconds of reloading per second that evicting it is expected to cost
+    /// (`load_s / next_s`).
+    pub loss: f64,
+    /// Its [`size`].
+    pub size: f64,
 }
 
-/// Sorts candidates so that the first one is evicted first.
+/// Sorts candidates so that the first one is evicted first (pressure and ceilings).
 pub fn order<K: Ord>(policy: EvictionPolicy, candidates: &mut [Candidate<K>]) {
     candidates.sort_by(|a, b| {
         a.priority
             .cmp(&b.priority)
             .then_with(|| match policy {
                 EvictionPolicy::Lru => a.last_used.cmp(&b.last_used),
-                EvictionPolicy::CostAware => a
-                    .credit
-                    .total_cmp(&b.credit)
+                EvictionPolicy::CostAware => (a.loss / a.size)
+                    .total_cmp(&(b.loss / b.size))
                     .then_with(|| a.last_used.cmp(&b.last_used)),
             })
             .then_with(|| a.key.cmp(&b.key))
     });
 }
 
+/// The victims that free `short` (bytes still missing per resource), chosen as a set (see the
+/// module docs). Returns them in the order chosen; empty when all of them together would not
+/// be enough.
+pub fn choose<K: Ord + Clone>(
+    policy: EvictionPolicy,
+    candidates: &[Candidate<K>],
+    short: Footprint,
+) -> Vec<K> {
+    let covers = |chosen: &[usize]| {
+        let freed = chosen
+            .iter()
+            .fold(Footprint::default(), |sum, &i| sum.plus(candidates[i].held));
+        freed.vram >= short.vram && freed.ram >= short.ram
+    };
+    let all: Vec<usize> = (0..candidates.len()).collect();
+    if short.is_zero() || !covers(&all) {
+        return Vec::new();
+    }
+    let mut chosen: Vec<usize> = Vec::new();
+    match policy {
+        EvictionPolicy::Lru => {
+            let mut sorted = candidates.to_vec();
+            order(policy, &mut sorted);
+            let mut missing = short;
+            for c in sorted {
+                if missing.is_zero() {
+                    break;
+                }
+                let helps = Resource::ALL
+                    .into_iter()
+                    .any(|r| missing.get(r) > 0 && c.held.get(r) > 0);
+                if helps {
+                    missing = missing.minus(c.held);
+                    if let Some(i) = candidates.iter().position(|x| x.key == c.key) {
+                        chosen.push(i);
+                    }
+                }
+            }
+        }
+        EvictionPolicy::CostAware => {
+            let mut missing = short;
+            let mut left: Vec<usize> = all;
+            while !missing.is_zero() {
+                // Share of what is still missing that a candidate frees.
+                let useful = |c: &Candidate<K>| -> f64 {
+                    Resource::ALL
+                        .into_iter()
+                        .filter(|r| missing.get(*r) > 0)
+                        .map(|r| c.held.get(r).min(missing.get(r)) as f64 / missing.get(r) as f64)
+                        .sum()
+                };
+                let best = left
+                    .iter()
+                    .copied()
+                    .filter(|&i| useful(&candidates[i]) > 0.0)
+                    .min_by(|&a, &b| {
+                        let (ca, cb) = (&candidates[a], &candidates[b]);
+                        ca.priority
+                            .cmp(&cb.priority)
+                            .then_with(|| (ca.loss / useful(ca)).total_cmp(&(cb.loss / useful(cb))))
+                            .then_with(|| ca.last_used.cmp(&cb.last_used))
+                            .then_with(|| ca.key.cmp(&cb.key))
+                    });
+                let Some(best) = best else { break };
+                missing = missing.minus(candidates[best].held);
+                chosen.push(best);
+                left.retain(|&i| i != best);
+            }
+            // Keep any victim the others made unnecessary, the dearest (highest priority,
+            // then highest loss) first.
+            let mut by_dearness = chosen.clone();
+            by_dearness.sort_by(|&a, &b| {
+                let (ca, cb) = (&candidates[a], &candidates[b]);
+                cb.priority
+                    .cmp(&ca.priority)
+                    .then_with(|| cb.loss.total_cmp(&ca.loss))
+            });
+            for i in by_dearness {
+                let without: Vec<usize> = chosen.iter().copied().filter(|&j| j != i).collect();
+                if covers(&without) {
+                    chosen = without;
+                }
+            }
+        }
+    }
+    chosen
+        .into_iter()
+        .map(|i| candidates[i].key.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn candidate(key: u32, priority: i32, last_used: u64, credit: f64) -> Candidate<u32> {
+    const GIB: u64 = 1 << 30;
+
+    fn candidate(key: u32, priority: i32, last_used: u64, loss: f64) -> Candidate<u32> {
         Candidate {
             key,
             priority,
             last_used: Duration::from_secs(last_used),
-            credit,
+            held: Footprint::new(GIB, 0),
+            loss,
+            size: 1.0,
         }
+    }
+
+    fn with_held(mut c: Candidate<u32>, vram: u64, ram: u64) -> Candidate<u32> {
+        c.held = Footprint::new(vram * GIB, ram * GIB);
+        c
     }
 
     #[test]
@@ -102,20 +259,88 @@ mod tests {
     }
 
     #[test]
-    fn cost_aware_evicts_cheap_per_byte_first() {
-        // A 1 GiB model that reloads in 1 s vs a 1 GiB model that takes 30 s.
-        let cheap = gds_credit(0.0, 1.0, Footprint::new(1 << 30, 0), Limits::default());
-        let dear = gds_credit(0.0, 30.0, Footprint::new(1 << 30, 0), Limits::default());
-        // Same cost, bigger model: lower credit per byte, so evicted first.
-        let big = gds_credit(0.0, 1.0, Footprint::new(8 << 30, 0), Limits::default());
+    fn next_use_is_the_larger_of_gap_and_idle_time() {
+        let mut d = Demand::default();
+        // Never asked twice: the prior.
+        d.record(Duration::from_secs(0));
+        assert_eq!(d.next_s(Duration::from_secs(5), 100.0), 100.0);
+        d.record(Duration::from_secs(10));
+        d.record(Duration::from_secs(20));
+        // Gaps of 10 s: expected in 10 s while recently asked for ...
+        assert!((d.next_s(Duration::from_secs(21), 100.0) - 10.0).abs() < 1e-9);
+        // ... and no sooner than the time already gone by once it has gone quiet.
+        assert!((d.next_s(Duration::from_secs(520), 100.0) - 500.0).abs() < 1e-9);
+        // A burst of short gaps pulls the average down.
+        for t in [21, 22, 23, 24, 25] {
+            d.record(Duration::from_secs(t));
+        }
+        assert!(d.next_s(Duration::from_secs(25), 100.0) < 3.0);
+    }
+
+    #[test]
+    fn cost_aware_order_is_loss_per_share_and_priority_first() {
         let mut c = vec![
-            candidate(1, 0, 0, dear),
-            candidate(2, 0, 5, cheap),
-            candidate(3, 0, 9, big),
+            candidate(1, 0, 0, 3.0),
+            candidate(2, 0, 5, 1.0),
+            candidate(3, 1, 9, 0.0),
         ];
+        c[0].size = 3.0; // 1.0 per share
+        c[1].size = 0.5; // 2.0 per share
         order(EvictionPolicy::CostAware, &mut c);
         let keys: Vec<u32> = c.iter().map(|c| c.key).collect();
-        assert_eq!(keys, [3, 2, 1]);
+        assert_eq!(keys, [1, 2, 3]);
+    }
+
+    #[test]
+    fn one_model_that_covers_the_shortfall_beats_several_cheap_ones() {
+        // 8 GiB VRAM missing: one 10 GiB model costing 5/s, or eight 1 GiB models at 1/s each.
+        let mut c: Vec<Candidate<u32>> = (0..8)
+            .map(|k| with_held(candidate(k, 0, 0, 1.0), 1, 0))
+            .collect();
+        c.push(with_held(candidate(99, 0, 0, 5.0), 10, 0));
+        let victims = choose(EvictionPolicy::CostAware, &c, Footprint::new(8 * GIB, 0));
+        assert_eq!(victims, [99]);
+    }
+
+    #[test]
+    fn a_model_holding_none_of_what_is_short_stays() {
+        // RAM is short; the cheapest model holds VRAM only.
+        let c = vec![
+            with_held(candidate(1, 0, 0, 0.1), 10, 0),
+            with_held(candidate(2, 0, 0, 2.0), 1, 6),
+        ];
+        let victims = choose(EvictionPolicy::CostAware, &c, Footprint::new(0, 4 * GIB));
+        assert_eq!(victims, [2]);
+    }
+
+    #[test]
+    fn a_victim_made_unnecessary_by_later_ones_is_kept() {
+        // 6 GiB missing. Greedy takes the 2 GiB model at 0.3/s first (0.3 per third of the
+        // shortfall... 0.9 per whole), then needs the 6 GiB one (1.0 per whole), which alone
+        // is enough: the first is kept.
+        let c = vec![
+            with_held(candidate(1, 0, 0, 0.3), 2, 0),
+            with_held(candidate(2, 0, 0, 1.0), 6, 0),
+        ];
+        let victims = choose(EvictionPolicy::CostAware, &c, Footprint::new(6 * GIB, 0));
+        assert_eq!(victims, [2]);
+    }
+
+    #[test]
+    fn lower_priority_goes_first_even_when_dearer() {
+        let c = vec![
+            with_held(candidate(1, 5, 0, 0.1), 8, 0),
+            with_held(candidate(2, 0, 0, 9.0), 8, 0),
+        ];
+        let victims = choose(EvictionPolicy::CostAware, &c, Footprint::new(4 * GIB, 0));
+        assert_eq!(victims, [2]);
+    }
+
+    #[test]
+    fn nothing_is_chosen_when_all_would_not_be_enough() {
+        let c = vec![with_held(candidate(1, 0, 0, 0.1), 2, 0)];
+        assert!(choose(EvictionPolicy::CostAware, &c, Footprint::new(4 * GIB, 0)).is_empty());
+        assert!(choose(EvictionPolicy::Lru, &c, Footprint::new(4 * GIB, 0)).is_empty());
     }
 
     #[test]
@@ -124,21 +349,8 @@ mod tests {
             vram: Some(20 << 30),
             ram: Some(16 << 30),
         };
-        // upscale: 4 GiB of 20 VRAM but 12 GiB of 16 RAM; t2v: 12 of 20 VRAM, 2 of 16 RAM.
         let upscale = size(Footprint::new(4 << 30, 12 << 30), limits);
         let t2v = size(Footprint::new(12 << 30, 2 << 30), limits);
         assert!((upscale - 0.75).abs() < 1e-9 && (t2v - 0.6).abs() < 1e-9);
-        assert!(
-            gds_credit(0.0, 8.0, Footprint::new(4 << 30, 12 << 30), limits)
-                < gds_credit(0.0, 8.0, Footprint::new(12 << 30, 2 << 30), limits)
-        );
-    }
-
-    #[test]
-    fn inflation_ages_expensive_models() {
-        // After evictions raised L, a fresh cheap model outranks an old expensive one.
-        let old_dear = gds_credit(0.0, 30.0, Footprint::new(1 << 30, 0), Limits::default());
-        let fresh_cheap = gds_credit(40.0, 1.0, Footprint::new(1 << 30, 0), Limits::default());
-        assert!(fresh_cheap > old_dear);
     }
 }

@@ -538,3 +538,99 @@ fn nothing_passes_a_request_whose_room_is_on_its_way_back() {
         "in order, both fit now"
     );
 }
+
+#[test]
+fn cost_aware_keeps_a_model_asked_for_often_over_a_newer_one_asked_for_once() {
+    // hot is asked for every 10 s; once is asked for once, more recently. Lru evicts hot (used
+    // longer ago); CostAware expects hot back in 10 s and once not for a long while.
+    let models = vec![
+        ModelConfig {
+            load_seconds: Some(5.0),
+            ..ModelConfig::new("hot", 8 * GIB, 0)
+        },
+        ModelConfig {
+            load_seconds: Some(5.0),
+            ..ModelConfig::new("once", 8 * GIB, 0)
+        },
+        ModelConfig::new("new", 8 * GIB, 0),
+    ];
+    for (policy, victim) in [
+        (EvictionPolicy::Lru, "hot"),
+        (EvictionPolicy::CostAware, "once"),
+    ] {
+        let mut config = PoolConfig::new(
+            Limits {
+                vram: Some(16 * GIB),
+                ram: None,
+            },
+            models.clone(),
+        );
+        config.mode = Mode::Cache;
+        config.eviction = policy;
+        let mut engine = Engine::new(config);
+        let lease = load(&mut engine, secs(0), 1, APP, "hot");
+        engine.release(secs(1), lease);
+        for (n, t) in [10, 20, 30].into_iter().enumerate() {
+            let out = engine.acquire(secs(t), RequestId(2 + n as u64), APP, "hot");
+            engine.release(secs(t + 1), granted(&out)[0].2);
+        }
+        let lease = load(&mut engine, secs(35), 9, APP, "once");
+        engine.release(secs(36), lease);
+        let out = engine.acquire(secs(40), RequestId(10), APP, "new");
+        assert_eq!(unloads(&out)[0].0, victim, "{policy:?}");
+    }
+}
+
+#[test]
+fn cost_aware_evicts_the_one_model_that_frees_the_shortfall_not_every_small_one() {
+    // 16 GiB RAM ceiling, full with big (10 GiB) and three smalls (2 GiB each); an 8 GiB RAM
+    // load is short of 8 GiB. The smalls are cheaper one by one, but all three free only 6 GiB
+    // and would still need big: CostAware evicts big alone.
+    let mut models = vec![ModelConfig {
+        load_seconds: Some(10.0),
+        ..ModelConfig::new("big", 0, 10 * GIB)
+    }];
+    for name in ["s1", "s2", "s3"] {
+        models.push(ModelConfig {
+            load_seconds: Some(1.0),
+            ..ModelConfig::new(name, 0, 2 * GIB)
+        });
+    }
+    models.push(ModelConfig::new("new", 0, 8 * GIB));
+    let mut config = PoolConfig::new(
+        Limits {
+            vram: None,
+            ram: Some(16 * GIB),
+        },
+        models,
+    );
+    config.mode = Mode::Cache;
+    config.eviction = EvictionPolicy::CostAware;
+    let mut engine = Engine::new(config);
+    for (n, name) in ["big", "s1", "s2", "s3"].into_iter().enumerate() {
+        let lease = load(&mut engine, secs(n as u64), n as u64 + 1, APP, name);
+        engine.release(secs(n as u64), lease);
+    }
+    let out = engine.acquire(secs(10), RequestId(9), APP, "new");
+    assert_eq!(unloads(&out), [("big".to_owned(), UnloadReason::Evicted)]);
+}
+
+#[test]
+fn a_request_for_a_loaded_copy_passes_a_head_that_waits_for_leases() {
+    let mut config = seed_pool(Mode::Cache);
+    config.acquire_timeout = secs(60);
+    let mut engine = Engine::new(config);
+    let _upscale = load(&mut engine, secs(0), 1, APP, "upscale"); // 12 GiB RAM, leased
+    assert!(granted(&engine.acquire(secs(1), RequestId(2), OTHER, "upscale")).is_empty());
+    let t2v = load(&mut engine, secs(2), 3, APP, "t2v");
+    engine.release(secs(3), t2v);
+    // Another load waits behind the head.
+    assert!(
+        granted(&engine.acquire(secs(5), RequestId(5), OTHER, "frame_interpolation")).is_empty()
+    );
+    // The head has waited past half its timeout: no load passes it, but APP's t2v is loaded
+    // and takes no room.
+    let out = engine.acquire(secs(40), RequestId(4), APP, "t2v");
+    assert_eq!(granted(&out).len(), 1, "{out:?}");
+    assert_eq!(granted(&out)[0].1, Action::Use);
+}
