@@ -1,28 +1,40 @@
 //! The `eviction` scenario: the real policy engine against the caching rules people use
-//! today, on the same trace, the same ceilings and a simulated clock.
+//! today, on the same trace, the same ceilings and a simulated clock, next to a clairvoyant
+//! schedule and a proven lower bound on what any schedule costs.
 //!
 //! Every request is `acquire` → (when the answer is Load: `loaded` after the model's load
 //! time) → hold for `hold_s` → `release`. Unload commands are answered at once (`unloaded` and
 //! `reclaimed` in the same instant). A request that finds no room waits (FIFO, as the engine
-//! queues) up to the pool's acquire timeout, then counts as refused. The cost of a policy is
-//! the load time it spends (`reload_seconds`), cold loads included: every policy pays those.
+//! queues) up to the pool's acquire timeout, then is refused.
+//!
+//! **Cost** (`cost_s`) is the delay users see, in seconds, summed over requests: the time each
+//! request waited for its grant (`queue_wait_s`), plus each load (`reload_seconds`: the request
+//! that asked for the load waits for it; cold loads count, every policy pays those), plus for
+//! each refused request its model's load time (`refused_load_s`: what retrying it would take
+//! at the least) on top of the wait it was refused after. So a policy cannot look cheaper by
+//! refusing, or by making requests queue.
 //!
 //! Contenders, all under the same ceilings:
-//! - ours: the engine in Cache mode with CostAware (GreedyDual-Size) or Lru eviction and the
-//!   pool's idle TTL, and in Aggressive mode (unload at last release: the seed's behaviour).
+//! - ours: the engine in Cache mode with CostAware or Lru eviction, with the pool's idle TTL
+//!   (`costaware_cache`, `lru_cache`) or none (`costaware_keep`); in Aggressive mode (unload at
+//!   last release: the seed's behaviour); and `manifest`, the engine exactly as a `ModelPool`
+//!   manifest configures it (mode, eviction, idleTTL, pressure with the pod's baseline,
+//!   priorities), for workloads that come with one.
 //! - `lru`: keep everything, evict the least recently used idle model when a load does not fit.
-//! - `ttl_keepalive` (Ollama's `keep_alive`): unload after the idle TTL; evict LRU when a load
-//!   does not fit.
+//! - `ttl_keepalive` (Ollama's scheduler): unload after the idle TTL (`keep_alive`); when a
+//!   load does not fit, or `OLLAMA_MAX_LOADED_MODELS` (3, its default for one GPU) are loaded,
+//!   unload idle runners in Ollama's order: by keep-alive duration, then by model path (a
+//!   fixed order unrelated to use: here the model name), one at a time until it fits.
 //! - `max_n_lru` (Ray Serve model multiplexing, `max_num_models_per_replica`): at most N models,
 //!   LRU; N is the ceiling over the mean model size. Loads that N allows but memory does not
 //!   are counted in `would_oom` (Ray does not know memory: those would fail there) and then
 //!   made to fit by evicting more, so that its cost stays comparable.
-//! - `offline` (clairvoyant, the bound): on each eviction it knows every future arrival. Two
-//!   rules are run and the cheaper kept: Belady (evict the idle model whose next use is
-//!   farthest, larger first on ties) and cost-weighted Belady (evict the smallest
-//!   `load_s / (size × time to next use)` first). With varied sizes and load costs the exact
-//!   optimum is NP-hard (generalized caching), so this is the best known schedule, not a proof
-//!   of optimality; `ratio_to_offline` below 1 would say an online policy beat it.
+//! - `offline` (clairvoyant): on each eviction it knows every future arrival. Two rules are run
+//!   and the cheaper kept: Belady (evict the idle model whose next use is farthest, larger first
+//!   on ties) and cost-weighted Belady (evict the smallest `load_s / (size × time to next use)`
+//!   first). A good schedule, not an optimal one: policies can beat it.
+//! - `bound` (`bench/src/bound.rs`): the optimum of a linear-programming relaxation, a proven
+//!   lower bound on `cost_s` for every schedule of the trace, online or not.
 
 use std::{
     cmp::Reverse,
@@ -36,38 +48,47 @@ use modelpool_policy::{
 };
 
 use crate::{
+    bound,
     report::Row,
     trace::{Model, Workload},
 };
 
 const GIB: f64 = (1u64 << 30) as f64;
 const SESSION: SessionId = SessionId(1);
+/// Ollama's default `OLLAMA_MAX_LOADED_MODELS` on one GPU (3 per GPU).
+pub const OLLAMA_MAX_LOADED: usize = 3;
 
 /// The contenders, in the order results are printed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Contender {
-    /// Engine, Cache mode, CostAware, idle TTL.
+    /// Engine, Cache mode, CostAware, the workload's idle TTL.
     CostAwareCache,
-    /// Engine, Cache mode, Lru, idle TTL.
+    /// Engine, Cache mode, CostAware, no idle TTL.
+    CostAwareKeep,
+    /// Engine, Cache mode, Lru, the workload's idle TTL.
     LruCache,
     /// Engine, Aggressive mode.
     Aggressive,
+    /// Engine as the workload's ModelPool manifest configures it (only with a manifest).
+    Manifest,
     /// Plain LRU.
     Lru,
-    /// Ollama keep_alive.
+    /// Ollama's scheduler: keep_alive, its victim order and its max-loaded cap.
     TtlKeepalive,
     /// Ray Serve multiplexing.
     MaxNLru,
-    /// The clairvoyant bound.
+    /// The clairvoyant schedule.
     Offline,
 }
 
 impl Contender {
     /// All, ours first.
-    pub const ALL: [Contender; 7] = [
+    pub const ALL: [Contender; 9] = [
         Self::CostAwareCache,
+        Self::CostAwareKeep,
         Self::LruCache,
         Self::Aggressive,
+        Self::Manifest,
         Self::Lru,
         Self::TtlKeepalive,
         Self::MaxNLru,
@@ -83,8 +104,10 @@ impl Contender {
     pub fn name(self) -> &'static str {
         match self {
             Self::CostAwareCache => "costaware_cache",
+            Self::CostAwareKeep => "costaware_keep",
             Self::LruCache => "lru_cache",
             Self::Aggressive => "aggressive",
+            Self::Manifest => "manifest",
             Self::Lru => "lru",
             Self::TtlKeepalive => "ttl_keepalive",
             Self::MaxNLru => "max_n_lru",
@@ -92,11 +115,15 @@ impl Contender {
         }
     }
 
-    /// `ours`, `baseline` or `bound`.
+    /// `ours`, `baseline` or `clairvoyant`.
     pub fn kind(self) -> &'static str {
         match self {
-            Self::CostAwareCache | Self::LruCache | Self::Aggressive => "ours",
-            Self::Offline => "bound",
+            Self::CostAwareCache
+            | Self::CostAwareKeep
+            | Self::LruCache
+            | Self::Aggressive
+            | Self::Manifest => "ours",
+            Self::Offline => "clairvoyant",
             _ => "baseline",
         }
     }
@@ -113,12 +140,16 @@ pub struct Stats {
     pub unloads: u64,
     /// Requests answered without a load of their own.
     pub hits: u64,
-    /// Requests that waited past the acquire timeout.
+    /// Requests refused (waited past the acquire timeout, or can never fit).
     pub refused: u64,
     /// Bytes moved by loads (the larger footprint of each).
     pub reload_bytes: u64,
     /// Seconds spent loading.
     pub reload_seconds: f64,
+    /// The load time of each refused request's model, summed.
+    pub refused_load_seconds: f64,
+    /// Arrival to grant (or to refusal), summed over all requests.
+    pub queue_wait_seconds: f64,
     /// Sum of arrival-to-usable times of granted requests.
     pub wait_seconds: f64,
     /// Requests granted.
@@ -129,7 +160,7 @@ pub struct Stats {
     pub span: f64,
     /// `max_n_lru` only: loads its N allowed that memory did not.
     pub would_oom: Option<u64>,
-    /// `offline` only: which rule gave the bound.
+    /// `offline` only: which rule gave the schedule.
     pub variant: Option<&'static str>,
 }
 
@@ -137,6 +168,17 @@ impl Stats {
     /// Requests served without a load of their own.
     pub fn hit_ratio(&self) -> f64 {
         self.hits as f64 / self.requests.max(1) as f64
+    }
+
+    /// The cost: loads, queueing, and refusals priced at their wait plus a load.
+    pub fn cost(&self) -> f64 {
+        self.reload_seconds + self.refused_load_seconds + self.queue_wait_seconds
+    }
+
+    /// Mean VRAM and RAM held, GiB.
+    pub fn held_gib_mean(&self) -> (f64, f64) {
+        let span = self.span.max(1e-9);
+        (self.held_area.0 / span / GIB, self.held_area.1 / span / GIB)
     }
 }
 
@@ -151,7 +193,9 @@ enum Out {
     Unload {
         model: usize,
     },
-    Refused,
+    Refused {
+        request: usize,
+    },
 }
 
 trait Backend {
@@ -248,6 +292,7 @@ fn simulate(w: &Workload, backend: &mut dyn Backend) -> Stats {
                     let model = &w.models[r.model];
                     leases[request] = Some(lease);
                     stats.granted += 1;
+                    stats.queue_wait_seconds += (now.as_secs_f64() - r.t).max(0.0);
                     pending += 1;
                     if load {
                         stats.loads += 1;
@@ -269,7 +314,12 @@ fn simulate(w: &Workload, backend: &mut dyn Backend) -> Stats {
                     backend.unloaded(now, model, &mut out);
                     work.extend(out.drain(..));
                 }
-                Out::Refused => stats.refused += 1,
+                Out::Refused { request } => {
+                    let r = &w.requests[request];
+                    stats.refused += 1;
+                    stats.refused_load_seconds += w.models[r.model].load_s;
+                    stats.queue_wait_seconds += (now.as_secs_f64() - r.t).max(0.0);
+                }
             }
         }
     }
@@ -286,10 +336,14 @@ struct Ours {
     names: Vec<String>,
     index: HashMap<String, usize>,
     load_s: Vec<f64>,
+    /// With a manifest: the pod's baseline, added to what the engine holds in the readings
+    /// that drive pressure eviction (the pod is taken to be alone on a device the size of its
+    /// ceilings).
+    readings_baseline: Option<Footprint>,
 }
 
 impl Ours {
-    fn new(w: &Workload, mode: Mode, eviction: EvictionPolicy) -> Self {
+    fn new(w: &Workload, mode: Mode, eviction: EvictionPolicy, ttl: Option<Duration>) -> Self {
         let models = w
             .models
             .iter()
@@ -304,7 +358,7 @@ impl Ours {
         let mut config = PoolConfig::new(w.limits, models);
         config.mode = mode;
         config.eviction = eviction;
-        config.idle_ttl = w.idle_ttl;
+        config.idle_ttl = ttl.unwrap_or(Duration::MAX);
         config.acquire_timeout = w.acquire_timeout;
         Self {
             engine: Engine::new(config),
@@ -316,6 +370,39 @@ impl Ours {
                 .map(|(i, m)| (m.name.clone(), i))
                 .collect(),
             load_s: w.models.iter().map(|m| m.load_s).collect(),
+            readings_baseline: None,
+        }
+    }
+
+    /// The engine as the workload's manifest configures it, `None` without a manifest.
+    fn manifest(w: &Workload) -> Option<Self> {
+        let m = w.manifest?;
+        let mut ours = Self::new(w, m.mode, m.eviction, Some(w.idle_ttl));
+        let mut config = ours.engine.config().clone();
+        config.pressure_vram_percent = m.pressure_vram_percent;
+        config.pressure_ram_percent = m.pressure_ram_percent;
+        config.evict_over_ceiling = m.evict_over_ceiling;
+        ours.engine = Engine::new(config);
+        ours.readings_baseline = Some(m.baseline);
+        Some(ours)
+    }
+
+    fn readings(&self) -> Readings {
+        let Some(baseline) = self.readings_baseline else {
+            return Readings::default();
+        };
+        // What the device shows: loads granted but not reported are not visible yet.
+        let visible = self
+            .engine
+            .instances(Duration::ZERO)
+            .into_iter()
+            .filter(|i| i.state != modelpool_policy::InstanceState::Loading)
+            .fold(Footprint::default(), |sum, i| sum.plus(i.held));
+        let held = visible.plus(baseline);
+        let limits = self.engine.config().limits;
+        Readings {
+            vram: limits.vram.map(|l| (held.vram, l)),
+            ram: limits.ram.map(|l| (held.ram, l)),
         }
     }
 
@@ -337,7 +424,9 @@ impl Ours {
                         out.push(Out::Unload { model });
                     }
                 }
-                Output::Refused { .. } => out.push(Out::Refused),
+                Output::Refused { request, .. } => out.push(Out::Refused {
+                    request: request.0 as usize,
+                }),
                 Output::MemoryNotReclaimed { .. } | Output::CeilingExceeded { .. } => {}
             }
         }
@@ -375,7 +464,8 @@ impl Backend for Ours {
     }
 
     fn tick(&mut self, now: Duration, out: &mut Vec<Out>) {
-        let o = self.engine.tick(now, Readings::default());
+        let readings = self.readings();
+        let o = self.engine.tick(now, readings);
         self.convert(o, out);
     }
 
@@ -389,6 +479,8 @@ impl Backend for Ours {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Victim {
     Lru,
+    /// Ollama: by keep-alive duration (the same for all here), then model path (name).
+    Name,
     Belady,
     BeladyCost,
 }
@@ -416,6 +508,9 @@ struct Simple<'w> {
     victim: Victim,
     ttl: Option<Duration>,
     max_n: Option<usize>,
+    /// The count cap does not know memory (Ray): loads it allows that memory does not are
+    /// counted in `would_oom`.
+    memory_blind: bool,
     timeout: Duration,
     slots: Vec<Option<Slot>>,
     queue: Vec<Waiting>,
@@ -430,7 +525,7 @@ struct Simple<'w> {
 impl<'w> Simple<'w> {
     fn new(w: &'w Workload, victim: Victim, ttl: Option<Duration>, max_n: Option<usize>) -> Self {
         let mut future = vec![Vec::new(); w.models.len()];
-        if victim != Victim::Lru {
+        if matches!(victim, Victim::Belady | Victim::BeladyCost) {
             for r in &w.requests {
                 future[r.model].push(micros(r.t));
             }
@@ -444,6 +539,7 @@ impl<'w> Simple<'w> {
             victim,
             ttl,
             max_n,
+            memory_blind: false,
             timeout: w.acquire_timeout,
             slots: vec![None; w.models.len()],
             queue: Vec::new(),
@@ -525,6 +621,7 @@ impl<'w> Simple<'w> {
         let last_used = |i: usize| self.slots[i].map_or(Duration::ZERO, |s| s.last_used);
         match self.victim {
             Victim::Lru => idle.sort_by_key(|&i| (last_used(i), i)),
+            Victim::Name => idle.sort_by(|&a, &b| self.models[a].name.cmp(&self.models[b].name)),
             Victim::Belady => idle.sort_by(|&a, &b| {
                 let next = |i| self.next_use(i, now).unwrap_or(u64::MAX);
                 next(b)
@@ -560,14 +657,15 @@ impl<'w> Simple<'w> {
     /// Evicts idle models until `model` fits, when evicting every idle one would be enough.
     fn make_room(&mut self, now: Duration, request: usize, model: usize, out: &mut Vec<Out>) {
         if let Some(n) = self.max_n {
-            let mut lru = self.idle();
-            lru.sort_by_key(|&i| (self.slots[i].map(|s| s.last_used), i));
-            let mut lru = lru.into_iter();
+            let mut victims = self.order(now, self.idle()).into_iter();
             while self.count() >= n {
-                let Some(victim) = lru.next() else { return };
+                let Some(victim) = victims.next() else { return };
                 self.evict(victim, out);
             }
-            if !self.fits_memory(self.footprint(model)) && self.oom_requests.insert(request) {
+            if self.memory_blind
+                && !self.fits_memory(self.footprint(model))
+                && self.oom_requests.insert(request)
+            {
                 self.would_oom += 1;
             }
         }
@@ -602,7 +700,7 @@ impl<'w> Simple<'w> {
                 victims.push(victim);
             }
         }
-        if self.victim != Victim::Lru {
+        if matches!(self.victim, Victim::Belady | Victim::BeladyCost) {
             // The clairvoyant rules keep a victim whose eviction turned out not to be needed
             // (it held a little of the short resource, and later victims freed enough).
             for i in (0..victims.len()).rev() {
@@ -652,7 +750,7 @@ impl<'w> Simple<'w> {
             }
             if self.never_fits(w.model) {
                 self.queue.remove(index);
-                out.push(Out::Refused);
+                out.push(Out::Refused { request: w.request });
                 continue;
             }
             let mut fits = self.fits(w.model);
@@ -724,10 +822,12 @@ impl Backend for Simple<'_> {
             }
         }
         let timeout = self.timeout;
-        let before = self.queue.len();
-        self.queue.retain(|w| now.saturating_sub(w.since) < timeout);
-        for _ in self.queue.len()..before {
-            out.push(Out::Refused);
+        let (expired, waiting): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|w| now.saturating_sub(w.since) >= timeout);
+        self.queue = waiting;
+        for w in expired {
+            out.push(Out::Refused { request: w.request });
         }
         self.process_queue(now, out);
     }
@@ -743,7 +843,7 @@ impl Backend for Simple<'_> {
     }
 
     fn would_oom(&self) -> Option<u64> {
-        self.max_n.map(|_| self.would_oom)
+        self.memory_blind.then_some(self.would_oom)
     }
 }
 
@@ -757,76 +857,158 @@ pub fn max_n(w: &Workload) -> usize {
     }
 }
 
-/// Runs one contender on a workload.
-pub fn run(w: &Workload, contender: Contender) -> Stats {
-    match contender {
-        Contender::CostAwareCache => {
-            simulate(w, &mut Ours::new(w, Mode::Cache, EvictionPolicy::CostAware))
+/// Runs one contender on a workload; `None` for `manifest` without a manifest.
+pub fn run(w: &Workload, contender: Contender) -> Option<Stats> {
+    let ttl = Some(w.idle_ttl);
+    Some(match contender {
+        Contender::CostAwareCache => simulate(
+            w,
+            &mut Ours::new(w, Mode::Cache, EvictionPolicy::CostAware, ttl),
+        ),
+        Contender::CostAwareKeep => simulate(
+            w,
+            &mut Ours::new(w, Mode::Cache, EvictionPolicy::CostAware, None),
+        ),
+        Contender::LruCache => {
+            simulate(w, &mut Ours::new(w, Mode::Cache, EvictionPolicy::Lru, ttl))
         }
-        Contender::LruCache => simulate(w, &mut Ours::new(w, Mode::Cache, EvictionPolicy::Lru)),
         Contender::Aggressive => simulate(
             w,
-            &mut Ours::new(w, Mode::Aggressive, EvictionPolicy::CostAware),
+            &mut Ours::new(w, Mode::Aggressive, EvictionPolicy::CostAware, ttl),
         ),
+        Contender::Manifest => simulate(w, &mut Ours::manifest(w)?),
         Contender::Lru => simulate(w, &mut Simple::new(w, Victim::Lru, None, None)),
-        Contender::TtlKeepalive => {
-            simulate(w, &mut Simple::new(w, Victim::Lru, Some(w.idle_ttl), None))
+        Contender::TtlKeepalive => simulate(w, &mut ollama(w, ttl)),
+        Contender::MaxNLru => {
+            let mut ray = Simple::new(w, Victim::Lru, None, Some(max_n(w)));
+            ray.memory_blind = true;
+            simulate(w, &mut ray)
         }
-        Contender::MaxNLru => simulate(w, &mut Simple::new(w, Victim::Lru, None, Some(max_n(w)))),
         Contender::Offline => {
             let mut belady = simulate(w, &mut Simple::new(w, Victim::Belady, None, None));
             belady.variant = Some("belady");
             let mut cost = simulate(w, &mut Simple::new(w, Victim::BeladyCost, None, None));
             cost.variant = Some("belady_cost");
-            if cost.reload_seconds < belady.reload_seconds {
+            if cost.cost() < belady.cost() {
                 cost
             } else {
                 belady
             }
         }
+    })
+}
+
+fn ollama(w: &Workload, ttl: Option<Duration>) -> Simple<'_> {
+    Simple::new(w, Victim::Name, ttl, Some(OLLAMA_MAX_LOADED))
+}
+
+/// Options of a run over one workload.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Contenders to run.
+    pub contenders: Vec<Contender>,
+    /// Compute the lower bound, with this many requests per linear program (`None`: skip).
+    pub bound_window: Option<usize>,
+    /// Seed of a synthetic trace, shown in results.
+    pub seed: Option<u64>,
+}
+
+/// Every contender on a workload, as result rows: the offline schedule and the bound are
+/// computed first, in the same run, and every cost is divided by both.
+pub fn rows(w: &Workload, options: &RunOptions) -> anyhow::Result<Vec<Row>> {
+    let offline = run(w, Contender::Offline).unwrap_or_default();
+    let bound = match options.bound_window {
+        Some(window) => Some(bound::lower_bound(w, window)?),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    for &c in &options.contenders {
+        let stats = if c == Contender::Offline {
+            Some(offline.clone())
+        } else {
+            run(w, c)
+        };
+        if let Some(stats) = stats {
+            rows.push(row(
+                w,
+                options.seed,
+                c.name(),
+                c.kind(),
+                &stats,
+                &offline,
+                bound.as_ref(),
+            ));
+        }
     }
+    if let Some(b) = &bound {
+        let mut r = Row::new("eviction")
+            .with("trace", w.name.clone())
+            .with("seed", options.seed)
+            .with("policy", "bound")
+            .with("kind", "bound")
+            .with("requests", w.requests.len())
+            .num("cost_s", b.cost_s, 6)
+            .num("ratio_to_offline", b.cost_s / offline.cost().max(1e-9), 4)
+            .num("ratio_to_bound", 1.0, 4)
+            .num("offline_cost_s", offline.cost(), 6)
+            .num("bound_cost_s", b.cost_s, 6)
+            .with("bound_windows", b.windows)
+            .with("bound_lp_rows", b.rows)
+            .with("bound_lp_columns", b.columns)
+            .num("bound_solve_s", b.solve_s, 3);
+        if b.cold_only {
+            r = r.with("bound_note", "cold loads only");
+        }
+        rows.push(r);
+    }
+    Ok(rows)
 }
 
-/// Every contender on a workload, as result rows (the bound is measured first, in the same run).
-pub fn rows(w: &Workload, contenders: &[Contender]) -> Vec<Row> {
-    let offline = run(w, Contender::Offline);
-    contenders
-        .iter()
-        .map(|&c| {
-            let stats = if c == Contender::Offline {
-                offline.clone()
-            } else {
-                run(w, c)
-            };
-            row(w, c, &stats, &offline)
-        })
-        .collect()
-}
-
-fn row(w: &Workload, c: Contender, s: &Stats, offline: &Stats) -> Row {
-    let span = s.span.max(1e-9);
-    let ratio = if offline.reload_seconds > 0.0 {
-        s.reload_seconds / offline.reload_seconds
-    } else if s.reload_seconds == 0.0 {
+fn ratio(cost: f64, base: f64) -> f64 {
+    if base > 0.0 {
+        cost / base
+    } else if cost == 0.0 {
         1.0
     } else {
         f64::INFINITY
-    };
+    }
+}
+
+fn row(
+    w: &Workload,
+    seed: Option<u64>,
+    name: &str,
+    kind: &str,
+    s: &Stats,
+    offline: &Stats,
+    bound: Option<&bound::Bound>,
+) -> Row {
+    let (vram, ram) = s.held_gib_mean();
     let mut row = Row::new("eviction")
         .with("trace", w.name.clone())
-        .with("policy", c.name())
-        .with("kind", c.kind())
+        .with("seed", seed)
+        .with("policy", name.to_owned())
+        .with("kind", kind.to_owned())
         .with("requests", s.requests)
         .with("loads", s.loads)
         .with("reload_bytes", s.reload_bytes)
         .num("reload_seconds", s.reload_seconds, 6)
-        .num("hit_ratio", s.hit_ratio(), 4)
-        .num("ratio_to_offline", ratio, 4)
-        .num("offline_reload_seconds", offline.reload_seconds, 6)
         .with("refused", s.refused)
+        .num("refused_load_s", s.refused_load_seconds, 6)
+        .num("queue_wait_s", s.queue_wait_seconds, 6)
+        .num("cost_s", s.cost(), 6)
+        .num("hit_ratio", s.hit_ratio(), 4)
+        .num("ratio_to_offline", ratio(s.cost(), offline.cost()), 4)
+        .num(
+            "ratio_to_bound",
+            bound.map_or(f64::NAN, |b| ratio(s.cost(), b.cost_s)),
+            4,
+        )
+        .num("offline_cost_s", offline.cost(), 6)
+        .num("bound_cost_s", bound.map_or(f64::NAN, |b| b.cost_s), 6)
         .num("wait_s_mean", s.wait_seconds / s.granted.max(1) as f64, 3)
-        .num("held_vram_gib_mean", s.held_area.0 / span / GIB, 3)
-        .num("held_ram_gib_mean", s.held_area.1 / span / GIB, 3);
+        .num("held_vram_gib_mean", vram, 3)
+        .num("held_ram_gib_mean", ram, 3);
     if let Some(n) = s.would_oom {
         row = row.with("max_n", max_n(w)).with("would_oom", n);
     }
@@ -834,4 +1016,63 @@ fn row(w: &Workload, c: Contender, s: &Stats, offline: &Stats) -> Row {
         row = row.with("offline_variant", v);
     }
     row
+}
+
+/// Idle TTLs of the memory table, seconds (`None`: never unloaded for idleness).
+pub const PARETO_TTLS: [Option<u64>; 5] = [Some(30), Some(120), Some(300), Some(1800), None];
+
+/// Cost against memory held: the TTL policies (ours in Cache mode, Ollama's keep_alive) at
+/// several idle TTLs, plus Aggressive (holds least) and plain LRU (holds most). A row is
+/// `pareto: true` when no other row of the trace both costs less and holds less (mean VRAM +
+/// RAM GiB).
+pub fn pareto_rows(w: &Workload, seed: Option<u64>) -> Vec<Row> {
+    let mut runs: Vec<(String, Stats)> = Vec::new();
+    for ttl in PARETO_TTLS {
+        let label = ttl.map_or_else(|| "none".to_owned(), |t| format!("{t}s"));
+        let ttl = ttl.map(Duration::from_secs);
+        let ours = simulate(
+            w,
+            &mut Ours::new(w, Mode::Cache, EvictionPolicy::CostAware, ttl),
+        );
+        runs.push((format!("costaware ttl={label}"), ours));
+        runs.push((
+            format!("ttl_keepalive ttl={label}"),
+            simulate(w, &mut ollama(w, ttl)),
+        ));
+    }
+    runs.push((
+        "aggressive".to_owned(),
+        simulate(
+            w,
+            &mut Ours::new(w, Mode::Aggressive, EvictionPolicy::CostAware, None),
+        ),
+    ));
+    runs.push((
+        "lru".to_owned(),
+        simulate(w, &mut Simple::new(w, Victim::Lru, None, None)),
+    ));
+    let held = |s: &Stats| {
+        let (v, r) = s.held_gib_mean();
+        v + r
+    };
+    runs.iter()
+        .map(|(name, s)| {
+            let dominated = runs.iter().any(|(other, o)| {
+                other != name
+                    && o.cost() <= s.cost()
+                    && held(o) <= held(s)
+                    && (o.cost() < s.cost() || held(o) < held(s))
+            });
+            let (vram, ram) = s.held_gib_mean();
+            Row::new("eviction_memory")
+                .with("trace", w.name.clone())
+                .with("seed", seed)
+                .with("policy", name.clone())
+                .num("cost_s", s.cost(), 6)
+                .num("held_vram_gib_mean", vram, 3)
+                .num("held_ram_gib_mean", ram, 3)
+                .with("loads", s.loads)
+                .with("pareto", !dominated)
+        })
+        .collect()
 }

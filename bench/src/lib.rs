@@ -3,7 +3,9 @@
 #![deny(missing_docs)]
 
 pub mod admission;
+pub mod bound;
 pub mod eviction;
+pub mod exactness;
 pub mod footprint;
 pub mod http;
 pub mod process;
@@ -11,4 +13,5 @@ pub mod reclaim;
 pub mod report;
 pub mod rng;
 pub mod scale;
+pub mod tables;
 pub mod trace;

@@ -5,11 +5,11 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use modelpool_bench::{
-    admission, eviction, footprint,
+    admission, eviction, exactness, footprint,
     http::{Target, serve_fixed},
     reclaim,
     report::Printer,
-    scale, trace,
+    scale, tables, trace,
 };
 
 /// ModelPool benchmarks: each figure comes with the baseline it is divided by, measured in the
@@ -59,25 +59,44 @@ struct EvictionArgs {
     /// Replay a trace file (JSON lines {"t", "model", "hold_s"}) instead of the synthetic ones.
     #[arg(long, requires = "pool")]
     trace: Option<PathBuf>,
-    /// The ModelPool manifest giving the trace file's models, sizes, load costs and ceilings.
+    /// The ModelPool manifest giving the trace file's models, sizes, load costs, ceilings and
+    /// policy (mode, eviction, idleTTL, pressure, priorities: the `manifest` contender).
     #[arg(long, requires = "trace")]
     pool: Option<PathBuf>,
-    /// Synthetic traces to run (zipf-S for any skew S, bursty, pipeline).
+    /// Synthetic trace families to run (zipf-S for any skew S).
     #[arg(long, value_delimiter = ',', default_values_t = trace::SYNTHETIC.map(String::from))]
     traces: Vec<String>,
     /// Requests per synthetic trace.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 5_000)]
     requests: usize,
-    /// Seed of the synthetic traces.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Contenders to run (the offline bound is always computed: every figure is divided by it).
+    /// Seeds of the synthetic traces (default: the report seeds, held apart from tuning).
+    #[arg(long, value_delimiter = ',', default_values_t = trace::REPORT_SEEDS)]
+    seeds: Vec<u64>,
+    /// Contenders to run (the offline schedule and the bound are always computed: every cost
+    /// is divided by both).
     #[arg(long, value_delimiter = ',', default_values_t = eviction::Contender::ALL.map(|c| c.name().to_owned()))]
     policies: Vec<String>,
     /// Idle TTL of the Cache-mode policies and the keep_alive baseline, seconds (default: the
     /// pool's idleTTL, 300 for synthetic traces).
     #[arg(long)]
     ttl_s: Option<f64>,
+    /// Requests per linear program of the lower bound (larger: tighter and slower).
+    #[arg(long, default_value_t = 150)]
+    bound_window: usize,
+    /// Skip the lower bound.
+    #[arg(long)]
+    no_bound: bool,
+    /// Also print cost against memory held for TTL policies at several TTLs.
+    #[arg(long)]
+    memory: bool,
+    /// Check the bound and the offline schedule against the exact optimum on this many random
+    /// small instances (where it can be computed), and the bound against every policy.
+    #[arg(long)]
+    exact: Option<usize>,
+    /// Write the result tables (markdown) into this file between the
+    /// `<!-- eviction-tables:begin -->` and `<!-- eviction-tables:end -->` lines.
+    #[arg(long)]
+    update_doc: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -277,17 +296,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_eviction(args: EvictionArgs) -> anyhow::Result<()> {
-    let mut workloads = Vec::new();
-    if let (Some(t), Some(p)) = (&args.trace, &args.pool) {
-        workloads.push(trace::from_files(t, p)?);
-    } else {
-        for name in &args.traces {
-            workloads.push(trace::synthetic(name, args.requests, args.seed)?);
-        }
-    }
-    if workloads.is_empty() {
-        bail!("no traces to run");
-    }
     let mut contenders = Vec::new();
     for name in &args.policies {
         match eviction::Contender::from_name(name) {
@@ -299,14 +307,53 @@ fn run_eviction(args: EvictionArgs) -> anyhow::Result<()> {
         }
     }
     let mut printer = Printer::new(args.common.json);
-    for mut w in workloads {
+    if let Some(instances) = args.exact {
+        for row in exactness::check(instances, args.seeds.first().copied().unwrap_or(1))? {
+            printer.row(&row);
+        }
+        printer.finish();
+        return Ok(());
+    }
+    let mut workloads = Vec::new();
+    if let (Some(t), Some(p)) = (&args.trace, &args.pool) {
+        workloads.push((trace::from_files(t, p)?, None));
+    } else {
+        for name in &args.traces {
+            for &seed in &args.seeds {
+                workloads.push((trace::synthetic(name, args.requests, seed)?, Some(seed)));
+            }
+        }
+    }
+    if workloads.is_empty() {
+        bail!("no traces to run");
+    }
+    let options = |seed| eviction::RunOptions {
+        contenders: contenders.clone(),
+        bound_window: (!args.no_bound).then_some(args.bound_window),
+        seed,
+    };
+    let mut all = Vec::new();
+    let mut memory = Vec::new();
+    for (mut w, seed) in workloads {
         if let Some(ttl) = args.ttl_s {
             w.idle_ttl = std::time::Duration::from_secs_f64(ttl.max(0.0));
         }
-        for row in eviction::rows(&w, &contenders) {
+        for row in eviction::rows(&w, &options(seed))? {
             printer.row(&row);
+            all.push(row);
+        }
+        if args.memory || args.update_doc.is_some() {
+            for row in eviction::pareto_rows(&w, seed) {
+                printer.row(&row);
+                memory.push(row);
+            }
         }
     }
     printer.finish();
+    if let Some(path) = &args.update_doc {
+        let tables = tables::markdown(&all, &memory);
+        tables::splice(path, &tables)?;
+        eprintln!("wrote the eviction tables into {}", path.display());
+    }
     Ok(())
 }

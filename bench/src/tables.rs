@@ -1,0 +1,209 @@
+//! The eviction tables of `BENCHMARKS.md`, written from the result rows
+//! (`eviction --update-doc BENCHMARKS.md`).
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::report::Row;
+
+/// The line after which the tables go.
+pub const BEGIN: &str = "<!-- eviction-tables:begin -->";
+/// The line before which they end.
+pub const END: &str = "<!-- eviction-tables:end -->";
+
+fn text(row: &Row, key: &str) -> String {
+    match row.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".to_owned(),
+        Some(v) => v.to_string(),
+    }
+}
+
+fn num(row: &Row, key: &str) -> Option<f64> {
+    row.get(key).and_then(Value::as_f64)
+}
+
+fn find<'a>(rows: &'a [Row], trace: &str, seed: &str, policy: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| {
+        text(r, "trace") == trace && text(r, "seed") == seed && text(r, "policy") == policy
+    })
+}
+
+fn fmt(value: Option<f64>, digits: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
+}
+
+/// The ratio columns: the bound, then each contender's cost over the bound.
+const RATIO_POLICIES: [&str; 9] = [
+    "offline",
+    "costaware_keep",
+    "costaware_cache",
+    "lru_cache",
+    "aggressive",
+    "manifest",
+    "lru",
+    "ttl_keepalive",
+    "max_n_lru",
+];
+
+/// The baselines ours must beat by 10 %: (ours, baseline) at equal TTL.
+const PAIRS: [(&str, &str); 3] = [
+    ("costaware_keep", "lru"),
+    ("costaware_cache", "ttl_keepalive"),
+    ("costaware_keep", "max_n_lru"),
+];
+
+/// The markdown of the eviction tables.
+pub fn markdown(rows: &[Row], memory: &[Row]) -> String {
+    let mut out = String::new();
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for r in rows {
+        let key = (text(r, "trace"), text(r, "seed"));
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "Cost over the lower bound (`ratio_to_bound`; 1.00 would be optimal, and no schedule \
+         can be below it). `bound s` is the bound itself."
+    );
+    let _ = writeln!(out);
+    let _ = write!(out, "| trace | seed | bound s |");
+    for p in RATIO_POLICIES {
+        let _ = write!(out, " {p} |");
+    }
+    let _ = writeln!(out);
+    let _ = write!(out, "|---|---|---|");
+    for _ in RATIO_POLICIES {
+        let _ = write!(out, "---|");
+    }
+    let _ = writeln!(out);
+    for (trace, seed) in &keys {
+        let bound = find(rows, trace, seed, "bound").and_then(|r| num(r, "cost_s"));
+        let _ = write!(out, "| {trace} | {seed} | {} |", fmt(bound, 0));
+        for p in RATIO_POLICIES {
+            let ratio = find(rows, trace, seed, p).and_then(|r| num(r, "ratio_to_bound"));
+            let _ = write!(out, " {} |", fmt(ratio, 2));
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Targets. Ours over the offline schedule (target ≤ 1.15). Ours against each baseline at \
+         the same TTL, as a change in cost (target ≤ −10 %), with in brackets the cheapest \
+         schedule known for the trace (any contender, the offline one included) against the \
+         same baseline: where that is above −10 %, no known policy was 10 % cheaper."
+    );
+    let _ = writeln!(out);
+    let _ = write!(
+        out,
+        "| trace | seed | costaware_keep / offline | costaware_cache / offline |"
+    );
+    for (ours, base) in PAIRS {
+        let _ = write!(out, " {ours} vs {base} (best known) |");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for (trace, seed) in &keys {
+        let cost = |p: &str| find(rows, trace, seed, p).and_then(|r| num(r, "cost_s"));
+        let to_offline =
+            |p: &str| find(rows, trace, seed, p).and_then(|r| num(r, "ratio_to_offline"));
+        let best = rows
+            .iter()
+            .filter(|r| {
+                &text(r, "trace") == trace && &text(r, "seed") == seed && text(r, "kind") != "bound"
+            })
+            .filter_map(|r| num(r, "cost_s"))
+            .fold(f64::INFINITY, f64::min);
+        let _ = write!(
+            out,
+            "| {trace} | {seed} | {} | {} |",
+            fmt(to_offline("costaware_keep"), 3),
+            fmt(to_offline("costaware_cache"), 3)
+        );
+        let delta = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 && a.is_finite() => {
+                format!("{:+.1} %", 100.0 * (a / b - 1.0))
+            }
+            _ => "-".to_owned(),
+        };
+        for (ours, base) in PAIRS {
+            let _ = write!(
+                out,
+                " {} ({}) |",
+                delta(cost(ours), cost(base)),
+                delta(Some(best), cost(base))
+            );
+        }
+        let _ = writeln!(out);
+    }
+    if !memory.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Cost against memory held (first seed of each trace): TTL policies at several idle \
+             TTLs, Aggressive and plain LRU. ★ marks the Pareto front (nothing else both costs \
+             less and holds less VRAM + RAM)."
+        );
+        let mut traces: Vec<(String, String)> = Vec::new();
+        for r in memory {
+            let key = (text(r, "trace"), text(r, "seed"));
+            if !traces.iter().any(|(t, _)| *t == key.0) {
+                traces.push(key);
+            }
+        }
+        for (trace, seed) in traces {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "`{trace}` (seed {seed}):");
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "| policy | cost s | held VRAM GiB | held RAM GiB | loads | |"
+            );
+            let _ = writeln!(out, "|---|---|---|---|---|---|");
+            for r in memory
+                .iter()
+                .filter(|r| text(r, "trace") == trace && text(r, "seed") == seed)
+            {
+                let star = if r.get("pareto") == Some(&Value::Bool(true)) {
+                    "★"
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {star} |",
+                    text(r, "policy"),
+                    fmt(num(r, "cost_s"), 0),
+                    fmt(num(r, "held_vram_gib_mean"), 1),
+                    fmt(num(r, "held_ram_gib_mean"), 1),
+                    text(r, "loads"),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Replaces what lies between the markers in a file.
+pub fn splice(path: &Path, tables: &str) -> anyhow::Result<()> {
+    let doc = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let (Some(begin), Some(end)) = (doc.find(BEGIN), doc.find(END)) else {
+        bail!(
+            "{} lacks the lines {BEGIN} and {END} that say where the tables go",
+            path.display()
+        );
+    };
+    if end < begin {
+        bail!("{}: {END} comes before {BEGIN}", path.display());
+    }
+    let head = &doc[..begin + BEGIN.len()];
+    let tail = &doc[end..];
+    let new = format!("{head}\n{tables}{tail}");
+    std::fs::write(path, new).with_context(|| format!("failed to write {}", path.display()))
+}
