@@ -67,7 +67,7 @@ struct EvictionArgs {
     #[arg(long, value_delimiter = ',', default_values_t = trace::SYNTHETIC.map(String::from))]
     traces: Vec<String>,
     /// Requests per synthetic trace.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 1_000)]
     requests: usize,
     /// Seeds of the synthetic traces (default: the report seeds, held apart from tuning).
     #[arg(long, value_delimiter = ',', default_values_t = trace::REPORT_SEEDS)]
