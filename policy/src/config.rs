@@ -20,7 +20,7 @@ pub enum Mode {
 pub enum EvictionPolicy {
     /// Least recently used first.
     Lru,
-    /// GreedyDual-Size (see `eviction.rs`).
+    /// Least expected reload cost per second, as a set of victims (see `eviction.rs`).
     CostAware,
 }
 
