@@ -160,6 +160,30 @@ def base_layer(debs: list[str]) -> Layer:
     return layer
 
 
+def cached_base(debs: list[str], cache: str | None) -> tuple[bytes, str]:
+    """The base layer (gzip'd, diff_id), from `cache` when the same inputs built it before."""
+    key = hashlib.sha256()
+    with open(__file__, "rb") as f:
+        key.update(f.read())
+    key.update(str(EPOCH).encode())
+    for deb in debs:
+        with open(deb, "rb") as f:
+            key.update(hashlib.sha256(f.read()).digest())
+    path = os.path.join(cache, key.hexdigest()[:32]) if cache else None
+    if path and os.path.isfile(path + ".tar.gz") and os.path.isfile(path + ".diff_id"):
+        with open(path + ".tar.gz", "rb") as f, open(path + ".diff_id") as d:
+            return f.read(), d.read().strip()
+    gz, diff_id = base_layer(debs).tar_gz()
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        with open(path + ".tar.gz.tmp", "wb") as f:
+            f.write(gz)
+        with open(path + ".diff_id", "w") as d:
+            d.write(diff_id)
+        os.replace(path + ".tar.gz.tmp", path + ".tar.gz")
+    return gz, diff_id
+
+
 def blob(blobs: dict[str, bytes], data: bytes, media_type: str, **extra) -> dict:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     blobs[digest] = data
@@ -183,13 +207,13 @@ def main() -> int:
     ap.add_argument("--label", action="append", default=[], help="KEY=VALUE")
     ap.add_argument("--user", default="65532:65532")
     ap.add_argument("--arch", default="amd64")
+    ap.add_argument("--layer-cache", help="a folder to keep the compressed base layer in, by its inputs")
     args = ap.parse_args()
 
     if ":" not in args.ref.rsplit("/", 1)[-1]:
         raise ImageError(f"--ref {args.ref!r}: expected a reference with a tag (name:tag)")
     tag = args.ref.rsplit(":", 1)[1]
 
-    base = base_layer(args.deb)
     top = Layer()
     for spec in args.file:
         dest, _, src = spec.partition("=")
@@ -216,8 +240,11 @@ def main() -> int:
 
     blobs: dict[str, bytes] = {}
     layers, diff_ids = [], []
-    for layer in (base, top):
-        gz, diff_id = layer.tar_gz()
+    for layer in ("base", top):
+        if layer == "base":
+            gz, diff_id = cached_base(args.deb, args.layer_cache)
+        else:
+            gz, diff_id = layer.tar_gz()
         layers.append(blob(blobs, gz, "application/vnd.oci.image.layer.v1.tar+gzip"))
         diff_ids.append(diff_id)
 

@@ -21,6 +21,7 @@
 #   MODELPOOL_IMAGES_DIR     output folder (default: target/images under the repository)
 #   CARGO_TARGET_DIR         where cargo builds (as cargo reads it)
 #   MODELPOOL_SKIP_CARGO_BUILD=1  use the binaries already built
+#   MODELPOOL_IMAGE_NO_CACHE=1    build the base layers again instead of reusing them
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -96,8 +97,12 @@ build() { # <name> <ref> [oci_image.py args...]
   local name=$1 ref=$2
   shift 2
   python3 images/oci_image.py --out "$out/$name.tar" --ref "$ref" --arch "$arch" \
+    ${layer_cache:+--layer-cache "$layer_cache"} \
     "${base_debs[@]}" "${labels[@]}" --label "org.opencontainers.image.title=$name" "$@"
 }
+# The base layers are cached by their inputs (MODELPOOL_IMAGE_NO_CACHE=1: compute them again).
+layer_cache="$debs/../layers"
+[[ "${MODELPOOL_IMAGE_NO_CACHE:-}" == 1 ]] && layer_cache=
 results=()
 results+=("$(build modelpool-operator "ghcr.io/modelpool/modelpool-operator:$version" \
   --label "org.opencontainers.image.description=ModelPool operator: reconciles ModelPools, injects the sidecar" \
@@ -114,6 +119,7 @@ results+=("$(build modelpool-testapp "modelpool.local/modelpool-testapp:$version
   --link /bin/sh=busybox \
   --entrypoint /bin/sh)")
 
+printf '%s\n' "${results[@]}" >"$out/images.txt"
 printf '%-52s %-73s %10s\n' IMAGE DIGEST "SIZE (MB)" >&2
 for r in "${results[@]}"; do
   read -r ref digest size file <<<"$r"

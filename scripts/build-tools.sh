@@ -3,6 +3,14 @@
 # helm, promtool and prometheus, from the Go modules under tests/tools/*/go.mod,
 # with the machine's Go.
 #
+# `scripts/build-tools.sh node` builds the parts of a real node instead (tests/tests/node.rs):
+# kubelet, kube-controller-manager and kube-scheduler (tests/tools/node, the same Kubernetes
+# release), containerd + its runc shim + ctr (tests/tools/containerd), a tiny static pause
+# binary, and runc, the CNI plugins and busybox from pinned Debian packages
+# (tests/tools/node/debian-packages.txt, fetched with apt-get download, unpacked with dpkg-deb).
+# They go to their own cache folder (.../modelpool/node-tools/<stamp>/bin), so the default
+# set's stamp and cache do not change when a node pin does.
+#
 # The binaries go to a cache folder outside the repository, so a fresh clone (CI)
 # reuses them:
 #   ${MODELPOOL_TOOLS_BIN:-$HOME/.cache/modelpool/tools/<stamp>/bin}
@@ -12,7 +20,7 @@
 # Progress goes to stderr; the only line on stdout is the bin folder, so callers
 # can do: bin=$(scripts/build-tools.sh | tail -n1)
 #
-# Usage: scripts/build-tools.sh [--stamp]   (--stamp: print the stamp and exit)
+# Usage: scripts/build-tools.sh [node] [--stamp]   (--stamp: print the stamp and exit)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,9 +29,20 @@ tools="$root/tests/tools"
 # Bump when the way binaries are built changes (flags, tags), to force a rebuild.
 build_rev=1
 
+set_name=default
+if [[ "${1:-}" == "node" ]]; then
+  set_name=node
+  shift
+fi
+
+if [[ $set_name == default ]]; then
+  files=({etcd,helm,kubernetes,prometheus}/go.mod {etcd,helm,kubernetes,prometheus}/go.sum)
+else
+  files=({containerd,node}/go.mod {containerd,node}/go.sum node/debian-packages.txt)
+fi
 stamp=$(
   cd "$tools"
-  { echo "build_rev=$build_rev"; for f in */go.mod */go.sum; do echo "== $f"; cat "$f"; done; } |
+  { echo "build_rev=$build_rev"; for f in "${files[@]}"; do echo "== $f"; cat "$f"; done; } |
     sha256sum | cut -c1-16
 )
 if [[ "${1:-}" == "--stamp" ]]; then
@@ -31,7 +50,12 @@ if [[ "${1:-}" == "--stamp" ]]; then
   exit 0
 fi
 
-bin="${MODELPOOL_TOOLS_BIN:-${XDG_CACHE_HOME:-$HOME/.cache}/modelpool/tools/$stamp/bin}"
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/modelpool"
+if [[ $set_name == default ]]; then
+  bin="${MODELPOOL_TOOLS_BIN:-$cache/tools/$stamp/bin}"
+else
+  bin="${MODELPOOL_NODE_TOOLS_BIN:-$cache/node-tools/$stamp/bin}"
+fi
 mkdir -p "$bin"
 
 log() { printf 'build-tools: %s\n' "$*" >&2; }
@@ -48,7 +72,7 @@ export GOFLAGS="-mod=mod -buildvcs=false"
 exec 9>"$bin/.lock"
 flock 9
 
-build() { # <binary name> <module dir> <package> [extra ldflags...]
+build() { # <binary name> <module dir> <package> [extra ldflags...]   ($tags: build tags)
   local name=$1 dir=$2 pkg=$3
   shift 3
   if [[ -x "$bin/$name" ]]; then
@@ -57,7 +81,7 @@ build() { # <binary name> <module dir> <package> [extra ldflags...]
   fi
   log "$name: building $pkg ..."
   local start=$SECONDS tmp="$bin/.$name.tmp.$$"
-  go build -C "$tools/$dir" -trimpath -tags netgo -ldflags="-s -w $*" -o "$tmp" "$pkg"
+  go build -C "$tools/$dir" -trimpath -tags "${tags:-netgo}" -ldflags="-s -w $*" -o "$tmp" "$pkg"
   mv -f "$tmp" "$bin/$name"
   log "$name: built in $((SECONDS - start))s"
 }
@@ -71,6 +95,50 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ld+=("-X $p.gitVersion=$k8s" "-X $p.gitMajor=1" "-X $p.gitMinor=$k8s_minor"
     "-X $p.gitTreeState=clean" "-X $p.buildDate=1970-01-01T00:00:00Z")
 done
+
+if [[ $set_name == node ]]; then
+  build kubelet node k8s.io/kubernetes/cmd/kubelet "${k8s_ld[@]}"
+  build kube-controller-manager node k8s.io/kubernetes/cmd/kube-controller-manager "${k8s_ld[@]}"
+  build kube-scheduler node k8s.io/kubernetes/cmd/kube-scheduler "${k8s_ld[@]}"
+
+  ctd=$(pinned containerd github.com/containerd/containerd/v2)
+  ctd_ld="-X github.com/containerd/containerd/v2/version.Version=$ctd -X github.com/containerd/containerd/v2/version.Revision=$ctd"
+  for b in containerd containerd-shim-runc-v2 ctr; do
+    tags="netgo no_btrfs no_devmapper no_zfs no_aufs" \
+      build "$b" containerd "github.com/containerd/containerd/v2/cmd/$b" "$ctd_ld"
+  done
+  # The sandbox ("pause") container's process: sleeps, reaps children, exits on TERM/INT.
+  build pause node ./pause
+
+  # runc, the CNI plugins and busybox: pinned Debian packages, unpacked (no install).
+  debs="$bin/../debs"
+  mkdir -p "$debs"
+  while read -r pkg paths; do
+    [[ -z "$pkg" || "$pkg" == \#* ]] && continue
+    name=${pkg%%=*}
+    if [[ -e "$bin/.$name.done" ]]; then
+      log "$name: cached"
+      continue
+    fi
+    log "$name: apt-get download $pkg"
+    rm -f "$debs/${name}_"*.deb
+    if ! (cd "$debs" && apt-get download -q "$pkg" >&2); then
+      log "apt-get download $pkg failed; running apt-get update once"
+      apt-get update -q >&2
+      (cd "$debs" && apt-get download -q "$pkg" >&2)
+    fi
+    rm -rf "$debs/$name.x"
+    dpkg-deb -x "$debs/${name}_"*.deb "$debs/$name.x"
+    for p in $paths; do
+      cp -f "$debs/$name.x/$p" "$bin/"
+    done
+    touch "$bin/.$name.done"
+  done <"$tools/node/debian-packages.txt"
+  log "done in $((SECONDS - total))s"
+  echo "$bin"
+  exit 0
+fi
+
 build kube-apiserver kubernetes k8s.io/kubernetes/cmd/kube-apiserver "${k8s_ld[@]}"
 
 build etcd etcd go.etcd.io/etcd/server/v3

@@ -16,12 +16,29 @@ MODELPOOL_TOOLS_BIN=$(scripts/build-tools.sh | tail -n 1)
 export MODELPOOL_TOOLS_BIN
 echo "tools: $MODELPOOL_TOOLS_BIN"
 
+step "node tools (scripts/build-tools.sh node: kubelet, controllers, containerd, runc, CNI)"
+MODELPOOL_NODE_TOOLS_BIN=$(scripts/build-tools.sh node | tail -n 1)
+export MODELPOOL_NODE_TOOLS_BIN
+echo "node tools: $MODELPOOL_NODE_TOOLS_BIN"
+
 step "lint (cargo clippy --all-targets -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "Rust tests (unit, property: ${PROPTEST_CASES:=10000} cases, integration, e2e on a real apiserver)"
 export PROPTEST_CASES
 cargo build --workspace --bins --locked
+# The images for the node test (tests/tests/node.rs), from the binaries just built (debug: the
+# release build would add minutes; `scripts/build-images.sh` alone builds release images),
+# twice, the second time without the layer cache: the digests must be equal.
+MODELPOOL_IMAGES_DIR="${CARGO_TARGET_DIR:-$PWD/target}/images"
+export MODELPOOL_IMAGES_DIR
+images() { MODELPOOL_IMAGE_PROFILE=debug MODELPOOL_SKIP_CARGO_BUILD=1 scripts/build-images.sh "$@"; }
+first=$(images | cut -d' ' -f1-2)
+second=$(MODELPOOL_IMAGE_NO_CACHE=1 images 2>/dev/null | cut -d' ' -f1-2)
+if [[ "$first" != "$second" ]]; then
+  printf 'the images are not reproducible:\n%s\n---\n%s\n' "$first" "$second" >&2
+  exit 1
+fi
 cargo test --workspace --locked
 
 step "Python SDK tests (sdk/python, against the real sidecar)"

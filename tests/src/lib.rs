@@ -24,6 +24,7 @@
 //! - `MODELPOOL_E2E_KEEP=1`: keep the data folder (logs, kubeconfig) after exit.
 
 pub mod monitoring;
+pub mod node;
 pub mod support;
 
 use std::collections::BTreeMap;
@@ -115,6 +116,21 @@ pub struct IssuedCert {
     pub key_pem: String,
 }
 
+/// How the control plane is started. The default is loopback only, with no node.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// For a real node (`tests/tests/node.rs`, inside its private network namespace): the
+    /// node's IP. The apiserver then listens on `0.0.0.0:443` (pods reach it as the
+    /// `kubernetes` Service's ClusterIP `10.96.0.1`, an address of the node namespace's `lo`:
+    /// there is no kube-proxy), advertises this IP, reaches webhooks through their endpoints
+    /// (`--enable-aggregator-routing`) and authenticates to the kubelet with a client
+    /// certificate from the test CA (`pki/kubelet-client.{crt,key}`).
+    pub node_ip: Option<std::net::Ipv4Addr>,
+}
+
+/// The ClusterIP of the `kubernetes` Service (the first of `--service-cluster-ip-range`).
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+
 /// A running etcd + kube-apiserver. Get the per-process one with [`ControlPlane::shared`].
 pub struct ControlPlane {
     dir: PathBuf,
@@ -150,6 +166,12 @@ impl ControlPlane {
     /// blocks until `/readyz` answers), stopped when the process exits. Panics if it
     /// cannot start, with the reason and the tail of the server logs.
     pub fn shared() -> &'static ControlPlane {
+        Self::shared_with(Options::default())
+    }
+
+    /// Like [`shared`](Self::shared), started with `options` by the first caller (later
+    /// callers get that control plane whatever they pass).
+    pub fn shared_with(options: Options) -> &'static ControlPlane {
         static SHARED: OnceLock<std::result::Result<ControlPlane, String>> = OnceLock::new();
         let started = SHARED.get_or_init(|| {
             // The children are spawned from a thread that lives as long as the
@@ -158,7 +180,7 @@ impl ControlPlane {
             let spawned = std::thread::Builder::new()
                 .name("modelpool-control-plane".into())
                 .spawn(move || {
-                    let _ = tx.send(ControlPlane::start().map_err(|e| format!("{e:#}")));
+                    let _ = tx.send(ControlPlane::start(&options).map_err(|e| format!("{e:#}")));
                     loop {
                         std::thread::park();
                     }
@@ -333,7 +355,13 @@ impl ControlPlane {
         issue(&self.ca, sans).expect("issuing a certificate")
     }
 
-    fn start() -> Result<ControlPlane> {
+    /// The folder of the control plane's credentials: `ca.crt`, `ca.key`, `sa.key`, `sa.pub`,
+    /// and with a node `kubelet-client.{crt,key}`.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    fn start(options: &Options) -> Result<ControlPlane> {
         let began = Instant::now();
         let tools = tools_bin()?;
         let dir = tempfile::Builder::new()
@@ -343,7 +371,10 @@ impl ControlPlane {
             .keep();
         register_cleanup(&dir);
         write(&dir.join(OWNER), &std::process::id().to_string())?;
-        prune_stale_dirs(&dir);
+        // In the node test's PID namespace other tests' pids are invisible: never prune there.
+        if options.node_ip.is_none() {
+            prune_stale_dirs(&dir);
+        }
 
         // Credentials: a CA and the apiserver's serving certificate, the
         // service-account signing key, an admin token.
@@ -351,16 +382,20 @@ impl ControlPlane {
         fs::create_dir_all(&pki)?;
         let ca = new_ca()?;
         write(&pki.join("ca.crt"), &ca.pem())?;
-        let serving = issue(
-            &ca,
-            &[
-                "127.0.0.1",
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-            ],
-        )?;
+        let node_ip = options.node_ip.map(|ip| ip.to_string());
+        let mut sans = vec![
+            "127.0.0.1",
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ];
+        if let Some(ip) = &node_ip {
+            sans.extend([KUBERNETES_SERVICE_IP, ip.as_str()]);
+        }
+        let serving = issue(&ca, &sans)?;
+        write(&pki.join("ca.key"), &ca.key().serialize_pem())?;
         write(&pki.join("apiserver.crt"), &serving.cert_pem)?;
         write(&pki.join("apiserver.key"), &serving.key_pem)?;
         let sa = KeyPair::generate()?;
@@ -372,7 +407,10 @@ impl ControlPlane {
             &format!("{token},modelpool-admin,modelpool-admin,\"system:masters\"\n"),
         )?;
 
-        let [etcd_client, etcd_peer, apiserver_port] = free_ports()?;
+        let [etcd_client, etcd_peer, mut apiserver_port] = free_ports()?;
+        if node_ip.is_some() {
+            apiserver_port = 443;
+        }
 
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
         let peer_url = format!("http://127.0.0.1:{etcd_peer}");
@@ -391,10 +429,27 @@ impl ControlPlane {
 
         let server = format!("https://127.0.0.1:{apiserver_port}");
         let mut apiserver = Command::new(tools.join("kube-apiserver"));
+        apiserver.arg(format!("--etcd-servers={etcd_url}"));
+        if let Some(ip) = &node_ip {
+            let client = issue_client(&ca, "kube-apiserver-kubelet-client", "system:masters")?;
+            write(&pki.join("kubelet-client.crt"), &client.cert_pem)?;
+            write(&pki.join("kubelet-client.key"), &client.key_pem)?;
+            apiserver
+                .arg("--bind-address=0.0.0.0")
+                .arg(format!("--advertise-address={ip}"))
+                .arg("--enable-aggregator-routing=true")
+                .arg(flag(
+                    "--kubelet-client-certificate",
+                    pki.join("kubelet-client.crt"),
+                ))
+                .arg(flag("--kubelet-client-key", pki.join("kubelet-client.key")))
+                .arg("--kubelet-preferred-address-types=InternalIP");
+        } else {
+            apiserver
+                .arg("--bind-address=127.0.0.1")
+                .arg("--advertise-address=127.0.0.1");
+        }
         apiserver
-            .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
             .arg(format!("--secure-port={apiserver_port}"))
             .arg(flag("--tls-cert-file", pki.join("apiserver.crt")))
             .arg(flag("--tls-private-key-file", pki.join("apiserver.key")))
@@ -638,6 +693,30 @@ fn new_ca() -> Result<CertifiedIssuer<'static, KeyPair>> {
         KeyUsagePurpose::DigitalSignature,
     ];
     Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
+}
+
+/// A client certificate (CN `user`, O `group`) from the test CA.
+fn issue_client(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    user: &str,
+    group: &str,
+) -> Result<IssuedCert> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, user);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, group);
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, ca)?;
+    Ok(IssuedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
 }
 
 fn issue(ca: &CertifiedIssuer<'static, KeyPair>, sans: &[&str]) -> Result<IssuedCert> {

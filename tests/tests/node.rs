@@ -1,0 +1,605 @@
+//! The chart on a real node: `helm install` with the images of `scripts/build-images.sh`
+//! (imported into containerd, no registry) runs the operator pods on a kubelet; a pooled
+//! Deployment's pod is injected, its app (`modelpool-memhog`, holding real memory) acquires
+//! through the sidecar running beside it as a native sidecar; `kubectl get mp`,
+//! `kubectl exec ... modelpool-sidecar status`, a real Prometheus scraping the pod, the
+//! `Restart` enforcement recreating a pod, the pool's drain on delete, and `helm uninstall`.
+//!
+//! The node lives in private namespaces (`modelpool_e2e::node`): the test re-runs itself inside
+//! them, so its network, mounts and processes are gone when it ends, pass or fail.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use modelpool_e2e::monitoring::{Prometheus, Target};
+use modelpool_e2e::node::{self, Node, wait_for};
+use modelpool_e2e::{ControlPlane, repo_root};
+use serde_json::Value;
+
+const TEST: &str = "helm_install_runs_pods_on_a_real_node";
+const RELEASE: &str = "mp";
+const SYSTEM_NS: &str = "modelpool-system";
+const APPS_NS: &str = "video";
+const APP_IMAGE_PREFIX: &str = "modelpool.local/modelpool-testapp:";
+
+#[test]
+fn helm_install_runs_pods_on_a_real_node() {
+    if node::inside() {
+        if let Err(e) = inner() {
+            panic!("{e:#}");
+        }
+        return;
+    }
+    let began = Instant::now();
+    // Built outside the namespaces: they need the Go module proxy and Debian's packages.
+    let bin = node::node_tools().unwrap_or_else(|e| panic!("the node tools: {e:#}"));
+    let scratch = tempfile::Builder::new()
+        .prefix("modelpool-images-")
+        .tempdir()
+        .expect("a temporary folder");
+    let images = node::images(scratch.path()).unwrap_or_else(|e| panic!("the images: {e:#}"));
+    for i in &images {
+        eprintln!(
+            "image {} {} {:.1} MB ({})",
+            i.reference,
+            i.digest,
+            i.size as f64 / 1048576.0,
+            i.archive.display()
+        );
+    }
+    let images_dir: PathBuf = images[0]
+        .archive
+        .parent()
+        .expect("an archive folder")
+        .to_path_buf();
+    node::run_isolated(
+        TEST,
+        Duration::from_secs(25 * 60),
+        &[
+            ("MODELPOOL_NODE_TOOLS_BIN", bin.as_os_str()),
+            ("MODELPOOL_IMAGES_DIR", images_dir.as_os_str()),
+            ("MODELPOOL_TOOLS_BIN", modelpool_e2e::tools_bin().expect("tools").as_os_str()),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!(
+        "node test passed in {:.0} s",
+        began.elapsed().as_secs_f64()
+    );
+}
+
+fn kubectl_json(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<Value> {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = cp.kubectl(&all);
+    if !out.status.success() {
+        anyhow::bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The app pods of the Deployment (not being deleted).
+fn app_pods(cp: &ControlPlane) -> anyhow::Result<Vec<Value>> {
+    let list = kubectl_json(cp, &["get", "pods", "-n", APPS_NS, "-l", "app=pooled"])?;
+    Ok(list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .collect())
+}
+
+fn all_ready(pod: &Value) -> bool {
+    pod["status"]["phase"] == "Running"
+        && pod["status"]["containerStatuses"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().all(|c| c["ready"] == true))
+        && pod["status"]["initContainerStatuses"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().all(|c| c["ready"] == true))
+}
+
+/// The app in a pod: memhog reading commands from a FIFO, replying on stdout (the pod log).
+struct App<'a> {
+    cp: &'a ControlPlane,
+    pod: String,
+}
+
+impl App<'_> {
+    fn replies(&self) -> anyhow::Result<Vec<Value>> {
+        let out = self
+            .cp
+            .kubectl(["logs", "-n", APPS_NS, &self.pod, "-c", "app"]);
+        if !out.status.success() {
+            anyhow::bail!("kubectl logs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["type"] == "reply")
+            .collect())
+    }
+
+    fn send(&self, command: &str) -> anyhow::Result<Value> {
+        let before = self.replies()?.len();
+        self.cp.kubectl_ok([
+            "exec",
+            "-n",
+            APPS_NS,
+            &self.pod,
+            "-c",
+            "app",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo \"$1\" > /tmp/in",
+            "sh",
+            command,
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let replies = self.replies()?;
+            if replies.len() > before {
+                return Ok(replies[before].clone());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("memhog in {} did not answer {command:?}", self.pod);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn use_model(&self, model: &str, mib: u64) -> anyhow::Result<()> {
+        let reply = self.send(&format!("acquire {model} {mib}"))?;
+        anyhow::ensure!(reply["status"] == 200, "acquire {model}: {reply}");
+        let lease = reply["body"]["lease"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("no lease in {reply}"))?
+            .to_owned();
+        let released = self.send(&format!("release {lease}"))?;
+        anyhow::ensure!(released["status"] == 200, "release {model}: {released}");
+        Ok(())
+    }
+
+    fn exec(&self, container: &str, command: &[&str]) -> anyhow::Result<String> {
+        let mut args = vec!["exec", "-n", APPS_NS, &self.pod, "-c", container, "--"];
+        args.extend_from_slice(command);
+        let out = self.cp.kubectl(&args);
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+const POOL: &str = r#"
+apiVersion: modelpool.io/v1alpha1
+kind: ModelPool
+metadata:
+  name: video
+spec:
+  limits: {ram: 512Mi}
+  policy: {mode: Cache, idleTTL: 10m, enforcement: Restart}
+  models:
+    - {name: t2v, ram: 48Mi}
+    - {name: upscale, ram: 64Mi}
+"#;
+
+/// The app: waits for the sidecar's socket, then runs memhog fed from a FIFO that
+/// `kubectl exec` writes commands into.
+const APP_SCRIPT: &str = r#"set -e
+while [ ! -S "$MODELPOOL_SOCKET" ]; do busybox sleep 0.2; done
+busybox rm -f /tmp/in
+busybox mkfifo /tmp/in
+busybox sleep 2147483647 > /tmp/in &
+exec modelpool-memhog --socket "$MODELPOOL_SOCKET" --app pooled --models t2v,upscale < /tmp/in
+"#;
+
+fn deployment(image: &str) -> String {
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "pooled", "namespace": APPS_NS},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "pooled"}},
+            "template": {
+                "metadata": {"labels": {"app": "pooled", "modelpool.io/pool": "video"}},
+                "spec": {
+                    "serviceAccountName": "pooled-app",
+                    "terminationGracePeriodSeconds": 5,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [{
+                        "name": "app",
+                        "image": image,
+                        "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c", APP_SCRIPT],
+                        "resources": {
+                            "requests": {"cpu": "10m", "memory": "64Mi"},
+                            "limits": {"memory": "512Mi"},
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                    }],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    })
+    .to_string()
+}
+
+fn inner() -> anyhow::Result<()> {
+    let began = Instant::now();
+    let bin = node::node_tools()?;
+    let images = node::images(&std::env::temp_dir())?;
+    let (cp, node) = Node::start(&bin, &images)?;
+    eprintln!("node test: node Ready ({:.0} s)", began.elapsed().as_secs_f64());
+    scenario(cp, &node, &images, began).map_err(|e| {
+        let pods = cp.kubectl(["get", "pods", "-A", "-o", "wide"]);
+        let events = cp.kubectl(["get", "events", "-A"]);
+        e.context(format!(
+            "--- kubectl get pods -A ---\n{}\n--- events ---\n{}\n--- kubelet.log ---\n{}\n--- containerd.log ---\n{}",
+            String::from_utf8_lossy(&pods.stdout),
+            String::from_utf8_lossy(&events.stdout),
+            node.log_tail("kubelet"),
+            node.log_tail("containerd"),
+        ))
+    })
+}
+
+fn scenario(
+    cp: &'static ControlPlane,
+    node: &Node,
+    images: &[node::Image],
+    began: Instant,
+) -> anyhow::Result<()> {
+    let step = |what: &str| eprintln!("node test: {what} ({:.0} s)", began.elapsed().as_secs_f64());
+    let app_image = images
+        .iter()
+        .find(|i| i.reference.starts_with(APP_IMAGE_PREFIX))
+        .ok_or_else(|| anyhow::anyhow!("no test app image"))?
+        .reference
+        .clone();
+
+    // 1. helm install: both operator replicas Ready, one leader, the webhook serving.
+    cp.kubectl_ok(["create", "namespace", SYSTEM_NS]);
+    cp.kubectl_ok([
+        "label",
+        "namespace",
+        SYSTEM_NS,
+        "pod-security.kubernetes.io/enforce=restricted",
+    ]);
+    cp.kubectl_ok(["create", "namespace", APPS_NS]);
+    let chart = repo_root().join("charts/modelpool");
+    let install = cp
+        .helm_command()
+        .args(["install", RELEASE])
+        .arg(&chart)
+        .args([
+            "--namespace",
+            SYSTEM_NS,
+            "--set",
+            &format!("sidecar.rbac.bindings[0].namespace={APPS_NS}"),
+            "--set",
+            "sidecar.rbac.bindings[0].serviceAccount=pooled-app",
+            "--set",
+            "sidecar.rbac.bindings[0].create=true",
+            "--set",
+            "operator.logFormat=text",
+            "--set",
+            "operator.drainTimeoutSeconds=120",
+            "--wait",
+            "--timeout",
+            "6m",
+        ])
+        .output()?;
+    if !install.status.success() {
+        anyhow::bail!(
+            "helm install failed: {}\n--- kubectl get pods ---\n{}\n--- kubelet ---\n{}",
+            String::from_utf8_lossy(&install.stderr),
+            String::from_utf8_lossy(&cp.kubectl(["get", "pods", "-A", "-o", "wide"]).stdout),
+            node.log_tail("kubelet")
+        );
+    }
+    step("helm install --wait done");
+    let operator = kubectl_json(
+        cp,
+        &["get", "deployment", "-n", SYSTEM_NS, "mp-modelpool-operator"],
+    )?;
+    anyhow::ensure!(
+        operator["status"]["readyReplicas"] == 2,
+        "both operator replicas Ready: {}",
+        operator["status"]
+    );
+    let operator_pods = kubectl_json(
+        cp,
+        &["get", "pods", "-n", SYSTEM_NS, "-l", "app.kubernetes.io/component=operator"],
+    )?;
+    let names: Vec<String> = operator_pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+        .collect();
+    anyhow::ensure!(names.len() == 2, "two operator pods: {names:?}");
+    let holder = wait_for(
+        "an operator leader",
+        Duration::from_secs(120),
+        &node.dir.join("kubelet.log"),
+        || {
+            let lease = kubectl_json(cp, &["get", "lease", "-n", SYSTEM_NS, "mp-modelpool-operator"])?;
+            Ok(lease["spec"]["holderIdentity"].as_str().map(str::to_owned))
+        },
+    )?;
+    anyhow::ensure!(
+        names.iter().any(|n| holder.contains(n.as_str())),
+        "the leader {holder:?} is one of the operator pods {names:?}"
+    );
+
+    // 2. A pool and a pooled Deployment: injected, Running, the sidecar a native sidecar.
+    cp.kubectl_stdin(["apply", "-n", APPS_NS, "-f", "-"], POOL);
+    cp.kubectl_stdin(["apply", "-f", "-"], &deployment(&app_image));
+    let pod = wait_for(
+        "the pooled pod Running and Ready",
+        Duration::from_secs(240),
+        &node.dir.join("kubelet.log"),
+        || Ok(app_pods(cp)?.into_iter().find(all_ready)),
+    )
+    .map_err(|e| {
+        let pods = cp.kubectl(["describe", "pods", "-n", APPS_NS]);
+        e.context(String::from_utf8_lossy(&pods.stdout).into_owned())
+    })?;
+    step("pooled pod Ready");
+    let spec = &pod["spec"];
+    anyhow::ensure!(spec["shareProcessNamespace"] == true, "shareProcessNamespace: {spec}");
+    let sidecar = &spec["initContainers"][0];
+    anyhow::ensure!(
+        sidecar["name"] == "modelpool-sidecar" && sidecar["restartPolicy"] == "Always",
+        "the sidecar is a native sidecar: {sidecar}"
+    );
+    let pod_name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    let pod_ip = pod["status"]["podIP"].as_str().unwrap_or_default().to_owned();
+    let app = App {
+        cp,
+        pod: pod_name.clone(),
+    };
+
+    // Real loads through the SDK protocol: memory held in the app process.
+    app.use_model("t2v", 48)?;
+    app.use_model("upscale", 64)?;
+    step("loads done");
+
+    // The sidecar sees the app's pid (shared process namespace) and its RSS, and the cgroup.
+    let memhog_pid: u64 = app
+        .exec("app", &["busybox", "pidof", "modelpool-memhog"])?
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("pidof modelpool-memhog: {e}"))?;
+    let state: Value = wait_for(
+        "the sidecar's state to show the app's RSS",
+        Duration::from_secs(60),
+        &node.dir.join("kubelet.log"),
+        || {
+            let text = app.exec(
+                "modelpool-sidecar",
+                &["modelpool-sidecar", "status", "--json"],
+            )?;
+            let state: Value = serde_json::from_str(&text)?;
+            let ok = state["sessions"].as_array().is_some_and(|ss| {
+                ss.iter().any(|s| {
+                    s["pid"] == memhog_pid
+                        && s["pid_visible"] == true
+                        && s["rss_bytes"].as_u64().unwrap_or(0) >= 112 << 20
+                })
+            });
+            Ok(ok.then_some(state))
+        },
+    )?;
+    anyhow::ensure!(
+        state["sources"]["ram"].as_str().is_some_and(|s| s.contains("cgroup")),
+        "the sidecar reads the pod's memory from its cgroup: {}",
+        state["sources"]
+    );
+    anyhow::ensure!(
+        state["ram_used_bytes"].as_u64().unwrap_or(0) > 0,
+        "cgroup usage: {state}"
+    );
+    let table = app.exec("modelpool-sidecar", &["modelpool-sidecar", "status"])?;
+    for expected in ["MODEL", "t2v", "upscale", &memhog_pid.to_string()] {
+        anyhow::ensure!(table.contains(expected), "status lacks {expected}:\n{table}");
+    }
+    eprintln!("{table}");
+
+    // 3. kubectl get mp shows the pod and the bytes.
+    let status = wait_for(
+        "the pool's status",
+        Duration::from_secs(90),
+        &node.dir.join("kubelet.log"),
+        || {
+            let pool = kubectl_json(cp, &["get", "mp", "-n", APPS_NS, "video"])?;
+            let loads: i64 = pool["status"]["models"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["loads"].as_i64())
+                .sum();
+            Ok((pool["status"]["podsReady"] == "1/1" && loads >= 2).then_some(pool["status"].clone()))
+        },
+    )?;
+    let table = cp.kubectl_ok(["get", "mp", "-n", APPS_NS]);
+    anyhow::ensure!(table.contains("video") && table.contains("1/1"), "{table}\n{status}");
+    eprintln!("{table}");
+
+    // 4. A real Prometheus scrapes the sidecar in the pod; the dashboard's queries see it.
+    let prom_dir = node.dir.join("prometheus");
+    std::fs::create_dir_all(&prom_dir)?;
+    let prometheus = Prometheus::start(
+        &prom_dir,
+        &[Target {
+            job: "modelpool-sidecar".into(),
+            addr: format!("{pod_ip}:9464").parse()?,
+            labels: vec![
+                ("namespace".into(), APPS_NS.into()),
+                ("pod".into(), pod_name.clone()),
+            ],
+        }],
+        &[],
+    )?;
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(
+        repo_root().join("dashboards/modelpool.json"),
+    )?)?;
+    let mut panels: Vec<&Value> = Vec::new();
+    for p in dashboard["panels"].as_array().into_iter().flatten() {
+        panels.push(p);
+        panels.extend(p["panels"].as_array().into_iter().flatten());
+    }
+    let mut exprs = Vec::new();
+    for panel in panels {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str()
+                && !e.contains("modelpool_operator_")
+                && !e.contains("modelpool-operator")
+            {
+                // Grafana's variables: every one matches all (as tests/tests/dashboard.rs).
+                exprs.push(
+                    e.replace("$__rate_interval", "1m")
+                        .replace("$__range", "1h")
+                        .replace("$__interval", "5s")
+                        .replace("${namespace}", ".*")
+                        .replace("${pool}", ".*")
+                        .replace("${pod}", ".*")
+                        .replace("$namespace", ".*")
+                        .replace("$pool", ".*")
+                        .replace("$pod", ".*"),
+                );
+            }
+        }
+    }
+    anyhow::ensure!(!exprs.is_empty(), "no sidecar panels in the dashboard");
+    let with_data = wait_for(
+        "dashboard queries with the pod's series",
+        Duration::from_secs(60),
+        &prom_dir.join("prometheus.log"),
+        || {
+            let mut n = 0;
+            for e in &exprs {
+                if !prometheus.query_ok(e)?.is_empty() {
+                    n += 1;
+                }
+            }
+            let pod_series = prometheus.query_ok(&format!(
+                "modelpool_ram_used_bytes{{pod=\"{pod_name}\"}}"
+            ))?;
+            Ok((n > 0 && !pod_series.is_empty()).then_some(n))
+        },
+    )?;
+    eprintln!("node test: {with_data}/{} sidecar dashboard queries return series", exprs.len());
+    drop(prometheus);
+
+    // 5. enforcement: Restart: the app reports an unload without freeing; the sidecar sees the
+    // memory not come back; the operator deletes the pod and the ReplicaSet recreates it.
+    let reply = app.send("unload upscale keep")?;
+    anyhow::ensure!(reply["status"] == 200, "unload keep: {reply}");
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+    let replacement = wait_for(
+        "the pod to be restarted (deleted and recreated)",
+        Duration::from_secs(180),
+        &node.dir.join("kubelet.log"),
+        || {
+            Ok(app_pods(cp)?
+                .into_iter()
+                .find(|p| p["metadata"]["uid"] != uid.as_str() && all_ready(p)))
+        },
+    )?;
+    let events = cp.kubectl_ok([
+        "get",
+        "events",
+        "-n",
+        APPS_NS,
+        "--field-selector",
+        "reason=RestartedPod",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    anyhow::ensure!(events.contains(&pod_name), "RestartedPod event for {pod_name}: {events}");
+    step("restart enforced");
+
+    // 6. Deleting the pool drains the new pod's models before the pool is gone.
+    let app = App {
+        cp,
+        pod: replacement["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+    };
+    app.use_model("t2v", 48)?;
+    cp.kubectl_ok(["delete", "mp", "-n", APPS_NS, "video", "--wait=false"]);
+    wait_for(
+        "the pool to be gone",
+        Duration::from_secs(180),
+        &node.dir.join("kubelet.log"),
+        || {
+            let out = cp.kubectl(["get", "mp", "-n", APPS_NS, "video", "-o", "name"]);
+            Ok((!out.status.success()).then_some(()))
+        },
+    )?;
+    let rss = app.send("rss")?;
+    anyhow::ensure!(rss["held"] == 0, "the app freed every model before the pool went: {rss}");
+    let drained = cp.kubectl_ok([
+        "get", "events", "-n", APPS_NS, "--field-selector", "reason=Drained", "-o", "name",
+    ]);
+    anyhow::ensure!(!drained.trim().is_empty(), "a Drained event");
+    step("drained");
+
+    // helm uninstall leaves nothing of the release behind.
+    cp.kubectl_ok(["delete", "deployment", "-n", APPS_NS, "pooled", "--wait=true"]);
+    let out = cp
+        .helm_command()
+        .args(["uninstall", RELEASE, "--namespace", SYSTEM_NS, "--wait", "--timeout", "3m"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = cp.kubectl_ok([
+        "get",
+        "all,serviceaccounts,roles,rolebindings,secrets,configmaps,leases,poddisruptionbudgets",
+        "-n",
+        SYSTEM_NS,
+        "-l",
+        "app.kubernetes.io/instance=mp",
+        "-o",
+        "name",
+    ]);
+    let left_global = cp.kubectl_ok([
+        "get",
+        "clusterroles,clusterrolebindings,mutatingwebhookconfigurations",
+        "-l",
+        "app.kubernetes.io/instance=mp",
+        "-o",
+        "name",
+    ]);
+    let pods_left = cp.kubectl_ok(["get", "pods", "-n", SYSTEM_NS, "-o", "name"]);
+    anyhow::ensure!(
+        left.trim().is_empty() && left_global.trim().is_empty() && pods_left.trim().is_empty(),
+        "left after helm uninstall: {left} {left_global} {pods_left}"
+    );
+    step("helm uninstall clean");
+    Ok(())
+}
