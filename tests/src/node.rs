@@ -92,7 +92,11 @@ pub fn node_tools() -> Result<PathBuf> {
     );
     for t in NODE_TOOLS {
         if !dir.join(t).is_file() {
-            bail!("{} node did not produce {}", script.display(), dir.join(t).display());
+            bail!(
+                "{} node did not produce {}",
+                script.display(),
+                dir.join(t).display()
+            );
         }
     }
     Ok(dir)
@@ -117,7 +121,9 @@ pub struct Image {
 pub fn images(scratch: &Path) -> Result<Vec<Image>> {
     let script = repo_root().join("scripts/build-images.sh");
     let mut cmd = Command::new("bash");
-    cmd.arg(&script).stdin(Stdio::null()).stderr(Stdio::inherit());
+    cmd.arg(&script)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
     let given = std::env::var_os("MODELPOOL_IMAGES_DIR").filter(|d| !d.is_empty());
     let listing = given.as_ref().map(|d| PathBuf::from(d).join("images.txt"));
     if let Some(listing) = listing.filter(|l| l.is_file()) {
@@ -300,9 +306,20 @@ fn isolate(dir: &Path) -> Result<()> {
     if !inside() {
         bail!("isolate() outside the node namespaces");
     }
-    let ip = |args: &[&str]| sh(&format!("ip {}", args.join(" ")), Command::new("ip").args(args));
+    let ip = |args: &[&str]| {
+        sh(
+            &format!("ip {}", args.join(" ")),
+            Command::new("ip").args(args),
+        )
+    };
     ip(&["link", "set", "lo", "up"])?;
-    ip(&["addr", "add", &format!("{}/32", crate::KUBERNETES_SERVICE_IP), "dev", "lo"])?;
+    ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", crate::KUBERNETES_SERVICE_IP),
+        "dev",
+        "lo",
+    ])?;
     ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"])?;
     for d in ["/run", "/var/lib", "/var/log"] {
         mount_tmpfs(d)?;
@@ -462,10 +479,16 @@ state = "{state}"
         let kubeconfig = cp.kubeconfig_path();
         let mut kcm = Command::new(bin.join("kube-controller-manager"));
         kcm.arg(flag("--kubeconfig", kubeconfig.to_path_buf()))
-            .arg(flag("--authentication-kubeconfig", kubeconfig.to_path_buf()))
+            .arg(flag(
+                "--authentication-kubeconfig",
+                kubeconfig.to_path_buf(),
+            ))
             .arg(flag("--authorization-kubeconfig", kubeconfig.to_path_buf()))
             .arg(flag("--root-ca-file", pki.join("ca.crt")))
-            .arg(flag("--service-account-private-key-file", pki.join("sa.key")))
+            .arg(flag(
+                "--service-account-private-key-file",
+                pki.join("sa.key"),
+            ))
             .arg("--use-service-account-credentials=false")
             .arg("--leader-elect=false")
             .arg("--bind-address=127.0.0.1")
@@ -475,7 +498,10 @@ state = "{state}"
         let mut scheduler = Command::new(bin.join("kube-scheduler"));
         scheduler
             .arg(flag("--kubeconfig", kubeconfig.to_path_buf()))
-            .arg(flag("--authentication-kubeconfig", kubeconfig.to_path_buf()))
+            .arg(flag(
+                "--authentication-kubeconfig",
+                kubeconfig.to_path_buf(),
+            ))
             .arg(flag("--authorization-kubeconfig", kubeconfig.to_path_buf()))
             .arg("--leader-elect=false")
             .arg("--bind-address=127.0.0.1")
@@ -592,7 +618,11 @@ pub fn wait_for<T>(
     let mut last = String::new();
     loop {
         if let Some(exited) = crate::exited_child() {
-            bail!("waiting for {what}: {exited}\n--- {} ---\n{}", log.display(), tail(log));
+            bail!(
+                "waiting for {what}: {exited}\n--- {} ---\n{}",
+                log.display(),
+                tail(log)
+            );
         }
         match check() {
             Ok(Some(v)) => return Ok(v),
