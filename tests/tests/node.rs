@@ -2,8 +2,8 @@
 //! (imported into containerd, no registry) runs the operator pods on a kubelet; a pooled
 //! Deployment's pod is injected, its app (`modelpool-memhog`, holding real memory) acquires
 //! through the sidecar running beside it as a native sidecar; `kubectl get mp`,
-//! `kubectl exec ... modelpool-sidecar status`, a real Prometheus scraping the pod, the
-//! `Restart` enforcement recreating a pod, the pool's drain on delete, and `helm uninstall`.
+//! `kubectl exec ... modelpool-sidecar status`, the `Restart` enforcement recreating a pod,
+//! the pool's drain on delete, and `helm uninstall`.
 //!
 //! The node lives in private namespaces (`modelpool_e2e::node`): the test re-runs itself inside
 //! them, so its network, mounts and processes are gone when it ends, pass or fail.
@@ -11,7 +11,6 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use modelpool_e2e::monitoring::{Prometheus, Target};
 use modelpool_e2e::node::{self, Node, wait_for};
 use modelpool_e2e::{ControlPlane, repo_root};
 use serde_json::Value;
@@ -401,10 +400,6 @@ fn scenario(
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let pod_ip = pod["status"]["podIP"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
     let app = App {
         cp,
         pod: pod_name.clone(),
@@ -484,74 +479,6 @@ fn scenario(
         "{table}\n{status}"
     );
     eprintln!("{table}");
-
-    // 4. A real Prometheus scrapes the sidecar in the pod; the dashboard's queries see it.
-    let prom_dir = node.dir.join("prometheus");
-    std::fs::create_dir_all(&prom_dir)?;
-    let prometheus = Prometheus::start(
-        &prom_dir,
-        &[Target {
-            job: "modelpool-sidecar".into(),
-            addr: format!("{pod_ip}:9464").parse()?,
-            labels: vec![
-                ("namespace".into(), APPS_NS.into()),
-                ("pod".into(), pod_name.clone()),
-            ],
-        }],
-        &[],
-    )?;
-    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(
-        repo_root().join("dashboards/modelpool.json"),
-    )?)?;
-    let mut panels: Vec<&Value> = Vec::new();
-    for p in dashboard["panels"].as_array().into_iter().flatten() {
-        panels.push(p);
-        panels.extend(p["panels"].as_array().into_iter().flatten());
-    }
-    let mut exprs = Vec::new();
-    for panel in panels {
-        for t in panel["targets"].as_array().into_iter().flatten() {
-            if let Some(e) = t["expr"].as_str()
-                && !e.contains("modelpool_operator_")
-                && !e.contains("modelpool-operator")
-            {
-                // Grafana's variables: every one matches all (as tests/tests/dashboard.rs).
-                exprs.push(
-                    e.replace("$__rate_interval", "1m")
-                        .replace("$__range", "1h")
-                        .replace("$__interval", "5s")
-                        .replace("${namespace}", ".*")
-                        .replace("${pool}", ".*")
-                        .replace("${pod}", ".*")
-                        .replace("$namespace", ".*")
-                        .replace("$pool", ".*")
-                        .replace("$pod", ".*"),
-                );
-            }
-        }
-    }
-    anyhow::ensure!(!exprs.is_empty(), "no sidecar panels in the dashboard");
-    let with_data = wait_for(
-        "dashboard queries with the pod's series",
-        Duration::from_secs(60),
-        &prom_dir.join("prometheus.log"),
-        || {
-            let mut n = 0;
-            for e in &exprs {
-                if !prometheus.query_ok(e)?.is_empty() {
-                    n += 1;
-                }
-            }
-            let pod_series =
-                prometheus.query_ok(&format!("modelpool_ram_used_bytes{{pod=\"{pod_name}\"}}"))?;
-            Ok((n > 0 && !pod_series.is_empty()).then_some(n))
-        },
-    )?;
-    eprintln!(
-        "node test: {with_data}/{} sidecar dashboard queries return series",
-        exprs.len()
-    );
-    drop(prometheus);
 
     // 5. enforcement: Restart: the app reports an unload without freeing; the sidecar sees the
     // memory not come back; the operator deletes the pod and the ReplicaSet recreates it.
