@@ -22,7 +22,6 @@ pub mod pool;
 pub mod shell;
 pub mod status;
 pub mod telemetry;
-pub mod weights;
 
 use std::{
     sync::{Arc, atomic::Ordering},

@@ -93,6 +93,15 @@ fn bytes(
         })
 }
 
+/// How undeclared models are estimated: the crate's bounds, and for GGUF a KV cache for the
+/// model's context capped at Ollama's default `num_ctx` (4096) until the pool can say more.
+fn estimate_options() -> modelpool_weights::Options {
+    modelpool_weights::Options {
+        max_default_context: Some(4096),
+        ..modelpool_weights::Options::default()
+    }
+}
+
 /// Turns a validated manifest into the engine's config. `reclaim_timeout` comes from the flags.
 pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool, PoolError> {
     let spec = &pool.spec;
@@ -113,17 +122,26 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
             && model.ram.is_none()
             && let Some(source) = &model.source
         {
-            match crate::weights::estimate_bytes(&source.uri) {
+            match modelpool_weights::estimate_uri(
+                &source.uri,
+                &modelpool_weights::Root::host(),
+                &estimate_options(),
+            ) {
                 Ok(estimate) => {
+                    let bytes = estimate.total_bytes();
                     if limits.vram.is_some() {
-                        vram = estimate;
+                        vram = bytes;
                     } else {
-                        ram = estimate;
+                        ram = bytes;
                     }
                     tracing::info!(
                         model = model.name,
                         uri = source.uri,
-                        bytes = estimate,
+                        bytes,
+                        weights_bytes = estimate.weights_bytes,
+                        kv_cache_bytes = estimate.kv_cache.map_or(0, |kv| kv.bytes),
+                        kv_cache_context = estimate.kv_cache.map_or(0, |kv| kv.context),
+                        files = estimate.files,
                         "footprint estimated from the weights' header"
                     );
                 }

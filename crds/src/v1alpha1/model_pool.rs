@@ -285,8 +285,8 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0.0").message("loadSeconds must not be negative"))]
     pub load_seconds: Option<f64>,
-    /// Where the weights live. With no `vram`/`ram` declared, a local safetensors file's header
-    /// (`file:///...safetensors`) gives the footprint estimate until a load is measured.
+    /// Where the weights live. With no `vram`/`ram` declared, the local weights' headers (`file:///...`:
+    /// a .gguf or .safetensors file, or a model directory) give the footprint estimate until a load is measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ModelSource>,
 }
