@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fuzz targets (fuzz/): replays the committed corpus through every target on stable Rust,
 # then, when a nightly toolchain is there, runs each target under libFuzzer (cargo-fuzz, pinned,
-# installed once under ~/.cache/modelpool) for MODELPOOL_FUZZ_SECONDS seconds (default 20;
+# installed once under ~/.cache/modelpool) for MODELPOOL_FUZZ_SECONDS seconds (default 20; the test command: 0;
 # 0 = replay only). New inputs go to a scratch corpus, never into the tree; a crash fails the
 # run and names its input.
 #   scripts/fuzz.sh [TARGET...]      (default: all targets)

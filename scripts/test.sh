@@ -50,6 +50,11 @@ step "weights estimates against real writers and loaders (weights/tests/py: gguf
 MODELPOOL_WEIGHTS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/modelpool-weights" \
   target/py-venv/bin/python -m pytest -q weights/tests/py
 
+# libFuzzer runs (nightly + cargo-fuzz, built once) are opt-in until their cold build is timed
+# on a fresh CI machine: MODELPOOL_FUZZ_SECONDS=10 scripts/test.sh fuzzes each target 10 s.
+step "fuzz targets (fuzz/: corpus replay on stable; ${MODELPOOL_FUZZ_SECONDS:=0} s each under libFuzzer)"
+MODELPOOL_FUZZ_SECONDS="$MODELPOOL_FUZZ_SECONDS" scripts/fuzz.sh
+
 step "GPU script logic, without a GPU (tests/gpu)"
 target/py-venv/bin/python -m pytest -q tests/gpu
 
