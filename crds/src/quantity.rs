@@ -136,21 +136,9 @@ pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
     u64::try_from(total).map_err(|_| error())
 }
 
-/// Bytes in binary units for people: `12.0 GiB`, `700.0 MiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+/// Bytes in binary units for people: `12.0 GiB`, `700.0 MiB` (one implementation for the
+/// whole project: the policy crate's).
+pub use modelpool_policy::human_bytes;
 
 #[cfg(test)]
 mod tests {

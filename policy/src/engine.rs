@@ -231,7 +231,21 @@ pub enum InstanceState {
     /// The app unloaded it; memory not yet seen back.
     Reclaiming,
     /// Memory not seen back within the reclaim timeout.
+    #[serde(rename = "not_reclaimed")]
     Lost,
+}
+
+impl InstanceState {
+    /// The name on the wire (the same as serde's) and in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loading => "loading",
+            Self::Loaded => "loaded",
+            Self::Unloading => "unloading",
+            Self::Reclaiming => "reclaiming",
+            Self::Lost => "not_reclaimed",
+        }
+    }
 }
 
 /// Device and pod readings for pressure and free-room checks.

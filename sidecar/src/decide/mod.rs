@@ -266,15 +266,9 @@ impl std::fmt::Debug for Core {
     }
 }
 
-/// The name of a state on the wire and in logs.
+/// The name of a state on the wire and in logs (the policy crate's one spelling).
 pub fn state_name(state: InstanceState) -> &'static str {
-    match state {
-        InstanceState::Loading => "loading",
-        InstanceState::Loaded => "loaded",
-        InstanceState::Unloading => "unloading",
-        InstanceState::Reclaiming => "reclaiming",
-        InstanceState::Lost => "not_reclaimed",
-    }
+    state.as_str()
 }
 
 impl Core {

@@ -16,7 +16,7 @@ pub mod proc;
 
 use std::{collections::BTreeMap, fmt};
 
-use modelpool_crds::human_bytes;
+use modelpool_policy::human_bytes;
 use serde::{Serialize, Serializer};
 
 /// Where a reading came from.
@@ -292,7 +292,7 @@ impl fmt::Display for MemoryLine {
     }
 }
 
-/// Bytes for people (re-exported from the CRD crate so every message uses the same units).
+/// Bytes for people (the policy crate's `human_bytes`, so every message uses the same units).
 pub fn human(bytes: u64) -> String {
     human_bytes(bytes)
 }
