@@ -7,7 +7,9 @@ resident. A ``weakref.finalize`` on each model object reports when the SDK reall
 (``{"event": "freed"}``), whichever thread the unload ran on.
 
 Commands: ``{"cmd": "hold", "model": m}`` (enter ``load_model(m)`` and keep the lease),
-``release`` (leave it), ``use`` (compute on a held model), ``stats``, ``exit``.
+``release`` (leave it), ``use`` (compute on a held model), ``alloc`` (``{"bytes": n}``: try one
+allocation of n bytes outside the pool, report whether torch refused it as out of memory, give it
+back), ``stats``, ``exit``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,31 @@ def main() -> int:
         }
 
     alive: Dict[str, int] = {}
+
+    def memory_fraction() -> Any:
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        try:
+            return getter(device) if getter is not None else None
+        except Exception:
+            return None
+
+    def try_alloc(nbytes: int) -> Dict[str, Any]:
+        """One allocation outside the pool: does the per-process fraction refuse it?"""
+        result: Dict[str, Any] = {"bytes": nbytes, "ok": False, "oom": False, "error": None, "fraction": memory_fraction()}
+        free_before, _ = torch.cuda.mem_get_info(device)
+        result["device_free_before"] = int(free_before)
+        try:
+            tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            tensor.fill_(1)
+            torch.cuda.synchronize()
+            result["ok"] = True
+            del tensor
+        except Exception as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            result["error"] = str(error).splitlines()[0][:300]
+            result["oom"] = isinstance(error, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in str(error)
+        torch.cuda.empty_cache()
+        result.update(readings())
+        return result
 
     class Weights:
         """A model: one CUDA tensor of ``nbytes``."""
@@ -129,6 +156,8 @@ def main() -> int:
                 emit(event="released", model=name, t_release=released_at, **readings())
             elif kind == "use":
                 emit(event="used", model=name, ok=held[name][1].checksum() == 1 << 20)
+            elif kind == "alloc":
+                emit(event="alloc", **try_alloc(int(command["bytes"])))
             elif kind == "stats":
                 emit(event="stats", alive=sorted(k for k, v in alive.items() if v > 0), held=sorted(held), **readings())
             elif kind == "exit":

@@ -28,7 +28,14 @@ CHECK_NAMES = (
     "pressure_evicts_idle",  # other tenant's pressure -> idle models evicted, tenant allocates
     "leased_model_kept",  # the model with a live lease is never evicted
     "candle_host_frees_vram",  # the reference host's unload gives its VRAM back
+    "unload_returns_99_percent",  # every in-process unload gives back >= 99 % of the model's VRAM
+    "torch_fraction_refuses",  # the SDK's per-process fraction makes real torch refuse past the ceiling
+    "exit_reclaims_vram",  # an app killed while holding a model: NVML and the sidecar see it all back
+    "h2d_load_path_vs_raw",  # the reference host's pinned load path >= 0.8 of a raw pinned copy
 )
+
+#: Below this many samples a "p99" is the sample maximum, and is labelled so.
+P99_MIN_SAMPLES = 100
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -458,6 +465,120 @@ def check_candle_host(loaded_vram: Optional[int], process_during: Optional[int],
     return Check(name, not problems, detail, values)
 
 
+def session_listed(state: Optional[Mapping[str, Any]], pid: int) -> bool:
+    """Whether the sidecar's ``/v1/state`` still lists a session (or a model) of ``pid``."""
+    if not isinstance(state, Mapping):
+        return True  # no answer: cannot tell it is gone
+    for key in ("sessions", "models"):
+        for entry in state.get(key) or []:
+            if isinstance(entry, Mapping) and entry.get("pid") == pid:
+                return True
+    return False
+
+
+def tail_latency(samples: Sequence[float]) -> Tuple[Optional[float], str]:
+    """(p99, label): the 99th percentile when there are enough samples for one, else the
+    maximum, labelled ``max of N`` so nobody reads a small sample's worst case as a p99."""
+    values = sorted(float(v) for v in samples if v is not None)
+    if not values:
+        return None, "no samples"
+    if len(values) < P99_MIN_SAMPLES:
+        return values[-1], f"max of {len(values)}"
+    index = min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)
+    return values[index], f"p99 of {len(values)}"
+
+
+def check_returned(releases: Sequence[Mapping[str, Any]], model_bytes: int, goal: float = 0.99) -> Check:
+    """Each release: the app process's NVML bytes just before it and once stable after it; the
+    bytes freed must be at least ``goal`` of the model's size."""
+    name = "unload_returns_99_percent"
+    fractions = []
+    problems = []
+    for release in releases:
+        before, after = release.get("held_bytes"), release.get("after_bytes")
+        if before is None or after is None:
+            problems.append(f"{release.get('model')}: no NVML reading before or after the release")
+            continue
+        fraction = (before - after) / model_bytes
+        fractions.append(fraction)
+        if fraction < goal:
+            problems.append(f"{release.get('model')}: {fraction:.4f} of {model_bytes / MIB:.0f} MiB returned")
+    values = {"releases": list(releases), "model_bytes": model_bytes, "goal": goal, "min_fraction": min(fractions) if fractions else None}
+    if not releases:
+        return Check(name, False, "no release was measured", values)
+    worst = min(fractions) if fractions else None
+    detail = f"{len(releases)} releases, smallest returned fraction {'n/a' if worst is None else f'{worst:.4f}'} (goal >= {goal})"
+    if problems:
+        detail += "; " + "; ".join(problems[:5])
+    return Check(name, not problems, detail, values)
+
+
+def check_fraction(cap_bytes: Optional[int], over: Mapping[str, Any], under: Mapping[str, Any], device_free: Optional[int]) -> Check:
+    """Real torch under the SDK's ``set_per_process_memory_fraction``: an allocation past the
+    pool's ceiling must fail with an out-of-memory error while the device itself had room, and
+    one below it must succeed."""
+    name = "torch_fraction_refuses"
+    values = {"cap_bytes": cap_bytes, "over_ceiling": dict(over), "under_ceiling": dict(under), "device_free_bytes": device_free}
+    problems = []
+    if cap_bytes is None:
+        problems.append("no cap known (the SDK set no fraction)")
+    if over.get("ok"):
+        problems.append(f"allocating {over.get('bytes', 0) / GIB:.1f} GiB past the ceiling succeeded")
+    elif not over.get("oom"):
+        problems.append(f"the over-ceiling allocation failed, but not with an out-of-memory error: {over.get('error')}")
+    if not under.get("ok"):
+        problems.append(f"allocating {under.get('bytes', 0) / GIB:.1f} GiB under the ceiling failed: {under.get('error')}")
+    if device_free is not None and over.get("bytes") and device_free <= over["bytes"]:
+        problems.append(f"the device had only {device_free / GIB:.1f} GiB free: the refusal proves nothing about the cap")
+    detail = (
+        f"cap {(cap_bytes or 0) / GIB:.1f} GiB: {over.get('bytes', 0) / GIB:.1f} GiB -> "
+        f"{'allocated' if over.get('ok') else 'refused'}, {under.get('bytes', 0) / GIB:.1f} GiB -> "
+        f"{'allocated' if under.get('ok') else 'refused'}; device free {(device_free or 0) / GIB:.1f} GiB"
+    )
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return Check(name, not problems, detail, values)
+
+
+def check_exit(exits: Sequence[Mapping[str, Any]], limit_ms: float = 10_000.0, goal: float = 0.99) -> Check:
+    """An app killed (SIGKILL) while holding a model: NVML must stop listing its memory, the
+    device must get back what the process held, and the sidecar must drop its session."""
+    name = "exit_reclaims_vram"
+    problems = []
+    for index, entry in enumerate(exits):
+        nvml_ms, sidecar_ms, fraction = entry.get("nvml_ms"), entry.get("sidecar_ms"), entry.get("device_freed_fraction")
+        if nvml_ms is None or nvml_ms > limit_ms:
+            problems.append(f"#{index}: NVML still listed the process after {limit_ms:.0f} ms")
+        if sidecar_ms is None or sidecar_ms > limit_ms:
+            problems.append(f"#{index}: the sidecar kept the dead session past {limit_ms:.0f} ms")
+        if fraction is None or fraction < goal:
+            problems.append(f"#{index}: the device got back {fraction if fraction is None else round(fraction, 4)} of the process's bytes")
+    nvml_tail, nvml_label = tail_latency([e.get("nvml_ms") for e in exits])
+    sidecar_tail, sidecar_label = tail_latency([e.get("sidecar_ms") for e in exits])
+    values = {"exits": list(exits), "nvml_ms_tail": nvml_tail, "nvml_ms_tail_label": nvml_label,
+              "sidecar_ms_tail": sidecar_tail, "sidecar_ms_tail_label": sidecar_label}  # fmt: skip
+    if not exits:
+        return Check(name, False, "no app was killed", values)
+    detail = (
+        f"{len(exits)} kills: NVML freed in {nvml_tail if nvml_tail is None else round(nvml_tail, 1)} ms ({nvml_label}), "
+        f"sidecar dropped the session in {sidecar_tail if sidecar_tail is None else round(sidecar_tail, 1)} ms ({sidecar_label})"
+    )
+    if problems:
+        detail += "; " + "; ".join(problems[:5])
+    return Check(name, not problems, detail, values)
+
+
+def check_h2d(bench: Mapping[str, Any], goal: float = 0.8) -> Check:
+    name = "h2d_load_path_vs_raw"
+    load, raw = bench.get("h2d_gb_per_s"), bench.get("raw_h2d_gb_per_s")
+    values = {"h2d_gb_per_s": load, "raw_h2d_gb_per_s": raw, "goal": goal}
+    if not load or not raw:
+        return Check(name, False, "the benchmark gave no figure (see bench)", values)
+    ratio = float(load) / float(raw)
+    values["ratio"] = ratio
+    return Check(name, ratio >= goal, f"load path {float(load):.1f} GB/s vs raw pinned {float(raw):.1f} GB/s: {ratio:.2f} (goal >= {goal})", values)
+
+
 def exit_code(checks: Sequence[Check], setup_error: Optional[str] = None) -> int:
     if setup_error:
         return EXIT_SETUP
@@ -491,6 +612,8 @@ def build_summary(
         "failed": [check.name for check in ordered if not check.ok],
         "vram_reclaim_ms": median(list(reclaim_samples_ms)),
         "vram_reclaim_ms_samples": list(reclaim_samples_ms),
+        "vram_reclaim_ms_p99": tail_latency(reclaim_samples_ms)[0],
+        "vram_reclaim_ms_p99_label": tail_latency(reclaim_samples_ms)[1],
         "h2d_gb_per_s": bench.get("h2d_gb_per_s"),
         "raw_h2d_gb_per_s": bench.get("raw_h2d_gb_per_s"),
         "bench": bench or None,

@@ -54,6 +54,12 @@ PRESSURE_MARGIN_PERCENT = 3.0
 #: Size of each of the app's models (pool files declare 4Gi).
 MODEL_MIB = 4096
 MODELS = ("a", "b", "c")
+#: pool-aggressive.yaml's limits.vram + baseline.vram: the SDK's per-process cap (a test checks it).
+VRAM_CAP_BYTES = (24 + 1) << 30
+#: Extra hold/release cycles of one model for the reclaim-time tail (budget permitting).
+RECLAIM_CYCLES = int(os.environ.get("GPU_CHECK_RECLAIM_CYCLES", "30"))
+#: Apps killed while holding a model, for the exit-time reclaim.
+EXIT_REPEATS = int(os.environ.get("GPU_CHECK_EXIT_REPEATS", "3"))
 #: The reference host's model: 8 BF16 tensors, 1 GiB in all (``GPU_CHECK_BENCH_MIB`` changes
 #: the total, e.g. for the dry run with fakes).
 _BENCH_MIB = max(8, int(os.environ.get("GPU_CHECK_BENCH_MIB", "1024")))
@@ -195,7 +201,7 @@ class Child:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
-        answers = {"hold": "held", "release": "released", "use": "used", "stats": "stats"}
+        answers = {"hold": "held", "release": "released", "use": "used", "stats": "stats", "alloc": "alloc"}
         want = answers.get(command.get("cmd", ""), "")
         return self.wait_event(
             lambda e: e.get("event") == want and (command.get("model") is None or e.get("model") == command.get("model")),
@@ -295,6 +301,8 @@ class Run:
         self.checks: List[g.Check] = []
         self.side_by_side: List[Dict[str, Any]] = []
         self.reclaim_ms: List[float] = []
+        self.releases: List[Dict[str, Any]] = []
+        self.exits: List[Dict[str, Any]] = []
         self.notes: List[str] = []
         self.phases: Dict[str, Dict[str, Any]] = {}
         self.bench: Dict[str, Any] = {}
@@ -420,6 +428,7 @@ class Run:
             raise StepFailed(f"--bench-h2d exited {result.returncode} without JSON: {result.stderr[-800:]}")
         self.bench = json.loads(lines[-1])
         self.bench["exit_code"] = result.returncode
+        self.checks.append(g.check_h2d(self.bench))
         log(
             f"bench: load path {self.bench.get('h2d_gb_per_s')} GB/s (first {self.bench.get('h2d_first_gb_per_s')}), "
             f"raw pinned {self.bench.get('raw_h2d_gb_per_s')} GB/s, verified {self.bench.get('verified')}"
@@ -504,7 +513,9 @@ class Run:
         return f"modelpool_sessions={count}"
 
     def reclaim(self, app: Child, nvml_pid: Optional[int], model: str, baseline: Optional[int]) -> Tuple[Optional[float], Optional[int], Optional[int]]:
-        """Releases ``model`` and times NVML until the app's process is back at its baseline."""
+        """Releases ``model`` and times NVML until the app's process is back at its baseline;
+        records the bytes freed for ``unload_returns_99_percent``."""
+        held = self.stable_process_bytes(nvml_pid)
         limit = None if baseline is None else baseline + g.baseline_tolerance(MODEL_MIB << 20)
         samples: List[Tuple[float, Optional[int]]] = []
         stop = threading.Event()
@@ -530,6 +541,7 @@ class Run:
         took = None if limit is None else g.reclaim_ms(samples, t_release, limit)
         stats = app.command(10.0, cmd="stats")
         after = self.stable_process_bytes(nvml_pid)
+        self.releases.append({"model": model, "held_bytes": held, "after_bytes": after, "baseline_bytes": baseline, "reclaim_ms": took})
         log(f"release {model}: back to baseline after {took} ms; process {after} B vs baseline {baseline} B; torch reserved {stats.get('reserved_bytes')}")
         return took, after, stats.get("reserved_bytes")
 
@@ -578,9 +590,33 @@ class Run:
             worst = next((check for check in baseline_checks if not check.ok), baseline_checks[-1])
             per_release = [dict(check.values) for check in baseline_checks]
             worst.values["per_release"] = per_release
-            worst.values["reclaim_samples_ms"] = list(self.reclaim_ms)
             self.checks.append(worst)
             log(worst.line())
+
+            # More hold/release cycles for the reclaim-time tail, while the budget allows (the
+            # pressure and exit phases need about 110 s after this one).
+            for _ in range(RECLAIM_CYCLES):
+                if self.deadline.left() < 110:
+                    self.notes.append(f"reclaim cycles cut at {len(self.reclaim_ms)} samples to keep the budget")
+                    break
+                app.command(60.0, cmd="hold", model="c")
+                took, _, _ = self.reclaim(app, nvml_pid, "c", baseline)
+                if took is not None:
+                    self.reclaim_ms.append(took)
+            worst.values["reclaim_samples_ms"] = list(self.reclaim_ms)
+            returned = g.check_returned(self.releases, MODEL_MIB << 20)
+            self.checks.append(returned)
+            log(returned.line())
+
+            # The SDK's torch.cuda.set_per_process_memory_fraction (ceiling + baseline): real torch
+            # must refuse one allocation past it although the device has room, and allow one below.
+            cap = ready.get("vram_cap_bytes") or VRAM_CAP_BYTES
+            over = app.command(60.0, cmd="alloc", bytes=cap + (2 << 30))
+            under = app.command(60.0, cmd="alloc", bytes=2 << 30)
+            fraction = g.check_fraction(cap, over, under, over.get("device_free_before"))
+            fraction.values["fraction_reported_by_torch"] = over.get("fraction")
+            self.checks.append(fraction)
+            log(fraction.line())
             samples = g.parse_prometheus(sidecar.metrics_text())
             self.phases["aggressive"]["sidecar_reclaim_seconds"] = {
                 "sum": g.metric(samples, "modelpool_reclaim_duration_seconds_sum"),
@@ -589,6 +625,57 @@ class Run:
         finally:
             if app is not None:
                 app.stop()
+            sidecar.stop()
+            self.sidecar = None
+
+    def phase_exit(self) -> None:
+        """Apps killed with SIGKILL while holding a model: the time until NVML no longer lists
+        their memory (the driver frees a dead process's allocations) and until the sidecar drops
+        the session and its ledger entry."""
+        self.phase = "exit"
+        self.deadline.need(25, "the exit phase")
+        sidecar = self.sidecar = Sidecar(self.args.sidecar, HERE / "pool-aggressive.yaml", self.out, self.work, "exit")
+        try:
+            sidecar.wait_ready()
+            for index in range(EXIT_REPEATS):
+                if index and self.deadline.left() < 20:
+                    self.notes.append(f"exit phase cut at {index} kills to keep the budget")
+                    break
+                app, nvml_pid, _ = self.start_app(sidecar, f"exit-{index}")
+                try:
+                    app.command(60.0, cmd="hold", model="a")
+                    time.sleep(0.5)
+                    held = self.stable_process_bytes(nvml_pid)
+                    device_before, _ = self.nvml.device()
+                    killed_at = time.monotonic()
+                    app.proc.kill()
+                    nvml_ms = sidecar_ms = None
+                    end = killed_at + 15.0
+                    while time.monotonic() < end and (nvml_ms is None or sidecar_ms is None):
+                        now = time.monotonic()
+                        if nvml_ms is None and not self.process_bytes(nvml_pid):
+                            nvml_ms = (now - killed_at) * 1000.0
+                        if sidecar_ms is None and not g.session_listed(sidecar.state(), app.pid):
+                            sidecar_ms = (now - killed_at) * 1000.0
+                        time.sleep(0.002)
+                    app.proc.wait(timeout=5)
+                    time.sleep(0.2)
+                    device_after, _ = self.nvml.device()
+                    freed = None
+                    if held and device_before is not None and device_after is not None:
+                        freed = (device_before - device_after) / held
+                    entry = {"held_bytes": held, "device_before": device_before, "device_after": device_after,
+                             "device_freed_fraction": freed, "nvml_ms": nvml_ms, "sidecar_ms": sidecar_ms}  # fmt: skip
+                    self.exits.append(entry)
+                    log(f"kill #{index}: NVML freed after {nvml_ms} ms, sidecar dropped the session after {sidecar_ms} ms, device got back {freed}")
+                finally:
+                    if app.alive():
+                        app.proc.kill()
+            self.snapshot("exit-after-kills")
+            check = g.check_exit(self.exits)
+            self.checks.append(check)
+            log(check.line())
+        finally:
             sidecar.stop()
             self.sidecar = None
 
@@ -696,10 +783,11 @@ class Run:
         self._sampler.start()
         phases = [
             ("device", self.phase_device, ()),
-            ("bench", self.phase_bench, ()),
+            ("bench", self.phase_bench, ("h2d_load_path_vs_raw",)),
             ("candle-host", self.phase_candle_host, ("candle_host_frees_vram",)),
-            ("aggressive", self.phase_aggressive, ("process_vram_agrees", "unload_returns_to_baseline")),
+            ("aggressive", self.phase_aggressive, ("process_vram_agrees", "unload_returns_to_baseline", "unload_returns_99_percent", "torch_fraction_refuses")),
             ("pressure", self.phase_pressure, ("pressure_evicts_idle", "leased_model_kept")),
+            ("exit", self.phase_exit, ("exit_reclaims_vram",)),
         ]
         for name, phase, owns in phases:
             started = time.monotonic()
@@ -728,13 +816,14 @@ class Run:
             side_by_side=self.side_by_side,
             setup_error=setup_error,
             seconds=time.monotonic() - T0,
-            extra={"phases": self.phases, "notes": self.notes + self.nvml.notes, "nvml_backend": self.nvml.backend,
+            extra={"phases": self.phases, "releases": self.releases, "exits": self.exits, "notes": self.notes + self.nvml.notes, "nvml_backend": self.nvml.backend,
                    "nvml_process_backend": self.nvml.process_backend},
         )  # fmt: skip
         (self.out / "summary.json").write_text(g.dumps(summary))
         print()
         for check in summary["checks"]:
             print(f"{'PASS' if check['ok'] else 'FAIL'} {check['name']}: {check['detail']}")
+        print(f"vram_reclaim_ms p99={summary['vram_reclaim_ms_p99']} ({summary['vram_reclaim_ms_p99_label']})")
         print(f"vram_reclaim_ms={summary['vram_reclaim_ms']} h2d_gb_per_s={summary['h2d_gb_per_s']} raw_h2d_gb_per_s={summary['raw_h2d_gb_per_s']}")
         print(f"summary: {self.out / 'summary.json'} ({'ok' if summary['ok'] else 'FAILED'}, {summary['seconds']:.0f} s)")
         return int(summary["exit_code"])

@@ -249,3 +249,57 @@ def test_safetensors_writer(tmp_path):
         assert sorted(f.keys()) == ["b", "ids", "w"]
         assert f.get_tensor("b").shape == (5,)
         assert f.get_tensor("ids").shape == (2,)
+
+
+# --- the checks added for the H200 run -----------------------------------------------------------
+
+
+def test_tail_latency_labels_small_samples_as_maxima():
+    assert g.tail_latency([]) == (None, "no samples")
+    assert g.tail_latency([3.0, 1.0, 2.0]) == (3.0, "max of 3")
+    values = list(range(1, 201))
+    value, label = g.tail_latency(values)
+    assert label == "p99 of 200" and value == 198.0
+
+
+def test_check_returned_needs_99_percent_of_every_release():
+    model = 4 * g.GIB
+    good = {"model": "a", "held_bytes": 5 * g.GIB, "after_bytes": 1 * g.GIB}
+    short = {"model": "b", "held_bytes": 5 * g.GIB, "after_bytes": 1 * g.GIB + 64 * g.MIB}
+    assert g.check_returned([good], model).ok
+    check = g.check_returned([good, short], model)
+    assert not check.ok and "b: 0.9844" in check.detail
+    assert not g.check_returned([], model).ok
+    assert not g.check_returned([{"model": "c", "held_bytes": None, "after_bytes": 1}], model).ok
+
+
+def test_check_fraction_wants_an_oom_past_the_cap_while_the_device_had_room():
+    cap = 25 * g.GIB
+    over = {"bytes": 27 * g.GIB, "ok": False, "oom": True}
+    under = {"bytes": 2 * g.GIB, "ok": True}
+    assert g.check_fraction(cap, over, under, 130 * g.GIB).ok
+    assert not g.check_fraction(cap, dict(over, ok=True, oom=False), under, 130 * g.GIB).ok
+    assert not g.check_fraction(cap, dict(over, oom=False, error="CUDA error: launch failure"), under, 130 * g.GIB).ok
+    assert not g.check_fraction(cap, over, dict(under, ok=False), 130 * g.GIB).ok
+    # a full device would refuse anyway: no proof of the cap
+    assert not g.check_fraction(cap, over, under, 20 * g.GIB).ok
+    assert not g.check_fraction(None, over, under, 130 * g.GIB).ok
+
+
+def test_check_exit_and_session_listed():
+    ok = {"nvml_ms": 40.0, "sidecar_ms": 900.0, "device_freed_fraction": 0.999}
+    assert g.check_exit([ok, ok]).ok
+    assert not g.check_exit([]).ok
+    assert not g.check_exit([dict(ok, sidecar_ms=None)]).ok
+    assert not g.check_exit([dict(ok, device_freed_fraction=0.5)]).ok
+    assert "max of 2" in g.check_exit([ok, ok]).detail
+    assert g.session_listed(None, 5)
+    assert g.session_listed({"sessions": [{"pid": 5}]}, 5)
+    assert g.session_listed({"sessions": [], "models": [{"pid": 5}]}, 5)
+    assert not g.session_listed({"sessions": [{"pid": 6}], "models": []}, 5)
+
+
+def test_check_h2d_ratio():
+    assert g.check_h2d({"h2d_gb_per_s": 45.0, "raw_h2d_gb_per_s": 54.8}).ok
+    assert not g.check_h2d({"h2d_gb_per_s": 8.0, "raw_h2d_gb_per_s": 54.8}).ok
+    assert not g.check_h2d({}).ok

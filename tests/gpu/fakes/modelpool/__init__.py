@@ -7,6 +7,7 @@ import contextlib
 import gc
 import json
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator
@@ -26,6 +27,10 @@ class _Manager:
         except OSError:
             self.pool = {"mode": "Aggressive", "pressure": None}
             self.mode = "local"
+        cap = self.pool.get("vram_cap_bytes")
+        torch = sys.modules.get("torch")
+        if cap and torch is not None:  # as the real SDK's apply_vram_cap
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / fakegpu.TOTAL))
         self.loaders: Dict[str, Callable[[], Any]] = {}
         self.models: Dict[str, Any] = {}
         self.leases: Dict[str, int] = {}

@@ -32,6 +32,7 @@ class _State:
     initialized = False
     allocated = 0
     reserved = 0
+    fraction = 1.0
 
 
 def _publish() -> None:
@@ -42,6 +43,8 @@ def _alloc(nbytes: int) -> None:
     with _State.lock:
         if _State.allocated + nbytes > _State.reserved:
             grow = _State.allocated + nbytes - _State.reserved
+            if _State.reserved + grow > _State.fraction * fakegpu.TOTAL:  # as torch's caching allocator
+                raise OutOfMemoryError(f"CUDA out of memory. Tried to allocate {nbytes} bytes (per-process fraction {_State.fraction:.3f})")
             others = fakegpu.used() - fakegpu.CONTEXT - _State.reserved
             if others + fakegpu.CONTEXT + _State.reserved + grow > fakegpu.TOTAL:
                 _State.reserved = _State.allocated  # torch frees its cache and retries
@@ -69,9 +72,10 @@ class _Scalar:
 
 class Tensor:
     def __init__(self, nbytes: int, value: int = 0, owner: bool = True) -> None:
-        self.nbytes, self.value, self.owner = nbytes, value, owner
+        self.nbytes, self.value, self.owner = nbytes, value, False
         if owner:
             _alloc(nbytes)
+            self.owner = True
 
     def __del__(self) -> None:
         if self.owner:
@@ -166,4 +170,8 @@ class cuda:  # noqa: N801 - torch.cuda
 
     @staticmethod
     def set_per_process_memory_fraction(fraction: float, device: object = None) -> None:
-        pass
+        _State.fraction = float(fraction)
+
+    @staticmethod
+    def get_per_process_memory_fraction(device: object = None) -> float:
+        return _State.fraction
