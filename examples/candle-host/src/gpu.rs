@@ -14,7 +14,7 @@
 
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Instant,
 };
 
@@ -22,7 +22,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaStream, DriverError, PinnedHostSlice, result, sys,
 };
 
-use crate::layout::{Segment, fill_chunk};
+use crate::layout::{Segment, fill_chunk_parallel};
 
 /// Why a GPU operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,11 @@ pub struct Gpu {
     ordinal: usize,
     name: String,
     total_bytes: usize,
+    /// Threads that fill each staging buffer (see `layout::fill_chunk_parallel`).
+    fill_threads: usize,
+    /// Pinned staging buffers kept between loads: pinning memory (`cuMemHostAlloc`) runs at a
+    /// few GB/s, so allocating 2 x 64 MiB per load would cost as much as the copy itself.
+    staging: Mutex<Vec<PinnedHostSlice<u8>>>,
 }
 
 /// What `GET /health` says about the device.
@@ -125,6 +130,8 @@ impl Gpu {
                 ordinal,
                 name,
                 total_bytes,
+                fill_threads: fill_threads(),
+                staging: Mutex::new(Vec::new()),
             })
         }));
         match opened {
@@ -226,19 +233,36 @@ impl Gpu {
             return Ok(dst);
         }
         let chunk = staging_bytes.clamp(1 << 20, total.max(1 << 20));
-        let mut slots: [(PinnedHostSlice<u8>, Option<CudaEvent>); 2] = [
-            (self.alloc_pinned(chunk)?, None),
-            (self.alloc_pinned(chunk)?, None),
-        ];
+        let mut slots: [(PinnedHostSlice<u8>, Option<CudaEvent>); 2] =
+            [(self.take_staging(chunk)?, None), (self.take_staging(chunk)?, None)];
         let copied = self.copy_chunks(&dst, segments, total, chunk, &mut slots);
-        // Whatever happened, no copy may still read the staging buffers once they are freed.
+        // Whatever happened, no copy may still read the staging buffers once they are reused
+        // or freed.
         let synced = self
             .stream
             .synchronize()
             .map_err(driver("wait for the copies"));
+        if synced.is_ok() {
+            let mut kept = self.staging.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            kept.extend(slots.into_iter().map(|(pinned, _)| pinned));
+        }
         copied?;
         synced?;
         Ok(dst)
+    }
+
+    /// A pinned staging buffer of at least `bytes`, reused from an earlier load when one is kept.
+    fn take_staging(&self, bytes: usize) -> Result<PinnedHostSlice<u8>, GpuError> {
+        let reused = {
+            let mut kept = self.staging.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            kept.iter()
+                .position(|pinned| pinned.len() >= bytes)
+                .map(|index| kept.swap_remove(index))
+        };
+        match reused {
+            Some(pinned) => Ok(pinned),
+            None => self.alloc_pinned(bytes),
+        }
     }
 
     fn copy_chunks(
@@ -250,7 +274,6 @@ impl Gpu {
         slots: &mut [(PinnedHostSlice<u8>, Option<CudaEvent>); 2],
     ) -> Result<(), GpuError> {
         let mut position = 0usize;
-        let mut cursor = 0usize;
         let mut index = 0usize;
         while position < total {
             let (pinned, pending) = &mut slots[index % 2];
@@ -263,7 +286,7 @@ impl Gpu {
                 .as_mut_slice()
                 .map_err(driver("map the pinned staging buffer"))?;
             let staging = &mut staging[..len];
-            cursor = fill_chunk(segments, cursor, position, staging);
+            fill_chunk_parallel(segments, position, staging, self.fill_threads);
             self.ctx
                 .bind_to_thread()
                 .map_err(driver("bind the CUDA context"))?;
@@ -340,6 +363,16 @@ impl Gpu {
         }));
         guarded.unwrap_or(Err(GpuError::Panicked("raw copy")))
     }
+}
+
+/// Threads for filling staging buffers: `CANDLE_HOST_FILL_THREADS`, else the cores this
+/// process may use, at most 8 (beyond that the host's memory bandwidth, not the cores, limits).
+fn fill_threads() -> usize {
+    std::env::var("CANDLE_HOST_FILL_THREADS")
+        .ok()
+        .and_then(|value| value.parse::<usize>().ok())
+        .filter(|&threads| threads > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8))
 }
 
 /// Device memory from `cuMemAlloc`, freed with `cuMemFree` on drop.
