@@ -233,8 +233,10 @@ impl Gpu {
             return Ok(dst);
         }
         let chunk = staging_bytes.clamp(1 << 20, total.max(1 << 20));
-        let mut slots: [(PinnedHostSlice<u8>, Option<CudaEvent>); 2] =
-            [(self.take_staging(chunk)?, None), (self.take_staging(chunk)?, None)];
+        let mut slots: [(PinnedHostSlice<u8>, Option<CudaEvent>); 2] = [
+            (self.take_staging(chunk)?, None),
+            (self.take_staging(chunk)?, None),
+        ];
         let copied = self.copy_chunks(&dst, segments, total, chunk, &mut slots);
         // Whatever happened, no copy may still read the staging buffers once they are reused
         // or freed.
@@ -243,7 +245,10 @@ impl Gpu {
             .synchronize()
             .map_err(driver("wait for the copies"));
         if synced.is_ok() {
-            let mut kept = self.staging.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut kept = self
+                .staging
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             kept.extend(slots.into_iter().map(|(pinned, _)| pinned));
         }
         copied?;
@@ -254,7 +259,10 @@ impl Gpu {
     /// A pinned staging buffer of at least `bytes`, reused from an earlier load when one is kept.
     fn take_staging(&self, bytes: usize) -> Result<PinnedHostSlice<u8>, GpuError> {
         let reused = {
-            let mut kept = self.staging.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut kept = self
+                .staging
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             kept.iter()
                 .position(|pinned| pinned.len() >= bytes)
                 .map(|index| kept.swap_remove(index))
@@ -372,7 +380,11 @@ fn fill_threads() -> usize {
         .ok()
         .and_then(|value| value.parse::<usize>().ok())
         .filter(|&threads| threads > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(8)
+        })
 }
 
 /// Device memory from `cuMemAlloc`, freed with `cuMemFree` on drop.

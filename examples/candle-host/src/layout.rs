@@ -88,13 +88,23 @@ const MIN_BYTES_PER_THREAD: usize = 4 << 20;
 /// reaches a fraction of what the PCIe/NVLink DMA into the device takes, so a single-threaded
 /// fill leaves the copy engine idle most of the time. Parts are independent, so each thread
 /// finds its first segment by binary search.
-pub fn fill_chunk_parallel(segments: &[Segment<'_>], position: usize, buf: &mut [u8], threads: usize) {
+pub fn fill_chunk_parallel(
+    segments: &[Segment<'_>],
+    position: usize,
+    buf: &mut [u8],
+    threads: usize,
+) {
     let parts = threads
         .max(1)
         .min(buf.len().div_ceil(MIN_BYTES_PER_THREAD))
         .max(1);
     if parts == 1 {
-        fill_chunk(segments, first_segment_at(segments, position), position, buf);
+        fill_chunk(
+            segments,
+            first_segment_at(segments, position),
+            position,
+            buf,
+        );
         return;
     }
     let part = buf.len().div_ceil(parts);
@@ -164,7 +174,13 @@ mod tests {
     #[test]
     fn parallel_fill_matches_the_serial_image() {
         let tensors: Vec<Vec<u8>> = (0..9u8)
-            .map(|i| (0..=255u8).cycle().skip(i as usize).take(3_000_000 + 77_777 * i as usize).collect())
+            .map(|i| {
+                (0..=255u8)
+                    .cycle()
+                    .skip(i as usize)
+                    .take(3_000_000 + 77_777 * i as usize)
+                    .collect()
+            })
             .chain([vec![], vec![5; 17]])
             .collect();
         let sizes: Vec<usize> = tensors.iter().map(Vec::len).collect();
@@ -176,7 +192,13 @@ mod tests {
             .collect();
         let mut expected = vec![0u8; total];
         fill_chunk(&segments, 0, 0, &mut expected);
-        for (chunk, threads) in [(total, 8), (9 << 20, 3), (8 << 20, 16), (5 << 20, 2), (1 << 20, 4)] {
+        for (chunk, threads) in [
+            (total, 8),
+            (9 << 20, 3),
+            (8 << 20, 16),
+            (5 << 20, 2),
+            (1 << 20, 4),
+        ] {
             let mut image = Vec::with_capacity(total);
             let mut position = 0;
             while position < total {
