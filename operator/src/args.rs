@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use modelpool_crds::v1alpha1::GpuAccess;
 
 /// Reconciles ModelPools and their pods, and injects the sidecar.
 #[derive(Parser, Debug)]
@@ -90,6 +91,10 @@ pub struct RunArgs {
     /// Image pull policy of the injected sidecar.
     #[arg(long, value_enum, default_value_t = PullPolicy::IfNotPresent)]
     pub sidecar_image_pull_policy: PullPolicy,
+    /// How injected sidecars read the app's GPU unless a pool says otherwise:
+    /// `Auto`, `SharedClaim`, `VisibleDevices` or `None` (docs/gpu.md).
+    #[arg(long, env = "MODELPOOL_SIDECAR_GPU_ACCESS", default_value = "Auto")]
+    pub sidecar_gpu_access: GpuAccess,
     /// `RUST_LOG` of the injected sidecar.
     #[arg(long, default_value = "info")]
     pub sidecar_log_level: String,

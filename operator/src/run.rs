@@ -130,6 +130,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
                 pull_policy: args.sidecar_image_pull_policy.as_str().to_owned(),
                 log_filter: args.sidecar_log_level.clone(),
                 log_format: args.sidecar_log_format.as_str().to_owned(),
+                gpu_access: args.sidecar_gpu_access,
             },
             metrics: metrics.clone(),
         };

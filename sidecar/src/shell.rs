@@ -9,7 +9,7 @@
 //! ```
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{
         Arc, Mutex, MutexGuard, RwLock,
         atomic::{AtomicBool, Ordering},
@@ -630,6 +630,11 @@ impl Shared {
         } else {
             BTreeMap::new()
         };
+        let pod_devices = if gpu.devices.len() > 1 && !pids.is_empty() {
+            self.meter.process_devices(&pids)
+        } else {
+            BTreeSet::new()
+        };
         let processes: BTreeMap<u32, ProcessNow> = pids
             .iter()
             .map(|pid| {
@@ -656,6 +661,7 @@ impl Shared {
                 gpu,
                 ram,
                 processes,
+                pod_devices,
             },
             draining,
             &mut fx,

@@ -112,6 +112,65 @@ pub struct ModelPoolSpec {
     /// The models pods of this pool may load.
     #[schemars(length(min = 1, max = 64))]
     pub models: Vec<ModelSpec>,
+
+    /// How the injected sidecar reads the app's GPU. Absent: the operator's default
+    /// (`--sidecar-gpu-access`, chart value `sidecar.gpuAccess`, itself `Auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuSpec>,
+}
+
+/// How the sidecar sees the app's GPU in a pod (see docs/gpu.md).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSpec {
+    /// Which way the sidecar gets its GPU readings.
+    #[serde(default)]
+    pub access: GpuAccess,
+}
+
+/// Ways for the injected sidecar to read the app's GPU. A container that requests no GPU sees
+/// none, so each has a cost; `Auto` is the default because it asks for no extra privilege.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum GpuAccess {
+    /// `SharedClaim` when an app container uses DRA resource claims, else the app's own
+    /// readings (SDK heartbeats, server drivers); unloads no reading proves are `unverified`.
+    #[default]
+    Auto,
+    /// The sidecar joins the app containers' DRA resource claims (Kubernetes 1.34+) and reads
+    /// NVML for exactly the app's devices. A pod whose app uses no claim is admitted with a
+    /// warning and the `none` reading.
+    SharedClaim,
+    /// The sidecar gets `NVIDIA_VISIBLE_DEVICES=all` and `NVIDIA_DRIVER_CAPABILITIES=utility`
+    /// (device plugin clusters): NVML for every GPU of the node, attributed to the app by pid.
+    /// It sees (and could allocate on) other tenants' GPUs: opt in per pool or cluster.
+    VisibleDevices,
+    /// No GPU reading in the sidecar (`--no-nvml`): only what the app reports.
+    None,
+}
+
+impl GpuAccess {
+    /// The spelling used in the CRD, flags and annotations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "Auto",
+            Self::SharedClaim => "SharedClaim",
+            Self::VisibleDevices => "VisibleDevices",
+            Self::None => "None",
+        }
+    }
+}
+
+impl std::str::FromStr for GpuAccess {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        [Self::Auto, Self::SharedClaim, Self::VisibleDevices, Self::None]
+            .into_iter()
+            .find(|access| access.as_str() == text)
+            .ok_or_else(|| {
+                format!("unknown GPU access {text:?}: expected Auto, SharedClaim, VisibleDevices or None")
+            })
+    }
 }
 
 /// Memory sizes for the GPU (`vram`) and host (`ram`).

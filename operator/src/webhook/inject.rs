@@ -4,14 +4,16 @@
 //! Kubernetes 1.29+) so it is up before the app's first acquire and outlives it on shutdown.
 //! Every container gets the socket volume; app containers get `MODELPOOL_SOCKET`; the pod
 //! shares its process namespace so the sidecar can read the app's `/proc/PID` and map NVML
-//! pids. When app containers get their GPU through DRA resource claims, the sidecar is given
-//! the same claims (Kubernetes 1.34+ shares a claim between containers of a pod) so it can
-//! read NVML without privileges; without them it relies on the SDK's app-side readings.
+//! pids. How the sidecar reads the app's GPU (the app's DRA claims, the node's GPUs, or only the
+//! app's own readings) is `gpu.rs`'s choice.
 
+use modelpool_crds::v1alpha1::GpuAccess;
+
+use super::gpu::{self, GPU_READING_ANNOTATION};
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-        HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceClaim, ResourceRequirements,
+        HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
         SeccompProfile, SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
@@ -49,6 +51,8 @@ pub struct SidecarTemplate {
     pub log_filter: String,
     /// `MODELPOOL_LOG_FORMAT` for the sidecar: `json` or `text`.
     pub log_format: String,
+    /// How the sidecar reads the app's GPU (a pool's `spec.gpu.access` overrides it).
+    pub gpu_access: GpuAccess,
 }
 
 impl Default for SidecarTemplate {
@@ -62,6 +66,7 @@ impl Default for SidecarTemplate {
             pull_policy: "IfNotPresent".into(),
             log_filter: "info".into(),
             log_format: "json".into(),
+            gpu_access: GpuAccess::Auto,
         }
     }
 }
@@ -123,24 +128,9 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
         return pod;
     };
 
-    // DRA claims the app containers use, so the sidecar can see the same GPU.
-    let mut claims: Vec<ResourceClaim> = Vec::new();
-    for container in &spec.containers {
-        for claim in container
-            .resources
-            .as_ref()
-            .and_then(|r| r.claims.as_ref())
-            .into_iter()
-            .flatten()
-        {
-            if !claims
-                .iter()
-                .any(|c| c.name == claim.name && c.request == claim.request)
-            {
-                claims.push(claim.clone());
-            }
-        }
-    }
+    // How the sidecar reads the app's GPU: the app's DRA claims, the node's GPUs, or none.
+    let gpu = gpu::plan(&spec.containers, template.gpu_access);
+    let claims = gpu.claims.clone();
 
     for container in &mut spec.containers {
         let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
@@ -197,13 +187,18 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
         name: SIDECAR_NAME.into(),
         image: Some(template.image.clone()),
         image_pull_policy: Some(template.pull_policy.clone()),
-        args: Some(vec![
-            "--socket".into(),
-            SOCKET_PATH.into(),
-            "--metrics-listen".into(),
-            format!("0.0.0.0:{METRICS_PORT}"),
-        ]),
-        env: Some(vec![
+        args: Some(
+            [
+                "--socket".into(),
+                SOCKET_PATH.into(),
+                "--metrics-listen".into(),
+                format!("0.0.0.0:{METRICS_PORT}"),
+            ]
+            .into_iter()
+            .chain(gpu.args.iter().cloned())
+            .collect(),
+        ),
+        env: Some([
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
             EnvVar {
@@ -221,7 +216,10 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
                 value: Some(template.log_format.clone()),
                 ..EnvVar::default()
             },
-        ]),
+        ]
+        .into_iter()
+        .chain(gpu.env.iter().cloned())
+        .collect()),
         ports: Some(vec![ContainerPort {
             name: Some("mp-metrics".into()),
             container_port: METRICS_PORT,
@@ -269,6 +267,7 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
         .annotations
         .get_or_insert_with(Default::default);
     annotations.insert(INJECTED_ANNOTATION.into(), "true".into());
+    annotations.insert(GPU_READING_ANNOTATION.into(), gpu.reading.into());
     // What the operator binds the sidecar's role for (`--sidecar-cluster-role`): it watches
     // pods as metadata only.
     annotations.insert(
@@ -280,6 +279,8 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::api::core::v1::ResourceClaim;
+
     use super::*;
 
     fn app_pod(claim: bool) -> Pod {
@@ -359,6 +360,31 @@ mod tests {
         let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
         let claims = sidecar.resources.as_ref().unwrap().claims.as_ref().unwrap();
         assert_eq!(claims[0].name, "gpu");
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations[GPU_READING_ANNOTATION], "dra-claim");
+    }
+
+    #[test]
+    fn gpu_access_from_the_template_reaches_the_sidecar() {
+        let template = SidecarTemplate {
+            gpu_access: GpuAccess::None,
+            ..SidecarTemplate::default()
+        };
+        let pod = inject(&app_pod(true), "video", &template);
+        let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        assert!(sidecar.args.as_ref().unwrap().iter().any(|a| a == "--no-nvml"));
+        assert!(sidecar.resources.as_ref().unwrap().claims.is_none());
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations[GPU_READING_ANNOTATION], "app-reported");
+
+        let template = SidecarTemplate {
+            gpu_access: GpuAccess::VisibleDevices,
+            ..SidecarTemplate::default()
+        };
+        let pod = inject(&app_pod(false), "video", &template);
+        let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let env = sidecar.env.as_ref().unwrap();
+        assert!(env.iter().any(|e| e.name == "NVIDIA_VISIBLE_DEVICES" && e.value.as_deref() == Some("all")));
     }
 
     /// Catches the chart's sidecar values (log format and level, CPU limit, pull policy) not

@@ -3,6 +3,7 @@
 //! It never blocks a pod: a pod naming an unknown pool, or any failure to look the pool up,
 //! is admitted unchanged with a warning the user sees in `kubectl`.
 
+pub mod gpu;
 pub mod inject;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -88,15 +89,14 @@ async fn admit(state: &WebhookState, request: &AdmissionRequest<Pod>) -> Admissi
     let cached = state
         .pools
         .get(&ObjectRef::<ModelPool>::new(pool).within(&namespace))
-        .is_some();
+        .map(|p| p.spec.gpu.clone());
     let api: Api<ModelPool> = Api::namespaced(state.client.clone(), &namespace);
-    let lookup = if cached {
-        Ok(Some(()))
-    } else {
-        api.get_opt(pool).await.map(|p| p.map(|_| ()))
+    let lookup = match cached {
+        Some(gpu) => Ok(Some(gpu)),
+        None => api.get_opt(pool).await.map(|p| p.map(|p| p.spec.gpu)),
     };
-    match lookup {
-        Ok(Some(_)) => {}
+    let pool_gpu = match lookup {
+        Ok(Some(gpu)) => gpu,
         Ok(None) => {
             outcome("unknown_pool");
             tracing::warn!(pod = %pods_name, %namespace, %pool, "pod names an unknown pool; admitted without the sidecar");
@@ -113,8 +113,21 @@ async fn admit(state: &WebhookState, request: &AdmissionRequest<Pod>) -> Admissi
             )]);
             return response;
         }
+    };
+    // The pool's `spec.gpu.access` wins over the operator's default.
+    let mut template = state.template.clone();
+    if let Some(gpu) = pool_gpu {
+        template.gpu_access = gpu.access;
     }
-    let injected = inject(pod, pool, &state.template);
+    if let Some(warning) = pod
+        .spec
+        .as_ref()
+        .and_then(|spec| gpu::plan(&spec.containers, template.gpu_access).warning)
+    {
+        tracing::warn!(pod = %pods_name, %namespace, %pool, %warning, "sidecar will not read the GPU");
+        response.warnings.get_or_insert_with(Vec::new).push(warning);
+    }
+    let injected = inject(pod, pool, &template);
     let (Ok(before), Ok(after)) = (serde_json::to_value(pod), serde_json::to_value(&injected))
     else {
         outcome("error");

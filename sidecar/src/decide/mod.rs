@@ -26,7 +26,7 @@ pub mod sessions;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::Duration,
 };
 
@@ -210,6 +210,8 @@ pub struct TickReadings {
     pub ram: RamReading,
     /// Every watched pid.
     pub processes: BTreeMap<u32, ProcessNow>,
+    /// The GPUs (device indexes) the watched pids hold memory on; empty when unknown.
+    pub pod_devices: BTreeSet<u32>,
 }
 
 /// What the core needs to know of the sidecar's setup.
@@ -1101,6 +1103,7 @@ impl Core {
             ram,
             mut gpu,
             processes,
+            pod_devices,
         } = readings;
         if !gpu.up()
             && let Some(app) = self.app_gpu(now)
@@ -1142,8 +1145,10 @@ impl Core {
             }
         }
         self.check_reclaims(now, &processes, fx);
+        // Pressure is a share of one device, the most used of the pod's (GpuReading::pressure):
+        // summing a node's GPUs would dilute one full GPU among idle ones.
         let readings = Readings {
-            vram: gpu.up().then(|| (gpu.used_bytes(), gpu.total_bytes())),
+            vram: gpu.pressure(&pod_devices),
             ram: (ram.total_bytes > 0).then_some((ram.used_bytes, ram.total_bytes)),
         };
         let out = self.engine.tick(now, readings);

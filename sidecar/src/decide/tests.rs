@@ -132,6 +132,7 @@ impl Fake {
             gpu: GpuReading::down("no GPU in tests".to_owned()),
             ram: ram(1 << 30),
             processes: self.processes.clone(),
+            pod_devices: Default::default(),
         }
     }
 }

@@ -14,7 +14,10 @@ pub mod cuda;
 pub mod nvml;
 pub mod proc;
 
-use std::{collections::BTreeMap, fmt};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 use modelpool_policy::human_bytes;
 use serde::{Serialize, Serializer};
@@ -101,6 +104,33 @@ impl GpuReading {
     pub fn used_bytes(&self) -> u64 {
         self.devices.iter().map(|d| d.used_bytes).sum()
     }
+
+    /// `(used, total)` of the device that pressure is judged on: the most used (as a share of
+    /// its own memory) of `devices` (the ones the pod's processes are on), or of every device
+    /// read when none of those is. Summing devices would dilute one full GPU among idle ones.
+    pub fn pressure(&self, devices: &BTreeSet<u32>) -> Option<(u64, u64)> {
+        let share = |d: &&GpuDevice| {
+            if d.total_bytes == 0 {
+                0.0
+            } else {
+                d.used_bytes as f64 / d.total_bytes as f64
+            }
+        };
+        let pods: Vec<&GpuDevice> = self
+            .devices
+            .iter()
+            .filter(|d| devices.contains(&d.index))
+            .collect();
+        let candidates = if pods.is_empty() {
+            self.devices.iter().collect()
+        } else {
+            pods
+        };
+        candidates
+            .into_iter()
+            .max_by(|a, b| share(a).total_cmp(&share(b)))
+            .map(|d| (d.used_bytes, d.total_bytes))
+    }
 }
 
 /// The pod's host memory.
@@ -135,6 +165,10 @@ pub trait Meter: Send + Sync + 'static {
     fn process(&self, pid: u32) -> ProcessReading;
     /// VRAM used by each of `pids` (those with a reading), bytes, with the source.
     fn process_vram(&self, pids: &[u32]) -> BTreeMap<u32, (u64, Source)>;
+    /// The GPUs (device indexes) on which any of `pids` holds memory; empty when unknown.
+    fn process_devices(&self, _pids: &[u32]) -> BTreeSet<u32> {
+        BTreeSet::new()
+    }
 }
 
 /// NVML + optional CUDA + cgroup + /proc.
@@ -240,6 +274,18 @@ impl Meter for SystemMeter {
             })
             .collect()
     }
+
+    fn process_devices(&self, pids: &[u32]) -> BTreeSet<u32> {
+        let by_host_pid = self.nvml.process_vram_by_device();
+        pids.iter()
+            .filter_map(|&pid| {
+                std::iter::once(pid)
+                    .chain(self.proc.ns_pids(pid))
+                    .find_map(|candidate| by_host_pid.get(&candidate))
+            })
+            .flat_map(|devices| devices.keys().copied())
+            .collect()
+    }
 }
 
 /// Bytes of each resource, where known (`None`: not measured): the policy crate's pair.
@@ -321,6 +367,40 @@ mod tests {
             no_gpu.to_string(),
             "RAM 0.0/0.0 GiB (0.0%) | VRAM no GPU (libnvidia-ml.so.1 not found)"
         );
+    }
+
+    fn device(index: u32, used_gib: u64, total_gib: u64) -> GpuDevice {
+        GpuDevice {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: "test".into(),
+            total_bytes: total_gib << 30,
+            used_bytes: used_gib << 30,
+            source: Source::Nvml,
+        }
+    }
+
+    /// One full GPU among idle ones is pressure on that GPU, not 1/n of it.
+    #[test]
+    fn pressure_is_judged_per_device_not_summed() {
+        let gpu = GpuReading {
+            devices: vec![device(0, 10, 80), device(1, 76, 80), device(2, 0, 40)],
+            down_reason: None,
+        };
+        // The pod's process is on GPU 1: its 95 % counts, not 86/200 = 43 %.
+        assert_eq!(gpu.pressure(&BTreeSet::from([1])), Some((76 << 30, 80 << 30)));
+        // On GPU 0 only: GPU 1's load is another pod's business.
+        assert_eq!(gpu.pressure(&BTreeSet::from([0])), Some((10 << 30, 80 << 30)));
+        // Unknown attribution: the most used device read.
+        assert_eq!(gpu.pressure(&BTreeSet::new()), Some((76 << 30, 80 << 30)));
+        assert_eq!(gpu.pressure(&BTreeSet::from([7])), Some((76 << 30, 80 << 30)));
+        assert_eq!(GpuReading::down("no GPU".into()).pressure(&BTreeSet::new()), None);
+        // A device reporting zero total never divides by zero.
+        let odd = GpuReading {
+            devices: vec![device(0, 0, 0), device(1, 1, 2)],
+            down_reason: None,
+        };
+        assert_eq!(odd.pressure(&BTreeSet::new()), Some((1 << 30, 2 << 30)));
     }
 
     #[test]

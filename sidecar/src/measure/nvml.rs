@@ -93,7 +93,16 @@ impl NvmlProbe {
 
     /// VRAM used per process over all devices (compute and graphics contexts), by host pid.
     pub fn process_vram(&self) -> BTreeMap<u32, u64> {
-        let mut used = BTreeMap::new();
+        self.process_vram_by_device()
+            .into_iter()
+            .map(|(pid, devices)| (pid, devices.values().sum()))
+            .collect()
+    }
+
+    /// VRAM used per process and device (index), by host pid: a process on several GPUs has
+    /// one entry per device, so pressure can be judged per device.
+    pub fn process_vram_by_device(&self) -> BTreeMap<u32, BTreeMap<u32, u64>> {
+        let mut used: BTreeMap<u32, BTreeMap<u32, u64>> = BTreeMap::new();
         let Ok(nvml) = &self.nvml else {
             return used;
         };
@@ -106,7 +115,11 @@ impl NvmlProbe {
             let graphics = device.running_graphics_processes().unwrap_or_default();
             for process in compute.into_iter().chain(graphics) {
                 if let UsedGpuMemory::Used(bytes) = process.used_gpu_memory {
-                    *used.entry(process.pid).or_insert(0) += bytes;
+                    *used
+                        .entry(process.pid)
+                        .or_default()
+                        .entry(index)
+                        .or_insert(0) += bytes;
                 }
             }
         }
