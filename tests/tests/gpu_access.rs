@@ -88,7 +88,8 @@ fn app_pod(name: &str, pool: &str, claim: bool) -> Pod {
     if claim {
         pod["spec"]["resourceClaims"] =
             serde_json::json!([{"name": "gpu", "resourceClaimName": "app-gpu"}]);
-        pod["spec"]["containers"][0]["resources"] = serde_json::json!({"claims": [{"name": "gpu"}]});
+        pod["spec"]["containers"][0]["resources"] =
+            serde_json::json!({"claims": [{"name": "gpu"}]});
     }
     serde_json::from_value(pod).expect("pod JSON")
 }
@@ -127,7 +128,12 @@ async fn the_sidecar_joins_the_apps_dra_claim_and_pools_choose_the_gpu_access() 
     let _operator = Operator(
         operator_command(cp, &ns, "gpu-op", free_port())
             .args(["--webhook-listen", &format!("127.0.0.1:{port}")])
-            .args(["--tls-names", "127.0.0.1", "--webhook-config", &webhook_name])
+            .args([
+                "--tls-names",
+                "127.0.0.1",
+                "--webhook-config",
+                &webhook_name,
+            ])
             .args(["--sidecar-gpu-access", "Auto"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -149,27 +155,31 @@ async fn the_sidecar_joins_the_apps_dra_claim_and_pools_choose_the_gpu_access() 
 
     let pods: Api<Pod> = Api::namespaced(cp.client(), &ns);
     // The webhook serves once the operator has its certificate: retry the first create.
-    let with_claim = eventually("an injected pod using a DRA claim", Duration::from_secs(90), || {
-        let pods = pods.clone();
-        async move {
-            let created = pods
-                .create(&PostParams::default(), &app_pod("dra-app", "dra", true))
-                .await
-                .ok()?;
-            let injected = created
-                .spec
-                .as_ref()
-                .and_then(|s| s.init_containers.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.name == "modelpool-sidecar"));
-            if !injected {
-                // Admitted before the webhook served: try again with the webhook up.
-                let _ = pods.delete("dra-app", &Default::default()).await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                return None;
+    let with_claim = eventually(
+        "an injected pod using a DRA claim",
+        Duration::from_secs(90),
+        || {
+            let pods = pods.clone();
+            async move {
+                let created = pods
+                    .create(&PostParams::default(), &app_pod("dra-app", "dra", true))
+                    .await
+                    .ok()?;
+                let injected = created
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.init_containers.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.name == "modelpool-sidecar"));
+                if !injected {
+                    // Admitted before the webhook served: try again with the webhook up.
+                    let _ = pods.delete("dra-app", &Default::default()).await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return None;
+                }
+                Some(created)
             }
-            Some(created)
-        }
-    })
+        },
+    )
     .await;
     // The apiserver accepted the sidecar's claim reference (it validates that every container
     // claim names a pod resourceClaim) and kept it.
@@ -195,13 +205,22 @@ async fn the_sidecar_joins_the_apps_dra_claim_and_pools_choose_the_gpu_access() 
         .await
         .expect("blind pod");
     let blind_sidecar = sidecar(&blind);
-    assert!(blind_sidecar.args.unwrap_or_default().iter().any(|a| a == "--no-nvml"));
+    assert!(
+        blind_sidecar
+            .args
+            .unwrap_or_default()
+            .iter()
+            .any(|a| a == "--no-nvml")
+    );
     assert!(blind_sidecar.resources.and_then(|r| r.claims).is_none());
     assert_eq!(reading(&blind), "app-reported");
 
     // VisibleDevices: NVML-only capabilities for every GPU of the node.
     let plugin = pods
-        .create(&PostParams::default(), &app_pod("plugin-app", "plugin", false))
+        .create(
+            &PostParams::default(),
+            &app_pod("plugin-app", "plugin", false),
+        )
         .await
         .expect("plugin pod");
     let env = sidecar(&plugin).env.unwrap_or_default();

@@ -164,12 +164,19 @@ impl std::str::FromStr for GpuAccess {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        [Self::Auto, Self::SharedClaim, Self::VisibleDevices, Self::None]
-            .into_iter()
-            .find(|access| access.as_str() == text)
-            .ok_or_else(|| {
-                format!("unknown GPU access {text:?}: expected Auto, SharedClaim, VisibleDevices or None")
-            })
+        [
+            Self::Auto,
+            Self::SharedClaim,
+            Self::VisibleDevices,
+            Self::None,
+        ]
+        .into_iter()
+        .find(|access| access.as_str() == text)
+        .ok_or_else(|| {
+            format!(
+                "unknown GPU access {text:?}: expected Auto, SharedClaim, VisibleDevices or None"
+            )
+        })
     }
 }
 

@@ -127,7 +127,10 @@ mod tests {
 
     #[test]
     fn auto_shares_the_apps_claims_once_each() {
-        let pod = [container("app", &["gpu", "nic"]), container("worker", &["gpu"])];
+        let pod = [
+            container("app", &["gpu", "nic"]),
+            container("worker", &["gpu"]),
+        ];
         let plan = plan(&pod, GpuAccess::Auto);
         let names: Vec<&str> = plan.claims.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["gpu", "nic"]);
@@ -161,7 +164,10 @@ mod tests {
             .collect();
         assert_eq!(
             env,
-            [("NVIDIA_VISIBLE_DEVICES", "all"), ("NVIDIA_DRIVER_CAPABILITIES", "utility")]
+            [
+                ("NVIDIA_VISIBLE_DEVICES", "all"),
+                ("NVIDIA_DRIVER_CAPABILITIES", "utility")
+            ]
         );
         assert_eq!(plan.reading, "visible-devices");
     }

@@ -13,8 +13,8 @@ use super::gpu::{self, GPU_READING_ANNOTATION};
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-        HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements,
-        SeccompProfile, SecurityContext, Volume, VolumeMount,
+        HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile,
+        SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
@@ -198,28 +198,30 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
             .chain(gpu.args.iter().cloned())
             .collect(),
         ),
-        env: Some([
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            EnvVar {
-                name: "MODELPOOL_POOL_NAME".into(),
-                value: Some(pool.into()),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: "RUST_LOG".into(),
-                value: Some(template.log_filter.clone()),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: "MODELPOOL_LOG_FORMAT".into(),
-                value: Some(template.log_format.clone()),
-                ..EnvVar::default()
-            },
-        ]
-        .into_iter()
-        .chain(gpu.env.iter().cloned())
-        .collect()),
+        env: Some(
+            [
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                EnvVar {
+                    name: "MODELPOOL_POOL_NAME".into(),
+                    value: Some(pool.into()),
+                    ..EnvVar::default()
+                },
+                EnvVar {
+                    name: "RUST_LOG".into(),
+                    value: Some(template.log_filter.clone()),
+                    ..EnvVar::default()
+                },
+                EnvVar {
+                    name: "MODELPOOL_LOG_FORMAT".into(),
+                    value: Some(template.log_format.clone()),
+                    ..EnvVar::default()
+                },
+            ]
+            .into_iter()
+            .chain(gpu.env.iter().cloned())
+            .collect(),
+        ),
         ports: Some(vec![ContainerPort {
             name: Some("mp-metrics".into()),
             container_port: METRICS_PORT,
@@ -372,7 +374,14 @@ mod tests {
         };
         let pod = inject(&app_pod(true), "video", &template);
         let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
-        assert!(sidecar.args.as_ref().unwrap().iter().any(|a| a == "--no-nvml"));
+        assert!(
+            sidecar
+                .args
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|a| a == "--no-nvml")
+        );
         assert!(sidecar.resources.as_ref().unwrap().claims.is_none());
         let annotations = pod.metadata.annotations.as_ref().unwrap();
         assert_eq!(annotations[GPU_READING_ANNOTATION], "app-reported");
@@ -384,7 +393,10 @@ mod tests {
         let pod = inject(&app_pod(false), "video", &template);
         let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
         let env = sidecar.env.as_ref().unwrap();
-        assert!(env.iter().any(|e| e.name == "NVIDIA_VISIBLE_DEVICES" && e.value.as_deref() == Some("all")));
+        assert!(
+            env.iter()
+                .any(|e| e.name == "NVIDIA_VISIBLE_DEVICES" && e.value.as_deref() == Some("all"))
+        );
     }
 
     /// Catches the chart's sidecar values (log format and level, CPU limit, pull policy) not

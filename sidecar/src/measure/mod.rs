@@ -388,13 +388,25 @@ mod tests {
             down_reason: None,
         };
         // The pod's process is on GPU 1: its 95 % counts, not 86/200 = 43 %.
-        assert_eq!(gpu.pressure(&BTreeSet::from([1])), Some((76 << 30, 80 << 30)));
+        assert_eq!(
+            gpu.pressure(&BTreeSet::from([1])),
+            Some((76 << 30, 80 << 30))
+        );
         // On GPU 0 only: GPU 1's load is another pod's business.
-        assert_eq!(gpu.pressure(&BTreeSet::from([0])), Some((10 << 30, 80 << 30)));
+        assert_eq!(
+            gpu.pressure(&BTreeSet::from([0])),
+            Some((10 << 30, 80 << 30))
+        );
         // Unknown attribution: the most used device read.
         assert_eq!(gpu.pressure(&BTreeSet::new()), Some((76 << 30, 80 << 30)));
-        assert_eq!(gpu.pressure(&BTreeSet::from([7])), Some((76 << 30, 80 << 30)));
-        assert_eq!(GpuReading::down("no GPU".into()).pressure(&BTreeSet::new()), None);
+        assert_eq!(
+            gpu.pressure(&BTreeSet::from([7])),
+            Some((76 << 30, 80 << 30))
+        );
+        assert_eq!(
+            GpuReading::down("no GPU".into()).pressure(&BTreeSet::new()),
+            None
+        );
         // A device reporting zero total never divides by zero.
         let odd = GpuReading {
             devices: vec![device(0, 0, 0), device(1, 1, 2)],
