@@ -150,3 +150,46 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(policy.pressure.vram_percent, 90);
     assert_eq!(policy.pressure.ram_percent, 80);
 }
+
+/// Found by fuzzing: kube's duration parser panics on a negative segment, so a pool file with
+/// such an `idleTTL` crashed the sidecar. It must be an error naming the value instead.
+#[test]
+fn durations_that_would_panic_are_refused_with_the_value() {
+    for (field, value) in [
+        ("idleTTL", "0s-55m0s5m5"),
+        ("idleTTL", "-5m"),
+        ("acquireTimeout", "99999999999999999999h"),
+        ("acquireTimeout", "1e400h"),
+        ("idleTTL", "5x"),
+    ] {
+        let text = with_spec(&format!(
+            "  policy: {{mode: Cache, {field}: \"{value}\"}}\n  models:\n    - {{name: a, vram: 1Gi}}\n"
+        ));
+        let error = parse_pool(&text, "pool.yaml")
+            .err()
+            .unwrap_or_else(|| panic!("{field}: {value:?} was accepted"))
+            .to_string();
+        assert!(error.contains(value), "{field} {value:?}: {error}");
+        assert!(error.contains("duration"), "{field} {value:?}: {error}");
+    }
+}
+
+#[test]
+fn good_durations_still_parse() {
+    use modelpool_crds::v1alpha1::parse_duration;
+    for (text, seconds) in [
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("500ms", 0.5),
+        ("0", 0.0),
+        ("+2m", 120.0),
+    ] {
+        let parsed = parse_duration(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(
+            std::time::Duration::from(parsed).as_secs_f64(),
+            seconds,
+            "{text}"
+        );
+    }
+}

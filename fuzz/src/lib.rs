@@ -41,7 +41,9 @@ pub fn duration(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(duration) = kube::core::Duration::from_str(text) {
+    // The pool's own entry point: it must refuse, never panic (kube's parser alone panics on
+    // "0s-55m0s5m5").
+    if let Ok(duration) = modelpool_crds::v1alpha1::parse_duration(text) {
         let printed = duration.to_string();
         assert_eq!(
             kube::core::Duration::from_str(&printed),

@@ -227,7 +227,11 @@ pub struct Policy {
     #[serde(default)]
     pub mode: Mode,
     /// Cache mode: unload a model idle for this long (e.g. `5m`).
-    #[serde(default = "default_idle_ttl", rename = "idleTTL")]
+    #[serde(
+        default = "default_idle_ttl",
+        rename = "idleTTL",
+        deserialize_with = "checked_duration"
+    )]
     pub idle_ttl: Duration,
     /// Which idle model goes first when room is needed.
     #[serde(default)]
@@ -236,7 +240,10 @@ pub struct Policy {
     #[serde(default)]
     pub pressure: Pressure,
     /// How long an acquire waits for room before it is refused (e.g. `60s`).
-    #[serde(default = "default_acquire_timeout")]
+    #[serde(
+        default = "default_acquire_timeout",
+        deserialize_with = "checked_duration"
+    )]
     pub acquire_timeout: Duration,
     /// What happens when measured usage exceeds a ceiling.
     #[serde(default)]
@@ -254,6 +261,74 @@ impl Default for Policy {
             enforcement: Enforcement::default(),
         }
     }
+}
+
+/// The longest duration a pool may name: ten years (beyond it a duration is a typo).
+pub const MAX_DURATION_SECONDS: f64 = 10.0 * 365.0 * 24.0 * 3600.0;
+
+/// Parses a Go-style duration (`30s`, `5m`, `1h30m`, `500ms`, `0`) and refuses what would make
+/// kube's own parser panic: a negative or non-finite segment (`"0s-55m"`, found by fuzzing) or a
+/// total beyond [`MAX_DURATION_SECONDS`]. The error names the value and what was expected.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let expected = "expected a non-negative duration such as 30s, 5m, 1h30m or 500ms";
+    let body = text.trim_start_matches('+');
+    if body.starts_with('-') {
+        return Err(format!("duration {text:?} is negative: {expected}"));
+    }
+    let mut rest = body;
+    let mut seconds = 0.0_f64;
+    while !rest.is_empty() && rest != "0" {
+        let unit_at = rest
+            .find(|c: char| c.is_alphabetic())
+            .ok_or_else(|| format!("duration {text:?} has a number without a unit: {expected}"))?;
+        let (number, tail) = rest.split_at(unit_at);
+        let unit_end = tail
+            .find(|c: char| !c.is_alphabetic())
+            .unwrap_or(tail.len());
+        let (unit, next) = tail.split_at(unit_end);
+        let well_formed = !number.is_empty()
+            && number.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && number.chars().filter(|&c| c == '.').count() <= 1
+            && number != ".";
+        let value: f64 = if well_formed {
+            number
+                .parse()
+                .map_err(|_| format!("duration {text:?}: {number:?} is not a number: {expected}"))?
+        } else {
+            return Err(format!(
+                "duration {text:?}: {number:?} is not a non-negative number: {expected}"
+            ));
+        };
+        let unit_seconds = match unit {
+            "ns" => 1e-9,
+            "us" | "\u{00b5}s" | "\u{03bc}s" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            other => {
+                return Err(format!(
+                    "duration {text:?}: unknown unit {other:?}: {expected}"
+                ));
+            }
+        };
+        seconds += value * unit_seconds;
+        if !seconds.is_finite() || seconds > MAX_DURATION_SECONDS {
+            return Err(format!(
+                "duration {text:?} is longer than ten years: {expected}"
+            ));
+        }
+        rest = next;
+    }
+    body.parse::<Duration>()
+        .map_err(|error| format!("duration {text:?}: {error}: {expected}"))
+}
+
+fn checked_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
 }
 
 fn default_idle_ttl() -> Duration {
