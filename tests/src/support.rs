@@ -61,12 +61,31 @@ pub fn install_crd(cp: &ControlPlane) {
         "-f",
         crd.to_str().expect("a UTF-8 path"),
     ]);
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/modelpools.modelpool.io",
-    ]);
+    wait_crd_established(cp, "modelpools.modelpool.io");
+}
+
+/// Waits until the CRD `name` is Established. `kubectl wait` fails at once (".status.conditions
+/// accessor error: <nil>") when it reads a CRD before the apiserver has written any condition,
+/// so it is retried until a deadline.
+pub fn wait_crd_established(cp: &ControlPlane, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = cp.kubectl([
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            &format!("crd/{name}"),
+        ]);
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "crd/{name} never Established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// `modelpool-operator run` for one test namespace: it watches only that namespace, keeps its

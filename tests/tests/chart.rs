@@ -1242,12 +1242,7 @@ fn install_prometheus_operator_crds(cp: &ControlPlane) {
             "-f",
             file.to_str().expect("utf-8"),
         ]);
-        cp.kubectl_ok([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=120s",
-            &format!("crd/{kind}.monitoring.coreos.com"),
-        ]);
+        modelpool_e2e::support::wait_crd_established(cp, &format!("{kind}.monitoring.coreos.com"));
     }
 }
 
@@ -1463,26 +1458,7 @@ fn install_cert_manager_crds(cp: &ControlPlane) {
             "-f",
             file.to_str().expect("utf-8"),
         ]);
-        // `kubectl wait` fails at once (".status.conditions accessor error: <nil>") when it reads
-        // the CRD before the apiserver has written any condition: retry until a deadline.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
-            let out = cp.kubectl([
-                "wait",
-                "--for=condition=Established",
-                "--timeout=30s",
-                &format!("crd/{kind}.cert-manager.io"),
-            ]);
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "crd/{kind}.cert-manager.io never Established: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
+        modelpool_e2e::support::wait_crd_established(cp, &format!("{kind}.cert-manager.io"));
     }
 }
 

@@ -19,12 +19,7 @@ fn install_crd() -> &'static ControlPlane {
         let crd = crd.to_str().expect("a UTF-8 path");
         let out = cp.kubectl_ok(["apply", "--server-side", "-f", crd]);
         assert!(out.contains("modelpools.modelpool.io"), "{out}");
-        cp.kubectl_ok([
-            "wait",
-            "--for=condition=Established",
-            "crd/modelpools.modelpool.io",
-            "--timeout=60s",
-        ]);
+        modelpool_e2e::support::wait_crd_established(cp, "modelpools.modelpool.io");
     });
     cp
 }

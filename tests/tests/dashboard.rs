@@ -338,12 +338,7 @@ fn start_operator(dir: &std::path::Path) -> (Process, std::net::SocketAddr) {
         "-f",
         crd.to_str().expect("utf-8 path"),
     ]);
-    cp.kubectl_ok([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=120s",
-        "crd/modelpools.modelpool.io",
-    ]);
+    modelpool_e2e::support::wait_crd_established(cp, "modelpools.modelpool.io");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
