@@ -2,8 +2,9 @@
 //! (imported into containerd, no registry) runs the operator pods on a kubelet; a pooled
 //! Deployment's pod is injected, its app (`modelpool-memhog`, holding real memory) acquires
 //! through the sidecar running beside it as a native sidecar; `kubectl get mp`,
-//! `kubectl exec ... modelpool-sidecar status`, the `Restart` enforcement recreating a pod,
-//! the pool's drain on delete, and `helm uninstall`.
+//! `kubectl exec ... modelpool-sidecar status`, a real Prometheus scraping the pod (the
+//! dashboard's queries return its series), the `Restart` enforcement recreating a pod, the
+//! pool's drain on delete, and `helm uninstall`.
 //!
 //! The node lives in private namespaces (`modelpool_e2e::node`): the test re-runs itself inside
 //! them, so its network, mounts and processes are gone when it ends, pass or fail.
@@ -11,6 +12,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use modelpool_e2e::monitoring::{Prometheus, Target};
 use modelpool_e2e::node::{self, Node, wait_for};
 use modelpool_e2e::{ControlPlane, repo_root};
 use serde_json::Value;
@@ -19,6 +21,7 @@ const TEST: &str = "helm_install_runs_pods_on_a_real_node";
 const RELEASE: &str = "mp";
 const SYSTEM_NS: &str = "modelpool-system";
 const APPS_NS: &str = "video";
+const POOL_NAME: &str = "video";
 const APP_IMAGE_PREFIX: &str = "modelpool.local/modelpool-testapp:";
 
 #[test]
@@ -480,6 +483,10 @@ fn scenario(
     );
     eprintln!("{table}");
 
+    // 4. A real Prometheus scrapes the sidecar in the pod; the dashboard's queries see it.
+    step4_prometheus(node, &pod, &pod_name)?;
+    step("Prometheus scraped the pod; the dashboard's queries return its series");
+
     // 5. enforcement: Restart: the app reports an unload without freeing; the sidecar sees the
     // memory not come back; the operator deletes the pod and the ReplicaSet recreates it.
     let reply = app.send("unload upscale keep")?;
@@ -643,5 +650,193 @@ fn scenario(
         eprintln!("node test: left by the operator itself (not helm's): {known:?}");
     }
     step("helm uninstall clean");
+    Ok(())
+}
+
+/// The sidecar panels' queries of the Grafana dashboard (operator panels left out: the
+/// operator is not scraped here), with Grafana's variables set to the one pod: `(title, expr)`.
+fn sidecar_queries(pod: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(
+        repo_root().join("dashboards/modelpool.json"),
+    )?)?;
+    let mut panels: Vec<&Value> = Vec::new();
+    for p in dashboard["panels"].as_array().into_iter().flatten() {
+        panels.push(p);
+        panels.extend(p["panels"].as_array().into_iter().flatten());
+    }
+    let mut queries = Vec::new();
+    for panel in panels {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let Some(e) = t["expr"].as_str() else {
+                continue;
+            };
+            if e.contains("modelpool_operator_") || e.contains("modelpool-operator") {
+                continue;
+            }
+            queries.push((
+                panel["title"].as_str().unwrap_or_default().to_owned(),
+                substitute(e, pod),
+            ));
+        }
+    }
+    anyhow::ensure!(!queries.is_empty(), "no sidecar panels in the dashboard");
+    Ok(queries)
+}
+
+/// Grafana's variables as a user picking this pod sets them.
+fn substitute(expr: &str, pod: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$__range", "1h")
+        .replace("$__interval", "5s")
+        .replace("${namespace}", APPS_NS)
+        .replace("${pool}", POOL_NAME)
+        .replace("${pod}", pod)
+        .replace("$namespace", APPS_NS)
+        .replace("$pool", POOL_NAME)
+        .replace("$pod", pod)
+}
+
+/// The series selectors of a PromQL expression (`modelpool_x{...}` or a bare `modelpool_x`).
+fn selectors(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("modelpool_") {
+        let tail = &rest[i..];
+        let name_len = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let mut end = name_len;
+        if tail[name_len..].starts_with('{')
+            && let Some(close) = tail[name_len..].find('}')
+        {
+            end = name_len + close + 1;
+        }
+        out.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Step 4: a real Prometheus scrapes the sidecar in the pod, as the chart's PodMonitor would
+/// (the pod's `mp-metrics` port; job `modelpool-sidecar`; namespace and pod target labels).
+/// The dashboard's template variables list the pod, and every sidecar panel query whose input
+/// series this pod exports returns series (with the variables set to this pod); the core
+/// series must be among them.
+fn step4_prometheus(node: &Node, pod: &Value, pod_name: &str) -> anyhow::Result<()> {
+    let pod_ip = pod["status"]["podIP"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the pod has no podIP: {}", pod["status"]))?;
+    let port = pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "modelpool-sidecar")
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["name"] == "mp-metrics")
+        .and_then(|p| p["containerPort"].as_u64())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the injected sidecar has no port named mp-metrics (what the chart's PodMonitor scrapes): {}",
+                pod["spec"]["initContainers"]
+            )
+        })?;
+    let prom_dir = node.dir.join("prometheus");
+    std::fs::create_dir_all(&prom_dir)?;
+    let prometheus = Prometheus::start(
+        &prom_dir,
+        &[Target {
+            job: "modelpool-sidecar".into(),
+            addr: format!("{pod_ip}:{port}").parse()?,
+            labels: vec![
+                ("namespace".into(), APPS_NS.into()),
+                ("pod".into(), pod_name.into()),
+            ],
+        }],
+        &[],
+    )?;
+    let log = prom_dir.join("prometheus.log");
+    wait_for(
+        "Prometheus to scrape the sidecar in the pod",
+        Duration::from_secs(60),
+        &log,
+        || {
+            let targets = prometheus.targets()?;
+            match targets
+                .iter()
+                .find(|(job, _, _)| job == "modelpool-sidecar")
+            {
+                Some((_, health, _)) if health == "up" => Ok(Some(())),
+                other => Err(anyhow::anyhow!("target {pod_ip}:{port}: {other:?}")),
+            }
+        },
+    )?;
+
+    // The template variables (`label_values(modelpool_pool_info{...}, label)`) list the pod.
+    let info = prometheus.query_ok(&format!(
+        "modelpool_pool_info{{namespace=\"{APPS_NS}\", pool=\"{POOL_NAME}\", pod=\"{pod_name}\"}}"
+    ))?;
+    anyhow::ensure!(
+        info.len() == 1,
+        "modelpool_pool_info of the pod (the dashboard's namespace, pool and pod variables): {info:?}"
+    );
+
+    let queries = sidecar_queries(pod_name)?;
+    // Rates need two samples in their window: poll until every query that can answer does.
+    let answered = wait_for(
+        "the dashboard's queries to return the pod's series",
+        Duration::from_secs(60),
+        &log,
+        || {
+            let mut answered = Vec::new();
+            let mut missing = Vec::new();
+            for (title, expr) in &queries {
+                let mut inputs = true;
+                for sel in selectors(expr) {
+                    if prometheus.query_ok(&sel)?.is_empty() {
+                        inputs = false;
+                    }
+                }
+                if !prometheus.query_ok(expr)?.is_empty() {
+                    answered.push(expr.clone());
+                } else if inputs {
+                    missing.push(format!("{title}: {expr}"));
+                }
+            }
+            if missing.is_empty() {
+                Ok(Some(answered))
+            } else {
+                Err(anyhow::anyhow!(
+                    "no series although the pod exports their inputs:\n{}",
+                    missing.join("\n")
+                ))
+            }
+        },
+    )?;
+    for core in [
+        "modelpool_pool_info{",
+        "modelpool_ram_used_bytes{",
+        "modelpool_pool_bytes{resource=\"ram\"",
+        "modelpool_model_bytes{resource=\"ram\"",
+        "modelpool_model_loaded{",
+        "modelpool_loads_total{",
+        "modelpool_load_duration_seconds_bucket{",
+        "modelpool_sessions{",
+    ] {
+        anyhow::ensure!(
+            answered.iter().any(|e| e.contains(core)),
+            "no dashboard query on {core}...}} returned the pod's series; answered:\n{}",
+            answered.join("\n")
+        );
+    }
+    let unanswered: Vec<&str> = queries
+        .iter()
+        .filter(|(_, e)| !answered.contains(e))
+        .map(|(title, _)| title.as_str())
+        .collect();
+    eprintln!(
+        "node test: {}/{} sidecar dashboard queries return the pod's series; without their input series here: {unanswered:?}",
+        answered.len(),
+        queries.len()
+    );
     Ok(())
 }
