@@ -43,6 +43,12 @@ pub struct RunArgs {
     /// Name of the leader Lease.
     #[arg(long, default_value = "modelpool-operator-leader")]
     pub lease_name: String,
+    /// The Deployment that runs this operator, in `--namespace`: the leader Lease and the
+    /// managed webhook Secret get an owner reference to it, so that deleting it (`helm
+    /// uninstall`) has the garbage collector delete them too. Needs `get` on that Deployment.
+    /// Without it they have no owner and outlive the operator.
+    #[arg(long, env = "MODELPOOL_OWNER_DEPLOYMENT")]
+    pub owner_deployment: Option<String>,
     /// Seconds a leader lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     pub lease_duration_s: u64,

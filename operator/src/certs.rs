@@ -3,7 +3,9 @@
 //!
 //! The leader creates the Secret when missing and rotates it when it has less than
 //! [`ROTATE_BEFORE`] left, and patches the MutatingWebhookConfiguration's `caBundle`. Every
-//! replica reloads the Secret's cert into its TLS acceptor. With `--tls-cert-file` (e.g.
+//! replica reloads the Secret's cert into its TLS acceptor. With an owner (the operator's
+//! Deployment), the Secret carries an owner reference to it, so that the garbage collector
+//! deletes it with the Deployment. With `--tls-cert-file` (e.g.
 //! cert-manager), none of this runs: the files are served and reloaded when they change.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -11,6 +13,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use k8s_openapi::{
     ByteString,
     api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use kube::{
     Api, Client,
@@ -177,21 +180,55 @@ pub async fn read_secret(
     Ok(secret.as_ref().and_then(secret_bundle))
 }
 
-/// Leader's duty: make sure the Secret holds a bundle with time left, and that the webhook
-/// configuration trusts its CA. Returns the bundle in force.
+/// Leader's duty: make sure the Secret holds a bundle with time left (and the owner reference
+/// to `owner`, when given), and that the webhook configuration trusts its CA. Returns the
+/// bundle in force.
 pub async fn ensure(
     client: &Client,
     namespace: &str,
     secret_name: &str,
     names: &[String],
     webhook_config: Option<&str>,
+    owner: Option<&OwnerReference>,
 ) -> Result<Bundle, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let existing = read_secret(client, namespace, secret_name).await?;
+    let secret = api
+        .get_opt(secret_name)
+        .await
+        .map_err(|source| Error::Kube {
+            action: format!("read secret {namespace}/{secret_name}"),
+            source,
+        })?;
+    let existing = secret.as_ref().and_then(secret_bundle);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let rotate_before = i64::try_from(ROTATE_BEFORE.as_secs()).unwrap_or(i64::MAX);
     let bundle = match existing {
-        Some(bundle) if bundle.not_after - now > rotate_before => bundle,
+        Some(bundle) if bundle.not_after - now > rotate_before => {
+            // Adopt a Secret made without the owner (by an older version).
+            if let (Some(owner), Some(secret)) = (owner, secret) {
+                let mut meta = secret.metadata;
+                if crate::leader::with_owner(&mut meta, owner) {
+                    let patch = serde_json::json!({
+                        "metadata": {
+                            "ownerReferences": meta.owner_references,
+                            "resourceVersion": meta.resource_version,
+                        }
+                    });
+                    api.patch(secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map_err(|source| Error::Kube {
+                            action: format!("set the owner of secret {namespace}/{secret_name}"),
+                            source,
+                        })?;
+                    tracing::info!(
+                        secret = secret_name,
+                        owner = %owner.name,
+                        "the webhook certificate Secret is now owned by the operator's Deployment"
+                    );
+                }
+            }
+            bundle
+        }
         previous => {
             let bundle = generate(names)?;
             tracing::info!(
@@ -203,6 +240,7 @@ pub async fn ensure(
                 metadata: ObjectMeta {
                     name: Some(secret_name.into()),
                     namespace: Some(namespace.into()),
+                    owner_references: owner.map(|o| vec![o.clone()]),
                     annotations: Some(BTreeMap::from([(
                         NOT_AFTER_ANNOTATION.into(),
                         bundle.not_after.to_string(),

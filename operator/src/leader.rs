@@ -4,12 +4,16 @@
 //!
 //! A leader that cannot renew for a whole lease duration steps down by exiting (the
 //! Deployment restarts it as a follower), the usual client-go behaviour.
+//!
+//! With an owner (the operator's Deployment), the Lease carries an owner reference to it, set
+//! when the Lease is created and added by the leader to a Lease that lacks it (one made by an
+//! older version), so that the garbage collector deletes the Lease with the Deployment.
 
 use std::time::Duration;
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
-    apimachinery::pkg::apis::meta::v1::MicroTime,
+    apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference},
     jiff::Timestamp,
 };
 use kube::{
@@ -31,6 +35,8 @@ pub struct Election {
     pub lease_duration: Duration,
     /// How often the leader renews (and followers retry).
     pub retry_period: Duration,
+    /// The object whose deletion deletes the Lease (the operator's Deployment), if any.
+    pub owner: Option<OwnerReference>,
 }
 
 /// Runs the election forever, publishing leadership on `leader`. Returns only when
@@ -71,6 +77,21 @@ pub async fn run(client: Client, election: Election, leader: watch::Sender<bool>
     }
 }
 
+/// Puts `owner` among `meta`'s owner references, replacing a reference to an earlier object
+/// of the same kind and name (a Deployment deleted and created again). Returns whether it
+/// changed anything.
+pub fn with_owner(meta: &mut ObjectMeta, owner: &OwnerReference) -> bool {
+    let refs = meta.owner_references.get_or_insert_with(Vec::new);
+    if refs.iter().any(|r| r.uid == owner.uid) {
+        return false;
+    }
+    refs.retain(|r| {
+        !(r.kind == owner.kind && r.api_version == owner.api_version && r.name == owner.name)
+    });
+    refs.push(owner.clone());
+    true
+}
+
 async fn try_acquire_or_renew(api: &Api<Lease>, election: &Election) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     let duration_s = i32::try_from(election.lease_duration.as_secs())
@@ -81,6 +102,7 @@ async fn try_acquire_or_renew(api: &Api<Lease>, election: &Election) -> Result<b
             metadata: ObjectMeta {
                 name: Some(election.lease_name.clone()),
                 namespace: Some(election.namespace.clone()),
+                owner_references: election.owner.clone().map(|o| vec![o]),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -118,6 +140,9 @@ async fn try_acquire_or_renew(api: &Api<Lease>, election: &Election) -> Result<b
     }
     spec.lease_duration_seconds = Some(duration_s);
     spec.renew_time = Some(MicroTime(now));
+    if let Some(owner) = &election.owner {
+        with_owner(&mut lease.metadata, owner);
+    }
     match api
         .replace(&election.lease_name, &PostParams::default(), &lease)
         .await
@@ -125,5 +150,42 @@ async fn try_acquire_or_renew(api: &Api<Lease>, election: &Election) -> Result<b
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
         Err(error) => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(uid: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "mp-modelpool-operator".into(),
+            uid: uid.into(),
+            ..OwnerReference::default()
+        }
+    }
+
+    /// Catches an adopted object collecting a reference per renewal, or keeping a reference to
+    /// a deleted Deployment (the garbage collector would delete the object with the old one).
+    #[test]
+    fn with_owner_adds_once_and_replaces_a_stale_reference() {
+        let mut meta = ObjectMeta::default();
+        assert!(with_owner(&mut meta, &owner("a")));
+        assert!(!with_owner(&mut meta, &owner("a")));
+        assert_eq!(meta.owner_references.as_deref(), Some(&[owner("a")][..]));
+        let other = OwnerReference {
+            kind: "ModelPool".into(),
+            ..owner("x")
+        };
+        meta.owner_references
+            .get_or_insert_with(Vec::new)
+            .push(other.clone());
+        assert!(with_owner(&mut meta, &owner("b")));
+        assert_eq!(
+            meta.owner_references.as_deref(),
+            Some(&[other, owner("b")][..])
+        );
     }
 }

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use futures::StreamExt;
+use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::OwnerReference};
 use kube::{
     Api, Client, Config,
     client::ClientBuilder,
@@ -46,6 +47,27 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// `--owner-deployment` could not be read.
+    #[error(
+        "failed to read deployment {namespace}/{name} (--owner-deployment: the Deployment running the operator, which owns its Lease and webhook Secret; the operator needs get on it): {source}"
+    )]
+    Owner {
+        /// The namespace (`--namespace`).
+        namespace: String,
+        /// The name given.
+        name: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The apiserver answered a Deployment without a uid.
+    #[error("deployment {namespace}/{name} (--owner-deployment) has no metadata.uid")]
+    OwnerWithoutUid {
+        /// The namespace (`--namespace`).
+        namespace: String,
+        /// The name given.
+        name: String,
+    },
     /// `--webhook-listen` is not an address.
     #[error("--webhook-listen {0:?} is not an address (e.g. 0.0.0.0:8443) or \"off\"")]
     WebhookAddr(String),
@@ -83,6 +105,11 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         ))
         .with_layer(&CountRequests(metrics.clone()))
         .build();
+
+    let owner = match args.owner_deployment.as_deref().filter(|d| !d.is_empty()) {
+        Some(name) => Some(owner_deployment(&client, &args.namespace, name).await?),
+        None => None,
+    };
 
     let (ready_tx, ready_rx) = watch::channel(false);
     let health = Health {
@@ -157,6 +184,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         identity: args.identity.clone(),
         lease_duration: Duration::from_secs(args.lease_duration_s),
         retry_period: Duration::from_secs(args.lease_retry_s),
+        owner: owner.clone(),
     };
     let election_task = tokio::spawn(leader::run(client.clone(), election, leader_tx));
     while !*leader_rx.borrow() {
@@ -166,7 +194,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     }
     metrics.leader.set(1);
     if args.webhook_listen != "off" && args.tls_cert_file.is_none() {
-        tokio::spawn(manage_cert(client.clone(), args.clone()));
+        tokio::spawn(manage_cert(client.clone(), args.clone(), owner));
     }
     let settings = controller::Settings {
         identity: args.identity.clone(),
@@ -210,8 +238,57 @@ fn spawn_pool_cache(client: Client, namespace: Option<String>) -> Store<ModelPoo
     reader
 }
 
+/// The owner reference to the operator's Deployment (`--owner-deployment`). Retries a few
+/// times: the apiserver may be briefly unreachable while the pod starts.
+async fn owner_deployment(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<OwnerReference, Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let mut attempt = 0;
+    let deployment = loop {
+        match api.get(name).await {
+            Ok(d) => break d,
+            Err(source) if attempt >= 5 || is_client_error(&source) => {
+                return Err(Error::Owner {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    source,
+                });
+            }
+            Err(error) => {
+                attempt += 1;
+                tracing::warn!(%error, deployment = name, "failed to read the owner Deployment; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let uid = deployment
+        .metadata
+        .uid
+        .ok_or_else(|| Error::OwnerWithoutUid {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })?;
+    // Not the controller of its Lease and Secret (nothing reconciles them from it), and no
+    // blockOwnerDeletion (that needs update on deployments/finalizers).
+    Ok(OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        name: name.to_owned(),
+        uid,
+        ..OwnerReference::default()
+    })
+}
+
+/// A 4xx answer (not found, forbidden): retrying will not help.
+fn is_client_error(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if (400..500).contains(&status.code))
+}
+
 /// Leader: create or rotate the serving certificate, and keep the webhook's caBundle on it.
-async fn manage_cert(client: Client, args: RunArgs) {
+async fn manage_cert(client: Client, args: RunArgs, owner: Option<OwnerReference>) {
     loop {
         if let Err(error) = certs::ensure(
             &client,
@@ -219,6 +296,7 @@ async fn manage_cert(client: Client, args: RunArgs) {
             &args.tls_secret,
             &args.tls_names,
             args.webhook_config.as_deref(),
+            owner.as_ref(),
         )
         .await
         {

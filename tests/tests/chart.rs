@@ -376,6 +376,7 @@ fn default_values_render_a_hardened_least_privilege_install() {
             "patch",
             "mp-modelpool-operator",
         ),
+        grant("apps", "deployments", "get", "mp-modelpool-operator"),
         grant("", "secrets", "create", ""),
         grant("", "secrets", "get", "mp-modelpool-webhook-tls"),
         grant("", "secrets", "update", "mp-modelpool-webhook-tls"),

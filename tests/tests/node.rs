@@ -23,6 +23,13 @@ const SYSTEM_NS: &str = "modelpool-system";
 const APPS_NS: &str = "video";
 const POOL_NAME: &str = "video";
 const APP_IMAGE_PREFIX: &str = "modelpool.local/modelpool-testapp:";
+/// What the operator creates at run time in its namespace (not helm's templates).
+const OPERATOR_RUNTIME_OBJECTS: [(&str, &str); 2] = [
+    ("secret", "mp-modelpool-webhook-tls"),
+    ("lease", "mp-modelpool-operator"),
+];
+/// The release's label (`app.kubernetes.io/instance`).
+const RELEASE_SELECTOR: &str = "app.kubernetes.io/instance=mp";
 
 #[test]
 fn helm_install_runs_pods_on_a_real_node() {
@@ -558,7 +565,29 @@ fn scenario(
     anyhow::ensure!(!drained.trim().is_empty(), "a Drained event");
     step("drained");
 
-    // helm uninstall leaves nothing of the release behind.
+    // helm uninstall leaves nothing of the release behind. The operator's run-time objects
+    // (leader Lease, webhook certificate Secret) are owned by its Deployment.
+    let operator_uid = kubectl_json(
+        cp,
+        &[
+            "get",
+            "deployment",
+            "-n",
+            SYSTEM_NS,
+            "mp-modelpool-operator",
+        ],
+    )?["metadata"]["uid"]
+        .clone();
+    for (kind, name) in OPERATOR_RUNTIME_OBJECTS {
+        let object = kubectl_json(cp, &["get", kind, "-n", SYSTEM_NS, name])?;
+        let owners = &object["metadata"]["ownerReferences"];
+        anyhow::ensure!(
+            owners.as_array().is_some_and(|refs| refs
+                .iter()
+                .any(|r| r["kind"] == "Deployment" && r["uid"] == operator_uid)),
+            "{kind} {name} is not owned by the operator's Deployment ({operator_uid}): ownerReferences {owners}"
+        );
+    }
     cp.kubectl_ok([
         "delete",
         "deployment",
@@ -593,62 +622,21 @@ fn scenario(
             Ok(pods.trim().is_empty().then_some(()))
         },
     )?;
-    // Everything in the release namespace but what Kubernetes itself puts in every namespace,
-    // the release's cluster-wide objects, and the sidecar RBAC it created in the apps namespace.
-    let mut left: Vec<String> = cp
-        .kubectl_ok([
-            "get",
-            "all,serviceaccounts,roles,rolebindings,secrets,configmaps,leases,poddisruptionbudgets",
-            "-n",
-            SYSTEM_NS,
-            "-o",
-            "name",
-        ])
-        .lines()
-        .filter(|l| {
-            !l.is_empty() && *l != "serviceaccount/default" && *l != "configmap/kube-root-ca.crt"
-        })
-        .map(str::to_owned)
-        .collect();
-    for (scope, kinds) in [
-        (
-            None,
-            "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,validatingadmissionpolicies,validatingadmissionpolicybindings",
-        ),
-        (Some(APPS_NS), "serviceaccounts,rolebindings"),
-    ] {
-        let mut args = vec![
-            "get",
-            kinds,
-            "-l",
-            "app.kubernetes.io/instance=mp",
-            "-o",
-            "name",
-        ];
-        if let Some(ns) = scope {
-            args.extend(["-n", ns]);
-        }
-        left.extend(
-            cp.kubectl_ok(&args)
-                .lines()
-                .filter(|l| !l.is_empty())
-                .map(str::to_owned),
-        );
-    }
-    // Known gap (not helm's objects): the operator creates its webhook certificate Secret and
-    // its leader Lease at run time, without an owner, so they outlive the release. They are
-    // named, so a reinstall takes them over; `kubectl delete` removes them.
-    let created_by_operator = [
-        "secret/mp-modelpool-webhook-tls",
-        "lease.coordination.k8s.io/mp-modelpool-operator",
-    ];
-    let (known, left): (Vec<String>, Vec<String>) = left
-        .into_iter()
-        .partition(|o| created_by_operator.contains(&o.as_str()));
-    anyhow::ensure!(left.is_empty(), "left after helm uninstall: {left:?}");
-    if !known.is_empty() {
-        eprintln!("node test: left by the operator itself (not helm's): {known:?}");
-    }
+    // Nothing of the release is left: the operator's Lease and Secret go with its Deployment
+    // (garbage collection), so this polls until they are gone.
+    wait_for(
+        "nothing of the release left after helm uninstall",
+        Duration::from_secs(120),
+        &node.dir.join("kube-controller-manager.log"),
+        || {
+            let left = release_objects(cp)?;
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(anyhow::anyhow!("left after helm uninstall: {left:?}"))
+            }
+        },
+    )?;
     step("helm uninstall clean");
     Ok(())
 }
@@ -839,4 +827,61 @@ fn step4_prometheus(node: &Node, pod: &Value, pod_name: &str) -> anyhow::Result<
         queries.len()
     );
     Ok(())
+}
+
+/// What of the release exists: everything in its namespace but what Kubernetes puts in every
+/// namespace (and events), anything with the release's label in any namespace or cluster-wide,
+/// and the operator's run-time objects by name.
+fn release_objects(cp: &ControlPlane) -> anyhow::Result<Vec<String>> {
+    const NAMESPACED: &str = "all,serviceaccounts,roles,rolebindings,secrets,configmaps,leases,poddisruptionbudgets,endpointslices";
+    const CLUSTER: &str = "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,validatingwebhookconfigurations,validatingadmissionpolicies,validatingadmissionpolicybindings";
+    let get = |args: &[&str]| -> anyhow::Result<Vec<String>> {
+        let out = cp.kubectl(args);
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect())
+    };
+    let mut left = std::collections::BTreeSet::new();
+    for o in get(&["get", NAMESPACED, "-n", SYSTEM_NS, "-o", "name"])? {
+        if o != "serviceaccount/default" && o != "configmap/kube-root-ca.crt" {
+            left.insert(format!("{SYSTEM_NS}/{o}"));
+        }
+    }
+    for o in get(&[
+        "get",
+        NAMESPACED,
+        "-A",
+        "-l",
+        RELEASE_SELECTOR,
+        "-o",
+        "jsonpath={range .items[*]}{.kind}/{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}",
+    ])? {
+        left.insert(o);
+    }
+    for o in get(&["get", CLUSTER, "-l", RELEASE_SELECTOR, "-o", "name"])? {
+        left.insert(o);
+    }
+    for (kind, name) in OPERATOR_RUNTIME_OBJECTS {
+        for o in get(&[
+            "get",
+            kind,
+            "-n",
+            SYSTEM_NS,
+            name,
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ])? {
+            left.insert(format!("{SYSTEM_NS}/{o}"));
+        }
+    }
+    Ok(left.into_iter().collect())
 }
