@@ -21,6 +21,11 @@ MODELPOOL_NODE_TOOLS_BIN=$(scripts/build-tools.sh node | tail -n 1)
 export MODELPOOL_NODE_TOOLS_BIN
 echo "node tools: $MODELPOOL_NODE_TOOLS_BIN"
 
+step "model servers for the driver tests (scripts/servers.sh: MLServer; cached after the first time)"
+MODELPOOL_MLSERVER_BIN="$(scripts/servers.sh mlserver | tail -n 1)/mlserver"
+export MODELPOOL_MLSERVER_BIN
+echo "mlserver: $MODELPOOL_MLSERVER_BIN"
+
 step "lint (cargo clippy --all-targets -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

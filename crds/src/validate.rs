@@ -5,7 +5,7 @@ use std::{collections::HashSet, fmt};
 
 use crate::{
     quantity::{Quantity, human_bytes},
-    v1alpha1::{DriverKind, MAX_MODELS, Mode, ModelPool},
+    v1alpha1::{MAX_MODELS, Mode, ModelPool},
 };
 
 /// One problem, located by its path in the manifest (`spec.models[1].vram`).
@@ -204,11 +204,14 @@ pub fn validate_pool(pool: &ModelPool) -> Result<(), FieldErrors> {
         }
     }
 
-    if spec.driver.kind == DriverKind::Http {
+    if spec.driver.kind.needs_url() {
         match spec.driver.url.as_deref() {
             None => errors.push(FieldError::new(
                 "spec.driver.url",
-                "is required when spec.driver.kind is Http (e.g. http://127.0.0.1:8000)",
+                format!(
+                    "is required when spec.driver.kind is {} (e.g. http://127.0.0.1:8000)",
+                    spec.driver.kind.as_str()
+                ),
             )),
             Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
                 errors.push(FieldError::new(

@@ -46,12 +46,16 @@ fn bad_manifests_name_the_field_and_the_problem() {
             "spec.driver.url: is required when spec.driver.kind is Http",
         ),
         (
+            with_spec("  driver: {kind: KServeV2}\n  models:\n    - {name: a}\n"),
+            "spec.driver.url: is required when spec.driver.kind is KServeV2",
+        ),
+        (
             with_spec("  driver: {kind: Http, url: 'localhost:8000'}\n  models:\n    - {name: a}\n"),
             r#"spec.driver.url: "localhost:8000" must start with http:// or https://"#,
         ),
         (
             with_spec("  driver: {kind: Grpc}\n  models:\n    - {name: a}\n"),
-            "spec.driver.kind: unknown variant `Grpc`, expected `Sdk` or `Http`",
+            "spec.driver.kind: unknown variant `Grpc`, expected one of `Sdk`, `Http`, `KServeV2`",
         ),
         (
             with_spec("  policy: {mode: Lazy}\n  models:\n    - {name: a}\n"),

@@ -71,6 +71,9 @@ pub enum UnloadReason {
     Shutdown,
     /// The app process went away.
     SessionGone,
+    /// The model server dropped the model by itself (its own eviction, an OOM, a crash or a
+    /// restart): seen by a server driver's poll of what the server holds.
+    ServerDropped,
 }
 
 impl UnloadReason {
@@ -85,6 +88,7 @@ impl UnloadReason {
             Self::Ceiling => "ceiling",
             Self::Shutdown => "shutdown",
             Self::SessionGone => "session_gone",
+            Self::ServerDropped => "server_dropped",
         }
     }
 }
@@ -806,6 +810,37 @@ impl Engine {
         self.check_ceilings(now, &mut out);
         self.process_queue(now, &mut out);
         out
+    }
+
+    /// The server no longer holds an instance (it dropped it by itself, crashed or
+    /// restarted): the instance leaves the ledger at once, whatever its state, its leases end,
+    /// and the unload is counted with `reason`. True when there was such an instance.
+    pub fn dropped(
+        &mut self,
+        now: Duration,
+        session: SessionId,
+        model: &str,
+        reason: UnloadReason,
+    ) -> (bool, Vec<Output>) {
+        let mut out = Vec::new();
+        let removed = self
+            .index_any(model)
+            .and_then(|index| self.instances.remove(&(session, index)));
+        let Some(instance) = removed else {
+            return (false, out);
+        };
+        for lease in &instance.leases {
+            self.leases.remove(lease);
+        }
+        if matches!(
+            instance.state,
+            InstanceState::Loading | InstanceState::Loaded
+        ) {
+            *self.counters.unloads.entry(reason).or_default() += 1;
+        }
+        self.check_ceilings(now, &mut out);
+        self.process_queue(now, &mut out);
+        (true, out)
     }
 
     /// A session ended (closed, timed out or its process died): its leases end, its waiting

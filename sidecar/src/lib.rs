@@ -6,7 +6,8 @@
 //!  app (SDK) ──UDS/TCP /v1──► api ──► shell::Shared ──(one lock)──► decide::Core ──► Engine
 //!                                        │   ▲ ticker: measure → Core::tick (sessions, reclaims)
 //!                                        ▼   │
-//!                         driver::{Sdk, Http}  measure::{nvml, cuda, cgroup, proc}
+//!          driver::{Sdk, Http, KServeV2}  measure::{nvml, cuda, cgroup, proc, tree}
+//!  model server ◄── poll (server drivers) ──► decide::server reconcile
 //!  Prometheus ──► /metrics (metrics.rs)   pool file ──(mtime poll)──► pool::load → update
 //! ```
 
@@ -36,6 +37,7 @@ use crate::{
     driver::{
         Driver, DriverError,
         http::HttpDriver,
+        kserve::KServeDriver,
         sdk::{CommandHub, SdkDriver},
     },
     measure::SystemMeter,
@@ -79,6 +81,7 @@ fn make_driver(
     Ok(match kind {
         DriverKind::Sdk => Arc::new(SdkDriver::new(Arc::clone(hub))),
         DriverKind::Http => Arc::new(HttpDriver::new(url.unwrap_or_default(), timeout)?),
+        DriverKind::KServeV2 => Arc::new(KServeDriver::new(url.unwrap_or_default(), timeout)?),
     })
 }
 
@@ -184,6 +187,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     tracing::info!("Memory at start: {}", shared.memory_line());
 
     let ticker = tokio::spawn(tick_loop(Arc::clone(&shared), stop_rx.clone()));
+    let poller = tokio::spawn(poll_loop(Arc::clone(&shared), stop_rx.clone()));
     let mut followers: Vec<JoinHandle<()>> = Vec::new();
     match (&cluster_mode, pool_path) {
         (Some((client, placement)), _) => {
@@ -238,6 +242,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let _ = stop_tx.send(true);
     shared.hub.wake();
     ticker.abort();
+    poller.abort();
     for follower in followers {
         // The reporter sends a last report when it stops; give it a moment.
         if tokio::time::timeout(Duration::from_secs(3), follower)
@@ -291,6 +296,19 @@ async fn tick_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = interval.tick() => shared.tick(),
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Server drivers: polls the model server every tick (a no-op for the others).
+async fn poll_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(shared.settings.tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        shared.poll_server().await;
     }
 }
 

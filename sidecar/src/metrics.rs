@@ -12,8 +12,8 @@ use std::fmt::Write as _;
 
 use modelpool_policy::{Footprint, Limits, Resource};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Why metrics could not be set up (a name or label clash: a bug).
@@ -39,6 +39,10 @@ pub struct Metrics {
     pub acquires_refused: IntCounterVec,
     /// `modelpool_memory_not_reclaimed_total`.
     pub memory_not_reclaimed: IntCounter,
+    /// `modelpool_reclaims_total{seen_by}`.
+    pub reclaims: IntCounterVec,
+    /// `modelpool_server_up{driver}` (server drivers only).
+    pub server_up: IntGaugeVec,
     /// `modelpool_ceiling_breaches_total{resource}`.
     pub ceiling_breaches: IntCounterVec,
     /// `modelpool_acquire_queue_length`.
@@ -109,6 +113,20 @@ impl Metrics {
                     "Acquires refused, by reason (exceeds_ceiling, timeout, unknown_model, load_failed, shutting_down)."
                 ),
                 &["reason"]
+            )),
+            reclaims: reg!(IntCounterVec::new(
+                Opts::new(
+                    "modelpool_reclaims_total",
+                    "Unloads whose memory was seen returned, by how: proc (the process's or the model server's process tree's RSS fell), nvml, process_exit, session_gone, driver (the Http driver's answer), unverified (no reading possible: taken on the app's or server's word)."
+                ),
+                &["seen_by"]
+            )),
+            server_up: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "modelpool_server_up",
+                    "Server drivers (KServeV2, Ollama, Vllm): 1 when the model server answered the last poll of what it holds, 0 when it did not."
+                ),
+                &["driver"]
             )),
             memory_not_reclaimed: reg!(IntCounter::new(
                 "modelpool_memory_not_reclaimed_total",

@@ -56,11 +56,14 @@ pub struct PoolInfo {
     pub namespace: String,
     /// `Aggressive` or `Cache`.
     pub mode: &'static str,
-    /// `Sdk` or `Http`.
+    /// `Sdk`, `Http`, `KServeV2`, `Ollama` or `Vllm`.
     pub driver: &'static str,
-    /// The Http driver's base URL.
+    /// The driver's base URL (every kind but `Sdk`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver_url: Option<String>,
+    /// Server drivers: the command-line substring that finds the server's processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process_match: Option<String>,
     /// `Advisory`, `Evict` or `Restart`.
     pub enforcement: &'static str,
     /// Per-pod ceilings.
@@ -191,11 +194,9 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
             Mode::Aggressive => "Aggressive",
             Mode::Cache => "Cache",
         },
-        driver: match spec.driver.kind {
-            DriverKind::Sdk => "Sdk",
-            DriverKind::Http => "Http",
-        },
+        driver: spec.driver.kind.as_str(),
         driver_url: spec.driver.url.clone(),
+        process_match: spec.driver.process_match.clone(),
         enforcement: match policy.enforcement {
             Enforcement::Advisory => "Advisory",
             Enforcement::Evict => "Evict",

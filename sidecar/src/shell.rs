@@ -24,11 +24,14 @@ use tokio::sync::{oneshot, watch};
 use crate::{
     api::wire::{self, AppReadings},
     decide::{
-        Core, CoreConfig, Effects, First, LookupError, Measured, ProcessNow, TickReadings, Verdict,
-        parse_id, session_name,
+        Core, CoreConfig, Effects, First, LookupError, Measured, ProcessNow, ServerPoll,
+        TickReadings, Verdict, parse_id, session_name,
     },
     driver::{Driver, LoadOutcome, UnloadOutcome, sdk::CommandHub},
-    measure::{GpuReading, MemoryLine, Meter, RamReading, human},
+    measure::{
+        GpuReading, MemoryLine, Meter, RamReading, human,
+        tree::{ServerMatch, ServerProcesses},
+    },
     metrics::{Gauges, Metrics},
     pool::{LoadedPool, PoolInfo},
 };
@@ -106,6 +109,11 @@ pub struct Shared {
     /// The Sdk command streams.
     pub hub: Arc<CommandHub>,
     driver: Arc<dyn Driver>,
+    /// Server drivers: how the server's processes are found and read.
+    processes: Option<ServerProcesses>,
+    /// Server drivers: the driver's load and unload calls hold it shared, a poll of the
+    /// server exclusively, so that a poll never races the driver's own changes.
+    server_io: tokio::sync::RwLock<()>,
     meter: Arc<dyn Meter>,
     clock: Arc<dyn Clock>,
     /// Metrics.
@@ -171,13 +179,25 @@ impl Shared {
             heartbeat: settings.heartbeat,
             app_server: driver.loads_itself(),
         };
-        let core = Core::new(pool, config, metrics.clone(), first_session, measured);
+        let processes = driver.observes().then(|| {
+            ServerProcesses::new(ServerMatch {
+                command_line: pool.info.process_match.clone(),
+                port: driver.server_port(),
+            })
+        });
+        let mut core = Core::new(pool, config, metrics.clone(), first_session, measured);
+        if driver.observes() {
+            core.enable_server();
+            metrics.server_up.with_label_values(&[driver.kind()]).set(0);
+        }
         Arc::new(Self {
             core: Mutex::new(core),
             watched: RwLock::new(BTreeMap::new()),
             baselines: Mutex::new(HashMap::new()),
             hub,
             driver,
+            processes,
+            server_io: tokio::sync::RwLock::new(()),
             meter,
             clock,
             metrics,
@@ -306,6 +326,7 @@ impl Shared {
             let loads_itself = self.driver.loads_itself();
             tokio::spawn(async move {
                 let (holder, model, generation) = (unload.holder, unload.model, unload.generation);
+                let _io = this.server_io.read().await;
                 match call.await {
                     Ok(UnloadOutcome::Queued { command }) => {
                         tracing::debug!(model, command, generation, session = %session_name(holder), "unload command queued");
@@ -405,6 +426,15 @@ impl Shared {
         wait: bool,
     ) -> Result<AcquireAnswer, LookupError> {
         let started = Instant::now();
+        if let Some(reason) = self.server_down() {
+            // Resolves the session first, so that an unknown one is still a 404.
+            self.lock().session_id(session)?;
+            return Ok(AcquireAnswer::LoadFailed {
+                message: format!(
+                    "the model server does not answer ({reason}): model {model:?} cannot be served until it does"
+                ),
+            });
+        }
         let (sender, receiver) = oneshot::channel();
         let now = self.now();
         let mut fx = Effects::default();
@@ -455,6 +485,7 @@ impl Shared {
                     "Memory before load of {model}: {}",
                     self.memory_line()
                 );
+                let _io = self.server_io.read().await;
                 match self.driver.load(holder, model).await {
                     Ok(LoadOutcome::Loaded { reported, seconds }) => {
                         let now = self.now();
@@ -607,7 +638,51 @@ impl Shared {
         let process_vram = self.meter.process_vram(&pids);
         let pending = self.hub.pending_all();
         let now = self.now();
-        self.lock().state(now, &process_vram, &pending)
+        let core = self.lock();
+        let mut state = core.state(now, &process_vram, &pending);
+        if core.server().enabled
+            && let Some(map) = state.as_object_mut()
+        {
+            map.insert("server".to_owned(), core.server().json());
+        }
+        state
+    }
+
+    // ---- server drivers ----
+
+    /// Why the model server does not answer, if it does not (server drivers).
+    pub fn server_down(&self) -> Option<String> {
+        self.lock().server().down.clone()
+    }
+
+    /// One poll of the model server (server drivers; nothing otherwise): what it holds and
+    /// its process tree, read before the lock, then one reconcile. Skipped while a load or
+    /// unload call is under way (the next poll comes a tick later).
+    pub async fn poll_server(self: &Arc<Self>) {
+        let Some(observe) = self.driver.observe() else {
+            return;
+        };
+        let Ok(io) = self.server_io.try_write() else {
+            return;
+        };
+        let limit = self.settings.tick.max(Duration::from_secs(2));
+        let view = match tokio::time::timeout(limit, observe).await {
+            Ok(Ok(view)) => Ok(view),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer to the poll within {limit:?}")),
+        };
+        let up = view.is_ok();
+        let tree = self.processes.as_ref().and_then(ServerProcesses::read);
+        let now = self.now();
+        let mut fx = Effects::default();
+        self.lock()
+            .reconcile_server(now, ServerPoll { view, tree }, &mut fx);
+        self.metrics
+            .server_up
+            .with_label_values(&[self.driver.kind()])
+            .set(i64::from(up));
+        drop(io);
+        self.run(fx);
     }
 
     // ---- time passing ----

@@ -44,7 +44,12 @@ async fn each_rule_refuses_its_bad_pool_with_its_message() {
         (
             "http",
             "  driver: {kind: Http}\n  models:\n    - {name: a}\n",
-            "driver.url is required when driver.kind is Http",
+            "driver.url is required when driver.kind is not Sdk",
+        ),
+        (
+            "kserve",
+            "  driver: {kind: KServeV2}\n  models:\n    - {name: a}\n",
+            "driver.url is required when driver.kind is not Sdk",
         ),
         (
             "url",

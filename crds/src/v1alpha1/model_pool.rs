@@ -194,18 +194,29 @@ pub struct Resources {
 
 /// How the sidecar drives loads and unloads in the app.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("self.kind != 'Http' || has(self.url)").message("driver.url is required when driver.kind is Http").field_path(".url"))]
+#[x_kube(validation = Rule::new("self.kind == 'Sdk' || has(self.url)").message("driver.url is required when driver.kind is not Sdk").field_path(".url"))]
 #[serde(rename_all = "camelCase")]
 pub struct Driver {
     /// `Sdk`: the app's SDK session receives the commands. `Http`: the sidecar calls
-    /// `POST {url}/models/{name}/load` and `/unload` on the app.
+    /// `POST {url}/models/{name}/load` and `/unload` on the app. `KServeV2` (Triton, MLServer,
+    /// KServe model servers): the sidecar drives that server's own API and keeps the ledger
+    /// equal to what the server reports it holds.
     #[serde(default)]
     pub kind: DriverKind,
-    /// Base URL of the app's model API (required for `Http`), e.g. `http://127.0.0.1:8000`.
+    /// Base URL of the app's model API (required for every kind but `Sdk`), e.g.
+    /// `http://127.0.0.1:8000`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("driver.url must start with http:// or https://"))]
     #[schemars(length(max = 512))]
     pub url: Option<String>,
+    /// Server drivers: how the sidecar finds the server's processes, whose memory (the
+    /// whole process tree's RSS) proves an unload: a substring of the server's command
+    /// line (`/proc/PID/cmdline`, arguments joined by spaces), e.g. `mlserver start`. Unset:
+    /// the process that listens on the URL's port. Needs `shareProcessNamespace` in a pod;
+    /// where no process is found, unloads are counted `unverified`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub process_match: Option<String>,
 }
 
 /// The kinds of driver.
@@ -216,6 +227,25 @@ pub enum DriverKind {
     Sdk,
     /// The sidecar calls the app's load/unload URLs.
     Http,
+    /// The KServe v2 / Triton model-repository extension (`/v2/repository/...`): Triton,
+    /// MLServer, KServe's model servers.
+    KServeV2,
+}
+
+impl DriverKind {
+    /// The kind's name, as written in the pool.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sdk => "Sdk",
+            Self::Http => "Http",
+            Self::KServeV2 => "KServeV2",
+        }
+    }
+
+    /// Whether the sidecar itself calls the app's API (every kind but `Sdk`).
+    pub fn needs_url(self) -> bool {
+        self != Self::Sdk
+    }
 }
 
 /// When models are unloaded and which are evicted first.

@@ -103,7 +103,13 @@ async fn metrics(State(shared): AppState) -> Response {
 }
 
 async fn readyz(State(shared): AppState) -> Response {
-    if shared.ready.load(Ordering::Relaxed) && !shared.shutting_down() {
+    if let Some(reason) = shared.server_down() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the model server does not answer: {reason}\n"),
+        )
+            .into_response()
+    } else if shared.ready.load(Ordering::Relaxed) && !shared.shutting_down() {
         (StatusCode::OK, "ready\n").into_response()
     } else if shared.shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()

@@ -21,6 +21,7 @@
 //! stale command can never free or count a later load.
 
 pub mod reclaim;
+pub mod server;
 pub mod sessions;
 #[cfg(test)]
 mod tests;
@@ -39,6 +40,7 @@ use tokio::sync::oneshot;
 
 pub use self::{
     reclaim::{ProcessNow, SeenBy, Track},
+    server::{ServerPoll, ServerTrack},
     sessions::{APP_HOLDER, LeaseInfo, Session, lease_name, parse_id, session_name},
 };
 use crate::{
@@ -257,6 +259,8 @@ pub struct Core {
     dead_pids: BTreeMap<SessionId, u32>,
     measured: Measured,
     shutting_down: bool,
+    /// Server drivers: what the core knows of the server (`server.rs`).
+    server: ServerTrack,
 }
 
 impl std::fmt::Debug for Core {
@@ -298,6 +302,7 @@ impl Core {
             dead_pids: BTreeMap::new(),
             measured,
             shutting_down: false,
+            server: ServerTrack::default(),
         }
     }
 
@@ -1061,6 +1066,13 @@ impl Core {
             // A later instance: this answer is not about it.
             return;
         }
+        if self.server.enabled {
+            // A model server: its answer is not the proof; the process tree's RSS is
+            // (`server.rs`, at the next poll).
+            let out = self.engine.unloaded(now, holder, model);
+            self.apply(now, out, fx);
+            return;
+        }
         let mut out = self.engine.unloaded(now, holder, model);
         out.extend(self.engine.reclaimed(now, holder, model));
         self.finish_reclaim(now, holder, model, SeenBy::Driver, fx);
@@ -1175,7 +1187,8 @@ impl Core {
                 .sessions
                 .get(&holder)
                 .map(|s| s.pid)
-                .or_else(|| self.dead_pids.get(&holder).copied());
+                .or_else(|| self.dead_pids.get(&holder).copied())
+                .or_else(|| (holder == APP_HOLDER).then(|| self.server_pid()).flatten());
             let reference = self
                 .tracks
                 .get(&(holder, view.model.clone()))
@@ -1242,6 +1255,9 @@ impl Core {
 
     /// The process levels of `holder` at its last reading.
     fn levels(&self, holder: SessionId) -> Option<Sizes> {
+        if holder == APP_HOLDER && self.server.enabled {
+            return self.server_levels();
+        }
         self.sessions
             .get(&holder)
             .map(|s| Sizes::new(s.last_vram, s.last_rss))
@@ -1562,6 +1578,13 @@ impl Core {
             let seconds = now.saturating_sub(started).as_secs_f64();
             self.metrics.reclaim_duration.observe(seconds);
             tracing::debug!(model, seen_by = seen_by.as_str(), seconds, "reclaim seen");
+        }
+        self.metrics
+            .reclaims
+            .with_label_values(&[seen_by.as_str()])
+            .inc();
+        if holder == APP_HOLDER && self.server.enabled {
+            *self.server.reclaims.entry(seen_by.as_str()).or_default() += 1;
         }
         fx.reclaimed.push((holder, model.to_owned(), seen_by));
         self.forget_dead(holder, fx);

@@ -59,6 +59,7 @@ fn pool_with(mode: &'static str, ram_ceiling_mib: Option<u64>, models: &[M<'_>])
         mode,
         driver: "Sdk",
         driver_url: None,
+        process_match: None,
         enforcement: "Evict",
         limits,
         models: models

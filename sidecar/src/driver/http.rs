@@ -17,25 +17,37 @@ use serde::Deserialize;
 use super::{Driver, DriverError, LoadOutcome, UnloadOutcome};
 use crate::measure::Sizes;
 
-/// The `Http` driver.
+/// A plain-HTTP endpoint on loopback (or in the pod): what every driver that calls the app's
+/// API talks to.
 #[derive(Debug, Clone)]
-pub struct HttpDriver {
+pub struct Endpoint {
     origin: String,
     authority: String,
     path_prefix: String,
     timeout: Duration,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct LoadResult {
-    #[serde(default)]
-    vram_bytes: Option<u64>,
-    #[serde(default)]
-    ram_bytes: Option<u64>,
+/// An answer: its status and body.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: u16,
+    /// The body.
+    pub body: Bytes,
 }
 
-impl HttpDriver {
-    /// A driver for the app at `url` (`http://host:port[/prefix]`).
+impl Answer {
+    /// The body as text, cut to 500 characters (for error messages).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body)
+            .chars()
+            .take(500)
+            .collect()
+    }
+}
+
+impl Endpoint {
+    /// An endpoint for `url` (`http://host:port[/prefix]`).
     pub fn new(url: &str, timeout: Duration) -> Result<Self, DriverError> {
         let bad = |reason: &str| DriverError::BadUrl {
             url: url.to_owned(),
@@ -70,7 +82,25 @@ impl HttpDriver {
         })
     }
 
-    async fn post(&self, path: String) -> Result<Bytes, DriverError> {
+    /// The port the endpoint is on.
+    pub fn port(&self) -> Option<u16> {
+        self.authority.rsplit(':').next()?.parse().ok()
+    }
+
+    /// `prefix + path`, for messages.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}{path}", self.origin, self.path_prefix)
+    }
+
+    /// One request (`path` under the URL's prefix) with a JSON body (`None`: no body), within
+    /// the timeout; any status is an answer.
+    pub async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer, DriverError> {
+        let path = format!("{}{path}", self.path_prefix);
         let url = format!("{}{path}", self.origin);
         let call = |reason: String| DriverError::Call {
             url: url.clone(),
@@ -89,39 +119,84 @@ impl HttpDriver {
                     tracing::debug!(%error, "driver connection ended");
                 }
             });
-            let request = Request::post(&path)
-                .header(hyper::header::HOST, &self.authority)
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from_static(b"{}")))
+            let mut request = Request::builder()
+                .method(method)
+                .uri(&path)
+                .header(hyper::header::HOST, &self.authority);
+            let bytes = match body {
+                Some(body) => {
+                    request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+                    Bytes::from(body.to_string())
+                }
+                None => Bytes::new(),
+            };
+            let request = request
+                .body(Full::new(bytes))
                 .map_err(|e| call(e.to_string()))?;
             let response = sender
                 .send_request(request)
                 .await
                 .map_err(|e| call(e.to_string()))?;
-            let status = response.status();
+            let status = response.status().as_u16();
             let body = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| call(e.to_string()))?
                 .to_bytes();
-            if !status.is_success() {
-                let text = String::from_utf8_lossy(&body);
-                return Err(DriverError::Status {
-                    url: url.clone(),
-                    status: status.as_u16(),
-                    body: text.chars().take(500).collect(),
-                });
-            }
-            Ok(body)
+            Ok(Answer { status, body })
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| call(format!("no answer within {:?}", self.timeout)))?
     }
 
+    /// A POST whose answer must be a success.
+    pub async fn post_ok(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Bytes, DriverError> {
+        let answer = self.send(hyper::Method::POST, path, Some(body)).await?;
+        if !(200..300).contains(&answer.status) {
+            return Err(DriverError::Status {
+                url: self.url(path),
+                status: answer.status,
+                body: answer.text(),
+            });
+        }
+        Ok(answer.body)
+    }
+}
+
+/// The `Http` driver.
+#[derive(Debug, Clone)]
+pub struct HttpDriver {
+    endpoint: Endpoint,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LoadResult {
+    #[serde(default)]
+    vram_bytes: Option<u64>,
+    #[serde(default)]
+    ram_bytes: Option<u64>,
+}
+
+impl HttpDriver {
+    /// A driver for the app at `url` (`http://host:port[/prefix]`).
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, DriverError> {
+        Ok(Self {
+            endpoint: Endpoint::new(url, timeout)?,
+        })
+    }
+
+    async fn post(&self, path: String) -> Result<Bytes, DriverError> {
+        self.endpoint.post_ok(&path, &serde_json::json!({})).await
+    }
+
     fn model_path(&self, model: &str, verb: &str) -> String {
-        format!("{}/models/{model}/{verb}", self.path_prefix)
+        format!("/models/{model}/{verb}")
     }
 }
 
@@ -181,11 +256,18 @@ mod tests {
     #[test]
     fn urls() {
         let d = HttpDriver::new("http://127.0.0.1:8000", Duration::from_secs(1)).unwrap();
-        assert_eq!(d.authority, "127.0.0.1:8000");
-        assert_eq!(d.model_path("t2v", "load"), "/models/t2v/load");
+        assert_eq!(d.endpoint.authority, "127.0.0.1:8000");
+        assert_eq!(d.endpoint.port(), Some(8000));
+        assert_eq!(
+            d.endpoint.url(&d.model_path("t2v", "load")),
+            "http://127.0.0.1:8000/models/t2v/load"
+        );
         let d = HttpDriver::new("http://app/api/", Duration::from_secs(1)).unwrap();
-        assert_eq!(d.authority, "app:80");
-        assert_eq!(d.model_path("t2v", "unload"), "/api/models/t2v/unload");
+        assert_eq!(d.endpoint.authority, "app:80");
+        assert_eq!(
+            d.endpoint.url(&d.model_path("t2v", "unload")),
+            "http://app/api/models/t2v/unload"
+        );
         assert!(HttpDriver::new("https://x", Duration::from_secs(1)).is_err());
         assert!(HttpDriver::new("ftp://x", Duration::from_secs(1)).is_err());
     }

@@ -9,9 +9,17 @@
 //!  acquire ── Action::Load ──► Driver::load ───────────┬─ Sdk:  the app loads, reports /v1/loaded
 //!                                                      └─ Http: POST {url}/models/{name}/load
 //! ```
+//!
+//! Server drivers (`KServeV2`, `Ollama`, `Vllm`) also *observe*: on the tick the shell asks the
+//! server what it holds ([`Driver::observe`]) and the core reconciles its ledger with that
+//! (`decide/server.rs`), and unloads are proven on the server's process tree
+//! (`measure/tree.rs`), not on its 200.
 
 pub mod http;
+pub mod kserve;
 pub mod sdk;
+
+use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use modelpool_policy::{SessionId, UnloadReason};
@@ -78,6 +86,31 @@ pub enum UnloadOutcome {
     Done,
 }
 
+/// What a model server says it holds, by model name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerView {
+    /// Every model the server lists (loaded or not).
+    pub models: BTreeMap<String, ServerModel>,
+}
+
+/// One model as its server lists it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerModel {
+    /// Loaded and serving (holding its memory).
+    pub loaded: bool,
+    /// The server's own words on its state (`UNAVAILABLE: …`, `sleeping (level 1)`).
+    pub reason: Option<String>,
+    /// What the server itself says the model holds (Ollama's `size_vram`), if it says.
+    pub reported: Sizes,
+}
+
+impl ServerView {
+    /// Whether `model` is loaded.
+    pub fn loaded(&self, model: &str) -> bool {
+        self.models.get(model).is_some_and(|m| m.loaded)
+    }
+}
+
 /// A way to make the app load and unload.
 pub trait Driver: Send + Sync + 'static {
     /// `Sdk` or `Http`.
@@ -102,4 +135,20 @@ pub trait Driver: Send + Sync + 'static {
 
     /// Whether the sidecar itself performs loads (and so answers acquires with `use`).
     fn loads_itself(&self) -> bool;
+
+    /// Whether the driver observes a model server (`KServeV2`, `Ollama`, `Vllm`).
+    fn observes(&self) -> bool {
+        false
+    }
+
+    /// Server drivers: what the server holds now. `None`: the driver does not observe.
+    fn observe(&self) -> Option<BoxFuture<'static, Result<ServerView, DriverError>>> {
+        None
+    }
+
+    /// Server drivers: the port the server listens on (to find its process when no command
+    /// line match is given).
+    fn server_port(&self) -> Option<u16> {
+        None
+    }
 }

@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod cuda;
 pub mod nvml;
 pub mod proc;
+pub mod tree;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

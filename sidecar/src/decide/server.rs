@@ -1,0 +1,291 @@
+//! Server drivers (`KServeV2`, `Ollama`, `Vllm`): the ledger kept equal to what the model
+//! server really holds. Pure, like the rest of the core: the shell polls the server and reads
+//! its process tree before the lock, then makes one call, [`Core::reconcile_server`].
+//!
+//! ```text
+//!  poll (shell): driver.observe() ─► ServerView (loaded set) ─┐
+//!                measure::tree   ─► TreeReading (root, RSS) ──┴─► Core::reconcile_server
+//!    the server's process changed or is gone ─► its instances leave the ledger (server_dropped)
+//!    the server answers with an error        ─► down (readyz, metric, pod report); ledger kept
+//!    Loaded here, not loaded there            ─► leaves the ledger (server_dropped, with why)
+//!    loaded there, not here (behind our back) ─► adopted and counted; unloaded if it does not fit
+//!    unloaded, waiting for proof              ─► the tree's RSS fell (proc), or no reading at
+//!                                                all (unverified)
+//! ```
+//!
+//! Instances are held by [`APP_HOLDER`], the server. The shell never polls while one of its
+//! own load or unload calls is under way, so a poll never races the driver's own changes.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use modelpool_policy::{InstanceState, Sizes, UnloadReason};
+use serde_json::{Value, json};
+
+use super::{APP_HOLDER, Core, Effects, ProcessNow, SeenBy, Unload};
+use crate::{driver::ServerView, measure::tree::TreeReading};
+
+/// What the core knows of the server behind a server driver.
+#[derive(Debug, Clone, Default)]
+pub struct ServerTrack {
+    /// Whether the driver observes a server.
+    pub enabled: bool,
+    /// Why the last poll failed; `None` when it answered (or before the first poll).
+    pub down: Option<String>,
+    /// Polls answered so far.
+    pub polls: u64,
+    /// The server's process as last found: (root pid, start time).
+    pub process: Option<(u32, u64)>,
+    /// How it was found (`command line`, `port`).
+    pub found_by: Option<&'static str>,
+    /// The process tree's RSS at the last reading, bytes.
+    pub rss: Option<u64>,
+    /// Instances dropped because the server no longer held them.
+    pub dropped: u64,
+    /// Models loaded behind the sidecar's back and adopted.
+    pub adopted: u64,
+    /// Reclaims of the server's instances, by how they were seen (`proc`, `unverified`, …).
+    pub reclaims: std::collections::BTreeMap<&'static str, u64>,
+    /// Models the server holds that the pool does not list (warned once each).
+    pub unlisted: BTreeSet<String>,
+}
+
+/// One poll of the server, taken before the lock.
+#[derive(Debug, Clone)]
+pub struct ServerPoll {
+    /// What the server says it holds, or why it did not answer.
+    pub view: Result<ServerView, String>,
+    /// Its process tree, if found.
+    pub tree: Option<TreeReading>,
+}
+
+impl ServerTrack {
+    /// The server's state for `/v1/state`.
+    pub fn json(&self) -> Value {
+        json!({
+            "up": self.enabled && self.down.is_none() && self.polls > 0,
+            "down_reason": self.down,
+            "polls": self.polls,
+            "pid": self.process.map(|p| p.0),
+            "found_by": self.found_by,
+            "rss_bytes": self.rss,
+            "dropped": self.dropped,
+            "adopted": self.adopted,
+            "reclaims": self.reclaims,
+            "unlisted_models": self.unlisted,
+        })
+    }
+}
+
+impl Core {
+    /// Turns on server reconciliation (the driver observes a server).
+    pub fn enable_server(&mut self) {
+        self.server.enabled = true;
+    }
+
+    /// The server's track.
+    pub fn server(&self) -> &ServerTrack {
+        &self.server
+    }
+
+    /// The server's instances' level, for load and unload references.
+    pub(super) fn server_levels(&self) -> Option<Sizes> {
+        self.server.rss.map(|rss| Sizes::new(None, Some(rss)))
+    }
+
+    /// The server's process, for reclaim checks.
+    pub(super) fn server_pid(&self) -> Option<u32> {
+        self.server.process.map(|(pid, _)| pid)
+    }
+
+    /// One poll of the server: see the module docs.
+    pub fn reconcile_server(&mut self, now: Duration, poll: ServerPoll, fx: &mut Effects) {
+        if !self.server.enabled {
+            return;
+        }
+        let current = poll.tree.as_ref().map(|t| (t.root, t.started));
+        if let Some((old, _)) = self.server.process
+            && current != self.server.process
+        {
+            let why = match current {
+                Some((pid, _)) => {
+                    format!("the server's process {old} is gone (now process {pid} serves)")
+                }
+                None => format!("the server's process {old} is gone"),
+            };
+            self.server_gone(now, &why, fx);
+        }
+        self.server.process = current;
+        self.server.found_by = poll.tree.as_ref().map(|t| t.found_by);
+        self.server.rss = poll.tree.as_ref().map(|t| t.rss_bytes);
+        match poll.view {
+            Err(reason) => {
+                if self.server.down.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(%reason, "the model server does not answer: acquires are refused until it does");
+                    fx.last_error = Some(format!("ServerDown: {reason}"));
+                }
+                self.server.down = Some(reason);
+            }
+            Ok(view) => {
+                if let Some(was) = self.server.down.take() {
+                    tracing::info!(was, "the model server answers again");
+                }
+                self.server.polls += 1;
+                self.reconcile_view(now, &view, fx);
+            }
+        }
+        self.check_server_reclaims(now, fx);
+    }
+
+    fn reconcile_view(&mut self, now: Duration, view: &ServerView, fx: &mut Effects) {
+        // Held here, not there: the server dropped it by itself.
+        for instance in self.engine.instances(now) {
+            if instance.session != APP_HOLDER
+                || instance.state != InstanceState::Loaded
+                || view.loaded(&instance.model)
+            {
+                continue;
+            }
+            let why = match view.models.get(&instance.model) {
+                Some(m) => format!(
+                    "the server lists it as not loaded ({})",
+                    m.reason.as_deref().unwrap_or("no reason given")
+                ),
+                None => "the server no longer lists it".to_owned(),
+            };
+            self.drop_server_instance(now, &instance.model, &why, fx);
+        }
+        // Loaded there, not here: loaded behind our back.
+        let listed: Vec<String> = self
+            .engine
+            .model_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        for (model, held) in &view.models {
+            if !held.loaded || self.engine.instance(now, APP_HOLDER, model).is_some() {
+                continue;
+            }
+            if !listed.contains(model) {
+                if self.server.unlisted.insert(model.clone()) {
+                    tracing::warn!(
+                        model,
+                        "the server holds a model the pool does not list: not counted (add it to spec.models to count it)"
+                    );
+                }
+                continue;
+            }
+            match self.adopt(now, APP_HOLDER, model, held.reported, false, fx) {
+                Ok(generation) => {
+                    self.server.adopted += 1;
+                    tracing::info!(
+                        model,
+                        generation,
+                        "the server loaded {model} behind the sidecar's back: adopted and counted"
+                    );
+                }
+                Err(message) => {
+                    tracing::warn!(model, %message, "the server loaded {model} behind the sidecar's back and it does not fit: unloading it");
+                    self.metrics
+                        .unloads
+                        .with_label_values(&[model.as_str(), UnloadReason::Ceiling.as_str()])
+                        .inc();
+                    fx.last_error = Some(format!(
+                        "model {model:?} was loaded on the server behind the sidecar's back and does not fit: {message}"
+                    ));
+                    // Not in the ledger: generation 0 names "the hold the sidecar refused".
+                    fx.unloads.push(Unload {
+                        holder: APP_HOLDER,
+                        model: model.clone(),
+                        generation: 0,
+                        reason: UnloadReason::Ceiling,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The server's process exited or was replaced: everything it held is gone with it.
+    fn server_gone(&mut self, now: Duration, why: &str, fx: &mut Effects) {
+        tracing::warn!(
+            why,
+            "the model server restarted or exited: what it held leaves the ledger"
+        );
+        fx.last_error = Some(format!("ServerRestarted: {why}"));
+        for instance in self.engine.instances(now) {
+            if instance.session != APP_HOLDER {
+                continue;
+            }
+            match instance.state {
+                // A load under way fails on its own (its call errors).
+                InstanceState::Loading => {}
+                InstanceState::Loaded => {
+                    self.drop_server_instance(now, &instance.model, why, fx);
+                }
+                InstanceState::Unloading | InstanceState::Reclaiming | InstanceState::Lost => {
+                    let out = self.engine.reclaimed(now, APP_HOLDER, &instance.model);
+                    self.finish_reclaim(now, APP_HOLDER, &instance.model, SeenBy::ProcessExit, fx);
+                    self.apply(now, out, fx);
+                }
+            }
+        }
+    }
+
+    fn drop_server_instance(&mut self, now: Duration, model: &str, why: &str, fx: &mut Effects) {
+        let reason = UnloadReason::ServerDropped;
+        let (dropped, out) = self.engine.dropped(now, APP_HOLDER, model, reason);
+        if !dropped {
+            return;
+        }
+        self.server.dropped += 1;
+        self.metrics
+            .unloads
+            .with_label_values(&[model, reason.as_str()])
+            .inc();
+        self.tracks.remove(&(APP_HOLDER, model.to_owned()));
+        self.placeholders.remove(&(APP_HOLDER, model.to_owned()));
+        tracing::warn!(
+            model,
+            reason = reason.as_str(),
+            why,
+            "{model} left the ledger: {why}"
+        );
+        self.apply(now, out, fx);
+        self.prune_leases();
+    }
+
+    /// Unloads of the server's instances waiting for proof: the tree's RSS, or `unverified`
+    /// when there is no reading of the server at all.
+    fn check_server_reclaims(&mut self, now: Duration, fx: &mut Effects) {
+        let waiting: Vec<String> = self
+            .engine
+            .instances(now)
+            .into_iter()
+            .filter(|v| v.session == APP_HOLDER && v.state == InstanceState::Reclaiming)
+            .map(|v| v.model)
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        match (self.server_pid(), self.server.rss) {
+            (Some(pid), Some(rss)) => {
+                let reading = ProcessNow {
+                    alive: true,
+                    rss: Some(rss),
+                    vram: None,
+                };
+                self.check_reclaims(now, &std::collections::BTreeMap::from([(pid, reading)]), fx);
+            }
+            _ => {
+                for model in waiting {
+                    tracing::warn!(
+                        model,
+                        "no reading of the server's processes (not found: set spec.driver.processMatch, share the pod's process namespace): the unload of {model} is counted unverified"
+                    );
+                    let out = self.engine.reclaimed(now, APP_HOLDER, &model);
+                    self.finish_reclaim(now, APP_HOLDER, &model, SeenBy::Unverified, fx);
+                    self.apply(now, out, fx);
+                }
+            }
+        }
+    }
+}
