@@ -658,3 +658,125 @@ async fn injected_sidecar_settings_and_the_sidecar_role_binding() {
     cp.kubectl(["delete", "mutatingwebhookconfiguration", &webhook_name]);
     cp.kubectl(["delete", "clusterrole", &role]);
 }
+
+/// The owner UIDs in `kubectl get KIND NAME -n NS` (empty when it has none or is missing).
+fn owner_uids(cp: &ControlPlane, ns: &str, kind: &str, name: &str) -> Vec<String> {
+    let out = cp.kubectl([
+        "get",
+        kind,
+        name,
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.metadata.ownerReferences[*].uid}",
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `--owner-deployment` (what the chart sets): the leader Lease and the managed webhook Secret
+/// get an owner reference to the operator's Deployment, so that `helm uninstall` garbage-collects
+/// them (shown on a real node in `node.rs`). An upgrade from a version without it adopts the
+/// Lease and Secret it finds; a Deployment that cannot be read stops the operator with the flag
+/// named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_owns_its_lease_and_secret_by_its_deployment() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.fresh_namespace("owner").await;
+    let webhook_name = format!("modelpool-{ns}");
+    let port = free_port();
+    cp.kubectl_stdin(
+        ["apply", "-f", "-"],
+        &webhook_config(&webhook_name, &ns, &format!("127.0.0.1:{port}")).to_string(),
+    );
+    let lease = "modelpool-leader";
+    let secret = "modelpool-webhook-tls";
+
+    // An operator without the flag (an older version) makes both without an owner.
+    let old = Operator::start(cp, &ns, "op-old", port, &webhook_name);
+    eventually(
+        "the Secret and the Lease",
+        Duration::from_secs(60),
+        || async {
+            let exist = ["secret", "lease"]
+                .iter()
+                .zip([secret, lease])
+                .all(|(k, n)| {
+                    cp.kubectl(["get", k, n, "-n", &ns, "-o", "name"])
+                        .status
+                        .success()
+                });
+            (exist && old.is_leader()).then_some(())
+        },
+    )
+    .await;
+    assert!(owner_uids(cp, &ns, "secret", secret).is_empty());
+    assert!(owner_uids(cp, &ns, "lease", lease).is_empty());
+    drop(old);
+
+    // No controller manager runs here: the Deployment is only an object to own them.
+    cp.kubectl_stdin(
+        ["apply", "-n", &ns, "-f", "-"],
+        r#"{"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "modelpool-operator"},
+            "spec": {"selector": {"matchLabels": {"app": "op"}},
+                     "template": {"metadata": {"labels": {"app": "op"}},
+                                  "spec": {"containers": [{"name": "op", "image": "op"}]}}}}"#,
+    );
+    let uid = cp.kubectl_ok([
+        "get",
+        "deployment",
+        "modelpool-operator",
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    assert!(!uid.trim().is_empty());
+    let new = Operator::start_with(
+        cp,
+        &ns,
+        "op-new",
+        port,
+        &webhook_name,
+        &["--owner-deployment", "modelpool-operator"],
+    );
+    // The old leader's Lease expires (4 s); the new leader takes it and adopts both.
+    eventually(
+        "the Lease and the Secret owned by the Deployment",
+        Duration::from_secs(60),
+        || async {
+            let owned = [("secret", secret), ("lease", lease)]
+                .iter()
+                .all(|(k, n)| owner_uids(cp, &ns, k, n) == [uid.trim()]);
+            (owned && new.is_leader()).then_some(())
+        },
+    )
+    .await;
+    drop(new);
+
+    // A Deployment that cannot be read: the operator exits, naming the flag and the object.
+    let mut child = operator_command(cp, &ns, "op-missing", free_port())
+        .args(["--webhook-listen", "off", "--owner-deployment", "nowhere"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the operator");
+    let status = eventually("the operator to exit", Duration::from_secs(60), || {
+        let exited = child.try_wait().expect("try_wait");
+        async move { exited }
+    })
+    .await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("deployment {ns}/nowhere"))
+            && stderr.contains("--owner-deployment"),
+        "{stderr}"
+    );
+}
