@@ -218,72 +218,53 @@ pub async fn report_loop(
 /// The report of the current state.
 pub fn build_report(shared: &Shared, pool: &str) -> PodReport {
     let state = shared.state();
-    let number = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-    let models: Vec<ModelReport> = state["models"]
-        .as_array()
-        .map(|models| {
-            models
+    let models: Vec<ModelReport> = state
+        .models
+        .iter()
+        .filter(|m| matches!(m.state.as_str(), "loaded" | "loading"))
+        .map(|m| ModelReport {
+            loads: shared
+                .metrics
+                .loads
+                .with_label_values(&[m.model.as_str(), "ok"])
+                .get(),
+            evictions: eviction_reasons()
                 .iter()
-                .filter(|m| matches!(m["state"].as_str(), Some("loaded" | "loading")))
-                .map(|m| {
-                    let name = m["model"].as_str().unwrap_or_default().to_owned();
-                    ModelReport {
-                        loads: shared
-                            .metrics
-                            .loads
-                            .with_label_values(&[name.as_str(), "ok"])
-                            .get(),
-                        evictions: eviction_reasons()
-                            .iter()
-                            .map(|r| {
-                                shared
-                                    .metrics
-                                    .unloads
-                                    .with_label_values(&[name.as_str(), r])
-                                    .get()
-                            })
-                            .sum(),
-                        vram: number(&m["vram_bytes"]),
-                        ram: number(&m["ram_bytes"]),
-                        leases: u32::try_from(number(&m["leases"])).unwrap_or(u32::MAX),
-                        name,
-                    }
+                .map(|r| {
+                    shared
+                        .metrics
+                        .unloads
+                        .with_label_values(&[m.model.as_str(), r])
+                        .get()
                 })
-                .collect()
+                .sum(),
+            vram: m.vram_bytes,
+            ram: m.ram_bytes,
+            leases: u32::try_from(m.leases).unwrap_or(u32::MAX),
+            name: m.model.clone(),
         })
-        .unwrap_or_default();
-    let counters = &state["counters"];
+        .collect();
     let evictions = eviction_reasons()
         .iter()
-        .map(|r| number(&counters["unloads"][*r]))
+        .map(|r| state.counters.unloads.get(*r).copied().unwrap_or(0))
         .sum();
-    let gpu = match (
-        state["vram_used_bytes"].as_u64(),
-        state["vram_total_bytes"].as_u64(),
-    ) {
-        (Some(used), Some(total)) if total > 0 => Some((used, total)),
-        _ => None,
-    };
-    let held = &state["held_bytes"];
-    let ceiling = &state["ceiling_bytes"];
-    let over = ["vram", "ram"].iter().any(|r| {
-        ceiling[*r]
-            .as_u64()
-            .is_some_and(|limit| number(&held[*r]) > limit)
-    });
+    let gpu =
+        (state.vram_total_bytes > 0).then_some((state.vram_used_bytes, state.vram_total_bytes));
+    let (held, ceiling) = (state.held_bytes, state.ceiling_bytes);
+    let over = ceiling.vram.is_some_and(|limit| held.vram > limit)
+        || ceiling.ram.is_some_and(|limit| held.ram > limit);
     PodReport {
         v: 0,
         pool: pool.to_owned(),
-        drained: shared.draining() && state["models"].as_array().is_none_or(Vec::is_empty),
+        drained: shared.draining() && state.models.is_empty(),
         models,
-        vram: number(&held["vram"]),
-        ram: number(&held["ram"]),
+        vram: held.vram,
+        ram: held.ram,
         gpu,
-        loads: number(&counters["loads"]),
+        loads: state.counters.loads,
         evictions,
         over,
-        lost: number(&state["lost_bytes"]["vram"])
-            .saturating_add(number(&state["lost_bytes"]["ram"])),
+        lost: state.lost_bytes.vram.saturating_add(state.lost_bytes.ram),
         err: shared.last_error(),
     }
 }

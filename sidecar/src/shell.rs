@@ -18,7 +18,6 @@ use std::{
 };
 
 use modelpool_policy::{Action, Footprint, RequestId, SessionId, Sizes};
-use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
 use crate::{
@@ -362,7 +361,7 @@ impl Shared {
     pub fn open_session(
         self: &Arc<Self>,
         request: wire::CreateSession,
-    ) -> Result<Value, LookupError> {
+    ) -> Result<wire::SessionCreated, LookupError> {
         let process = self.read_pid(request.pid);
         let now = self.now();
         let mut fx = Effects::default();
@@ -612,7 +611,7 @@ impl Shared {
     // ---- cleanup, check, state ----
 
     /// `POST /v1/cleanup`.
-    pub fn cleanup(self: &Arc<Self>, force: bool) -> Value {
+    pub fn cleanup(self: &Arc<Self>, force: bool) -> wire::CleanupAnswer {
         tracing::info!(force, "Memory before cleanup: {}", self.memory_line());
         let now = self.now();
         let mut fx = Effects::default();
@@ -622,12 +621,12 @@ impl Shared {
     }
 
     /// `GET /v1/check`.
-    pub fn check(&self, need: Footprint) -> Value {
+    pub fn check(&self, need: Footprint) -> wire::CheckAnswer {
         self.lock().check(need)
     }
 
     /// `GET /v1/state`.
-    pub fn state(&self) -> Value {
+    pub fn state(&self) -> wire::State {
         let pids: Vec<u32> = self
             .watched
             .read()

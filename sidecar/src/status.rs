@@ -2,9 +2,8 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
-
 use crate::{
+    api::wire,
     args::StatusArgs,
     client::{Client, ClientError},
     measure::{MemoryLine, human},
@@ -16,6 +15,14 @@ pub enum StatusError {
     /// No answer.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// A 200 whose body is not the state this version knows.
+    #[error("GET /v1/state answered a body this status command cannot read ({message}): {body}")]
+    Decode {
+        /// What did not parse.
+        message: String,
+        /// Body.
+        body: String,
+    },
     /// An answer that is not the state.
     #[error("GET /v1/state answered {status}: {body}")]
     Status {
@@ -35,22 +42,17 @@ pub fn run(args: &StatusArgs) -> Result<String, StatusError> {
             body: response.text(),
         });
     }
-    let state = response.json();
     if args.json {
-        return Ok(serde_json::to_string_pretty(&state).unwrap_or_default());
+        // The body as the sidecar sent it: fields a newer sidecar adds are kept.
+        let raw: serde_json::Value = response.json();
+        return Ok(serde_json::to_string_pretty(&raw).unwrap_or_default());
     }
+    let state: wire::State =
+        serde_json::from_slice(&response.body).map_err(|error| StatusError::Decode {
+            message: error.to_string(),
+            body: response.text(),
+        })?;
     Ok(render(&state))
-}
-
-fn u64_at(value: &Value, pointer: &str) -> Option<u64> {
-    value.pointer(pointer).and_then(Value::as_u64)
-}
-
-fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
-    value
-        .pointer(pointer)
-        .and_then(Value::as_str)
-        .unwrap_or("-")
 }
 
 fn bytes_or_dash(value: Option<u64>) -> String {
@@ -58,43 +60,37 @@ fn bytes_or_dash(value: Option<u64>) -> String {
 }
 
 /// The table and memory lines for a `/v1/state` body.
-pub fn render(state: &Value) -> String {
+pub fn render(state: &wire::State) -> String {
     let mut out = String::new();
+    let pool = &state.pool;
     let _ = writeln!(
         out,
         "Pool {}{} | mode {} | driver {} | ceilings VRAM {}, RAM {}",
-        str_at(state, "/pool/name"),
-        match str_at(state, "/pool/namespace") {
-            "" | "-" => String::new(),
-            ns => format!(" ({ns})"),
+        pool.name,
+        if pool.namespace.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", pool.namespace)
         },
-        str_at(state, "/pool/mode"),
-        str_at(state, "/pool/driver"),
-        bytes_or_dash(u64_at(state, "/ceiling_bytes/vram")),
-        bytes_or_dash(u64_at(state, "/ceiling_bytes/ram")),
+        pool.mode,
+        pool.driver,
+        bytes_or_dash(state.ceiling_bytes.vram),
+        bytes_or_dash(state.ceiling_bytes.ram),
     );
     let header = [
         "MODEL", "SESSION", "PID", "STATE", "LEASES", "VRAM", "RAM", "IDLE",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
-    for model in state
-        .get("models")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for model in &state.models {
         rows.push(vec![
-            str_at(model, "/model").to_owned(),
-            str_at(model, "/session").to_owned(),
-            u64_at(model, "/pid").map_or("-".into(), |p| p.to_string()),
-            str_at(model, "/state").to_owned(),
-            u64_at(model, "/leases").unwrap_or(0).to_string(),
-            bytes_or_dash(u64_at(model, "/vram_bytes")),
-            bytes_or_dash(u64_at(model, "/ram_bytes")),
-            model
-                .get("idle_s")
-                .and_then(Value::as_f64)
-                .map_or("-".into(), |s| format!("{s:.1}s")),
+            model.model.clone(),
+            model.session.clone(),
+            model.pid.map_or("-".into(), |p| p.to_string()),
+            model.state.clone(),
+            model.leases.to_string(),
+            human(model.vram_bytes),
+            human(model.ram_bytes),
+            format!("{:.1}s", model.idle_s),
         ]);
     }
     if rows.len() == 1 {
@@ -112,31 +108,27 @@ pub fn render(state: &Value) -> String {
             let _ = writeln!(out, "{}", cells.join("  ").trim_end());
         }
     }
-    let sessions = state.get("sessions").and_then(Value::as_array);
     let _ = writeln!(
         out,
         "Held by the pool: VRAM {}, RAM {} | lost VRAM {}, RAM {} | waiting acquires {} | sessions {}",
-        bytes_or_dash(u64_at(state, "/held_bytes/vram")),
-        bytes_or_dash(u64_at(state, "/held_bytes/ram")),
-        bytes_or_dash(u64_at(state, "/lost_bytes/vram")),
-        bytes_or_dash(u64_at(state, "/lost_bytes/ram")),
-        u64_at(state, "/queue").unwrap_or(0),
-        sessions.map_or(0, Vec::len),
+        human(state.held_bytes.vram),
+        human(state.held_bytes.ram),
+        human(state.lost_bytes.vram),
+        human(state.lost_bytes.ram),
+        state.queue,
+        state.sessions.len(),
     );
-    let gpu_up = state
-        .pointer("/gpu/up")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let line = MemoryLine {
-        ram_used: u64_at(state, "/ram_used_bytes").unwrap_or(0),
-        ram_total: u64_at(state, "/ram_total_bytes").unwrap_or(0),
-        vram: if gpu_up {
-            Ok((
-                u64_at(state, "/vram_used_bytes").unwrap_or(0),
-                u64_at(state, "/vram_total_bytes").unwrap_or(0),
-            ))
+        ram_used: state.ram_used_bytes,
+        ram_total: state.ram_total_bytes,
+        vram: if state.gpu.up {
+            Ok((state.vram_used_bytes, state.vram_total_bytes))
         } else {
-            Err(str_at(state, "/gpu/reason")
+            Err(state
+                .gpu
+                .reason
+                .as_deref()
+                .unwrap_or("-")
                 .trim_start_matches("no GPU: ")
                 .to_owned())
         },
@@ -152,17 +144,31 @@ mod tests {
 
     #[test]
     fn renders_models_and_the_memory_line() {
-        let state = json!({
-            "pool": {"name": "cogvideo", "namespace": "video", "mode": "Aggressive", "driver": "Sdk"},
+        let state: wire::State = serde_json::from_value(json!({
+            "ram_used_gb": 2.3, "ram_total_gb": 20.0, "ram_percent": 11.5,
+            "vram_allocated_gb": 0.0, "vram_total_gb": 0.0, "vram_percent": 0.0,
+            "ram_used_bytes": (23u64 << 30) / 10, "ram_total_bytes": 20u64 << 30,
+            "ram_limit_bytes": null, "vram_used_bytes": 0, "vram_total_bytes": 0,
+            "gpu": {"up": false, "reason": "no GPU: libnvidia-ml.so.1 not found"},
+            "sources": {"ram": "proc", "vram": null, "process_ram": "proc", "process_vram": null},
+            "pool": {"name": "cogvideo", "namespace": "video", "mode": "Aggressive", "driver": "Sdk",
+                     "enforcement": "Evict", "limits": {"vram": 20u64 << 30, "ram": null}, "models": []},
             "ceiling_bytes": {"vram": 20u64 << 30, "ram": null},
-            "models": [{"model": "t2v", "session": "s-1", "pid": 42, "state": "loaded", "leases": 1,
-                        "vram_bytes": 12u64 << 30, "ram_bytes": 2u64 << 30, "idle_s": 0.0}],
+            "models": [{"model": "t2v", "generation": 1, "session": "s-1", "pid": 42, "app": "x",
+                        "state": "loaded", "leases": 1,
+                        "vram_bytes": 12u64 << 30, "ram_bytes": 2u64 << 30,
+                        "declared": {"vram": 0, "ram": 0}, "measured": null,
+                        "peak": {"vram": 0, "ram": 0}, "idle_s": 0.0, "pinned": false}],
             "held_bytes": {"vram": 12u64 << 30, "ram": 2u64 << 30},
             "lost_bytes": {"vram": 0, "ram": 0},
-            "queue": 0, "sessions": [{}],
-            "ram_used_bytes": (23u64 << 30) / 10, "ram_total_bytes": 20u64 << 30,
-            "gpu": {"up": false, "reason": "no GPU: libnvidia-ml.so.1 not found"},
-        });
+            "queue": 0,
+            "sessions": [{"session": "s-1", "pid": 42, "app": "x", "models": ["t2v"], "leases": 1,
+                          "last_heartbeat_ms": 5}],
+            "counters": {"loads": 1, "load_failures": 0, "unloads": {}, "refusals": {},
+                         "not_reclaimed": 0, "ceiling_breaches": {}},
+            "shutting_down": false,
+        }))
+        .unwrap();
         let text = render(&state);
         assert!(text.contains("t2v    s-1      42   loaded"), "{text}");
         assert!(

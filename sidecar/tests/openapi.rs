@@ -9,7 +9,10 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{Sidecar, pool};
-use modelpool_sidecar::client::{Client, Response};
+use modelpool_sidecar::{
+    api::wire,
+    client::{Client, Response},
+};
 use serde_json::{Value, json};
 
 fn document() -> Value {
@@ -34,13 +37,26 @@ fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
 
 /// Checks `value` against an OpenAPI 3.0 schema (the subset the document uses).
 fn validate(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
+    validate_part(doc, schema, value, at, errors, true);
+}
+
+/// `whole`: `schema` is the whole schema of `value` (not one part of an `allOf`), so a key
+/// none of its parts names is an undocumented key.
+fn validate_part(
+    doc: &Value,
+    schema: &Value,
+    value: &Value,
+    at: &str,
+    errors: &mut Vec<String>,
+    whole: bool,
+) {
     let schema = resolve(doc, schema);
     if value.is_null() && schema["nullable"] == true {
         return;
     }
     if let Some(all) = schema.get("allOf").and_then(Value::as_array) {
         for part in all {
-            validate(doc, part, value, at, errors);
+            validate_part(doc, part, value, at, errors, false);
         }
     }
     if let Some(kind) = schema.get("type").and_then(Value::as_str) {
@@ -67,6 +83,31 @@ fn validate(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &mut V
         for key in required.iter().filter_map(Value::as_str) {
             if value.get(key).is_none() {
                 errors.push(format!("{at}: required key {key:?} missing"));
+            }
+        }
+    }
+    // A key the server sends that the document does not name: the document is incomplete.
+    if let Some(object) = value.as_object().filter(|_| whole) {
+        let mut named: BTreeSet<&str> = BTreeSet::new();
+        let mut closed = false;
+        for part in std::iter::once(schema).chain(
+            schema
+                .get("allOf")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| resolve(doc, p)),
+        ) {
+            if let Some(properties) = part.get("properties").and_then(Value::as_object) {
+                closed = true;
+                named.extend(properties.keys().map(String::as_str));
+            }
+        }
+        if closed && schema.get("additionalProperties").is_none() {
+            for key in object.keys() {
+                if !named.contains(key.as_str()) {
+                    errors.push(format!("{at}: key {key:?} is not in the document"));
+                }
             }
         }
     }
@@ -112,6 +153,25 @@ fn conforms(doc: &Value, method: &str, path: &str, response: &Response) {
             "{method} {path} {status}: {errors:#?}\nbody: {body}"
         );
     }
+}
+
+/// The body read as the typed answer the handlers build (`api::wire`), and written back
+/// unchanged: the struct names every field the server sends.
+fn reads_as<T: serde::de::DeserializeOwned + serde::Serialize>(response: &Response) -> T {
+    let body: Value = serde_json::from_slice(&response.body).unwrap();
+    let typed: T = serde_json::from_value(body.clone()).unwrap_or_else(|e| {
+        panic!(
+            "body does not read as {}: {e}\n{body}",
+            std::any::type_name::<T>()
+        )
+    });
+    assert_eq!(
+        serde_json::to_value(&typed).unwrap(),
+        body,
+        "{} drops or changes fields",
+        std::any::type_name::<T>()
+    );
+    typed
 }
 
 /// Every operation of the document, called for real, conforms; and the document lists
@@ -174,7 +234,7 @@ fn server_conforms_to_the_openapi_document() {
         .unwrap(),
     );
     assert_eq!(created.status, 201);
-    let session = created.json()["session"].as_str().unwrap().to_owned();
+    let session = reads_as::<wire::SessionCreated>(&created).session;
     check(
         "post",
         "/v1/sessions/{session}/heartbeat",
@@ -184,21 +244,23 @@ fn server_conforms_to_the_openapi_document() {
         )
         .unwrap(),
     );
-    check(
+    let commands = check(
         "get",
         "/v1/sessions/{session}/commands",
         api.get(&format!("/v1/sessions/{session}/commands?wait_ms=0"))
             .unwrap(),
     );
+    assert!(reads_as::<wire::Commands>(&commands).commands.is_empty());
     let acquired = check(
         "post",
         "/v1/acquire",
         api.post("/v1/acquire", &json!({"session": session, "model": "a"}))
             .unwrap(),
     );
-    assert_eq!(acquired.json()["decision"], "load");
-    let lease = acquired.json()["lease"].as_str().unwrap().to_owned();
-    let generation = acquired.json()["generation"].as_u64().unwrap();
+    let answer = reads_as::<wire::AcquireAnswer>(&acquired);
+    assert_eq!(answer.decision, wire::Decision::Load);
+    let lease = answer.lease.unwrap();
+    let generation = answer.generation.unwrap();
     check(
         "post",
         "/v1/loaded",
@@ -208,12 +270,13 @@ fn server_conforms_to_the_openapi_document() {
         )
         .unwrap(),
     );
-    check(
+    let released = check(
         "post",
         "/v1/release",
         api.post("/v1/release", &json!({"session": session, "lease": lease}))
             .unwrap(),
     );
+    reads_as::<wire::ReleaseAnswer>(&released);
     check(
         "post",
         "/v1/unloaded",
@@ -223,11 +286,12 @@ fn server_conforms_to_the_openapi_document() {
         )
         .unwrap(),
     );
-    check(
+    let cleaned = check(
         "post",
         "/v1/cleanup",
         api.post("/v1/cleanup", &json!({"force": false})).unwrap(),
     );
+    reads_as::<wire::CleanupAnswer>(&cleaned);
     // A state with an instance in it.
     let pin = api
         .post("/v1/acquire", &json!({"session": session, "model": "pin"}))
@@ -238,12 +302,16 @@ fn server_conforms_to_the_openapi_document() {
         &json!({"session": session, "lease": pin_lease, "ram_bytes": 100u64 << 20}),
     )
     .unwrap();
-    check("get", "/v1/state", api.get("/v1/state").unwrap());
-    check(
+    let state = check("get", "/v1/state", api.get("/v1/state").unwrap());
+    let state = reads_as::<wire::State>(&state);
+    assert_eq!(state.models.len(), 1, "{state:?}");
+    assert_eq!(state.models[0].model, "pin");
+    let checked = check(
         "get",
         "/v1/check",
         api.get("/v1/check?ram_bytes=1048576").unwrap(),
     );
+    assert!(reads_as::<wire::CheckAnswer>(&checked).available);
 
     // Error answers conform too.
     let refused = api
@@ -251,6 +319,9 @@ fn server_conforms_to_the_openapi_document() {
         .unwrap();
     assert_eq!(refused.status, 409, "{}", refused.text());
     conforms(&doc, "post", "/v1/acquire", &refused);
+    let details: wire::RefusalDetails = serde_json::from_slice(&refused.body).unwrap();
+    assert_eq!(details.reason, "exceeds_ceiling");
+    assert_eq!(details.need_bytes.map(|b| b.ram), Some(250 << 20));
     let unknown = api
         .post("/v1/acquire", &json!({"session": session, "model": "zz"}))
         .unwrap();

@@ -16,7 +16,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -91,6 +91,14 @@ impl ApiError {
     /// Adds a field to the body.
     pub fn with(mut self, key: &str, value: Value) -> Self {
         self.extra.insert(key.to_owned(), value);
+        self
+    }
+
+    /// Adds every field of a typed struct (one of `wire`'s) to the body.
+    pub fn with_fields(mut self, fields: &impl serde::Serialize) -> Self {
+        if let Ok(Value::Object(map)) = serde_json::to_value(fields) {
+            self.extra.extend(map);
+        }
         self
     }
 }
@@ -291,8 +299,8 @@ pub fn with_token(router: Router, token: Option<String>) -> Router {
 }
 
 /// The JSON `{}`.
-pub fn empty() -> Json<Value> {
-    Json(json!({}))
+pub fn empty() -> Json<super::wire::Empty> {
+    Json(super::wire::Empty {})
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{delete, get, post},
 };
-use modelpool_policy::{Action, Footprint, Refusal, RefusalReason};
-use serde_json::{Value, json};
+use modelpool_policy::{Action, Footprint, Limits, Refusal, RefusalReason};
+use serde_json::json;
 
 use self::http::{ApiError, BODY_LIMIT, JsonBody, empty, query_u64};
 use crate::{
@@ -138,7 +138,7 @@ async fn heartbeat(
     State(shared): AppState,
     Path(session): Path<String>,
     JsonBody(body): JsonBody<wire::Heartbeat>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Empty>, ApiError> {
     shared.heartbeat(&session, body.readings)?;
     Ok(empty())
 }
@@ -147,7 +147,7 @@ async fn commands(
     State(shared): AppState,
     Path(session): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Commands>, ApiError> {
     let wait_ms = query_u64(query.as_deref(), "wait_ms")?
         .unwrap_or(DEFAULT_WAIT_MS)
         .min(MAX_WAIT_MS);
@@ -161,11 +161,13 @@ async fn commands(
             return Err(ApiError::unknown_session(&session));
         };
         if !taken.commands.is_empty() {
-            return Ok(Json(json!({"commands": taken.commands})));
+            return Ok(Json(wire::Commands {
+                commands: taken.commands,
+            }));
         }
         let now = Instant::now();
         if now >= deadline {
-            return Ok(Json(json!({"commands": []})));
+            return Ok(Json(wire::Commands::default()));
         }
         let until = taken.next_due.map_or(deadline, |due| due.min(deadline));
         let _ = tokio::time::timeout_at(until.into(), changes.changed()).await;
@@ -178,51 +180,33 @@ fn refusal_body(model: &str, refusal: &Refusal) -> ApiError {
         RefusalReason::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         _ => (StatusCode::CONFLICT, "refused"),
     };
-    ApiError::new(status, code, refusal.message.clone())
-        .with("decision", json!("refuse"))
-        .with("reason", json!(refusal.reason.as_str()))
-        .with("model", json!(model))
-        .with(
-            "need_bytes",
-            json!({"vram": refusal.need.vram, "ram": refusal.need.ram}),
-        )
-        .with(
-            "ceiling_bytes",
-            json!({"vram": refusal.ceiling_vram, "ram": refusal.ceiling_ram}),
-        )
-        .with(
-            "held_bytes",
-            json!({"vram": refusal.held.vram, "ram": refusal.held.ram}),
-        )
-        .with(
-            "reclaimable_bytes",
-            json!({"vram": refusal.reclaimable.vram, "ram": refusal.reclaimable.ram}),
-        )
-        .with(
-            "holders",
-            Value::Array(
-                refusal
-                    .holders
-                    .iter()
-                    .map(|h| {
-                        json!({
-                            "model": h.model,
-                            "session": session_name(h.session),
-                            "vram_bytes": h.held.vram,
-                            "ram_bytes": h.held.ram,
-                            "leases": h.leases,
-                            "pinned": h.pinned,
-                        })
-                    })
-                    .collect(),
-            ),
-        )
+    ApiError::new(status, code, refusal.message.clone()).with_fields(&wire::RefusalDetails {
+        decision: wire::Decision::Refuse,
+        reason: refusal.reason.as_str().to_owned(),
+        model: model.to_owned(),
+        need_bytes: Some(refusal.need),
+        ceiling_bytes: Some(Limits::new(refusal.ceiling_vram, refusal.ceiling_ram)),
+        held_bytes: Some(refusal.held),
+        reclaimable_bytes: Some(refusal.reclaimable),
+        holders: refusal
+            .holders
+            .iter()
+            .map(|h| wire::Holder {
+                model: h.model.clone(),
+                session: session_name(h.session),
+                vram_bytes: h.held.vram,
+                ram_bytes: h.held.ram,
+                leases: h.leases as u64,
+                pinned: h.pinned,
+            })
+            .collect(),
+    })
 }
 
 async fn acquire(
     State(shared): AppState,
     JsonBody(body): JsonBody<wire::Acquire>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::AcquireAnswer>, ApiError> {
     match shared
         .acquire(&body.session, &body.model, body.wait)
         .await?
@@ -231,31 +215,46 @@ async fn acquire(
             action,
             lease,
             generation,
-        } => Ok(Json(json!({
-            "decision": match action { Action::Use => "use", Action::Load => "load" },
-            "lease": lease_name(lease),
-            "model": body.model,
-            "generation": generation,
-        }))),
-        AcquireAnswer::Wait { message } => Ok(Json(json!({
-            "decision": "wait",
-            "model": body.model,
-            "message": message,
-        }))),
+        } => Ok(Json(wire::AcquireAnswer {
+            decision: match action {
+                Action::Use => wire::Decision::Use,
+                Action::Load => wire::Decision::Load,
+            },
+            model: body.model,
+            lease: Some(lease_name(lease)),
+            generation: Some(generation),
+            message: None,
+        })),
+        AcquireAnswer::Wait { message } => Ok(Json(wire::AcquireAnswer {
+            decision: wire::Decision::Wait,
+            model: body.model,
+            lease: None,
+            generation: None,
+            message: Some(message),
+        })),
         AcquireAnswer::Refused(refusal) => Err(refusal_body(&body.model, &refusal)),
-        AcquireAnswer::LoadFailed { message } => {
-            Err(ApiError::new(StatusCode::CONFLICT, "refused", message)
-                .with("decision", json!("refuse"))
-                .with("reason", json!("load_failed"))
-                .with("model", json!(body.model)))
-        }
+        AcquireAnswer::LoadFailed { message } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "refused",
+            message,
+        )
+        .with_fields(&wire::RefusalDetails {
+            decision: wire::Decision::Refuse,
+            reason: "load_failed".to_owned(),
+            model: body.model,
+            need_bytes: None,
+            ceiling_bytes: None,
+            held_bytes: None,
+            reclaimable_bytes: None,
+            holders: Vec::new(),
+        })),
     }
 }
 
 async fn loaded(
     State(shared): AppState,
     JsonBody(body): JsonBody<wire::Loaded>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Empty>, ApiError> {
     shared.loaded(body)?;
     Ok(empty())
 }
@@ -263,15 +262,15 @@ async fn loaded(
 async fn release(
     State(shared): AppState,
     JsonBody(body): JsonBody<wire::Release>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::ReleaseAnswer>, ApiError> {
     let unload = shared.release(&body.session, &body.lease)?;
-    Ok(Json(json!({"unload": unload})))
+    Ok(Json(wire::ReleaseAnswer { unload }))
 }
 
 async fn unloaded(
     State(shared): AppState,
     JsonBody(body): JsonBody<wire::Unloaded>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::Empty>, ApiError> {
     shared
         .unloaded(&body.session, &body.model, body.generation, body.command)
         .map_err(|error| match error {
@@ -288,18 +287,21 @@ async fn unloaded(
     Ok(empty())
 }
 
-async fn cleanup(State(shared): AppState, JsonBody(body): JsonBody<wire::Cleanup>) -> Json<Value> {
+async fn cleanup(
+    State(shared): AppState,
+    JsonBody(body): JsonBody<wire::Cleanup>,
+) -> Json<wire::CleanupAnswer> {
     Json(shared.cleanup(body.force))
 }
 
-async fn state(State(shared): AppState) -> Json<Value> {
+async fn state(State(shared): AppState) -> Json<wire::State> {
     Json(shared.state())
 }
 
 async fn check(
     State(shared): AppState,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<wire::CheckAnswer>, ApiError> {
     let vram = query_u64(query.as_deref(), "vram_bytes")?.unwrap_or(0);
     let ram = query_u64(query.as_deref(), "ram_bytes")?.unwrap_or(0);
     Ok(Json(shared.check(Footprint::new(vram, ram))))

@@ -184,3 +184,419 @@ pub type Bytes = modelpool_policy::Footprint;
 
 /// Ceilings: `null` where the pool sets none (the policy crate's pair).
 pub type Ceilings = modelpool_policy::Limits;
+
+// ---- answers ----
+//
+// Every answer the API sends is one of these structs: the handlers build them, the `status`
+// command reads them back, and `sidecar/tests/openapi.rs` checks them against the document.
+
+/// `{}`: an answer with nothing to say (heartbeat, loaded, unloaded).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Empty {}
+
+/// The pool's per-pod ceilings in a session answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LimitBytes {
+    /// VRAM ceiling; `null` when the pool sets none.
+    pub vram_bytes: Option<u64>,
+    /// RAM ceiling; `null` when the pool sets none.
+    pub ram_bytes: Option<u64>,
+}
+
+/// A model of the pool as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PoolModel {
+    /// Its name in the pool.
+    pub name: String,
+    /// Declared (or estimated) VRAM.
+    pub vram_bytes: u64,
+    /// Declared (or estimated) RAM.
+    pub ram_bytes: u64,
+    /// Never unloaded by policy.
+    pub pinned: bool,
+    /// Acquire-queue and eviction priority.
+    pub priority: i32,
+}
+
+/// The pool in a session answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionPool {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace` (empty when absent).
+    pub namespace: String,
+    /// `Aggressive` or `Cache`.
+    pub mode: String,
+    /// The driver kind.
+    pub driver: String,
+    /// Per-pod ceilings.
+    pub limits: LimitBytes,
+    /// The models.
+    pub models: Vec<PoolModel>,
+}
+
+/// A held model taken into the ledger at session open.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Adopted {
+    /// The model.
+    pub model: String,
+    /// The generation that names this instance.
+    pub generation: u64,
+}
+
+/// A held model that did not fit: the app is told to unload it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedHold {
+    /// The model.
+    pub model: String,
+    /// Why, with the numbers.
+    pub message: String,
+}
+
+/// `201` to `POST /v1/sessions`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionCreated {
+    /// The session's name (`s-1`).
+    pub session: String,
+    /// How often to heartbeat.
+    pub heartbeat_ms: u64,
+    /// The pool in force.
+    pub pool: SessionPool,
+    /// Held models refused (reason `ceiling`, generation 0 on the command stream).
+    pub refused_holds: Vec<RefusedHold>,
+    /// Held models adopted.
+    pub adopted: Vec<Adopted>,
+}
+
+/// `GET /v1/sessions/{session}/commands`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Commands {
+    /// Commands due, oldest first; empty when the long poll ran out.
+    pub commands: Vec<Command>,
+}
+
+/// What an acquire decided.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Loaded already: use it.
+    Use,
+    /// Load it now and report `/v1/loaded`.
+    Load,
+    /// No room yet (`wait: false`).
+    Wait,
+    /// Refused (in an error body).
+    Refuse,
+}
+
+/// `200` to `POST /v1/acquire`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AcquireAnswer {
+    /// `use`, `load` or `wait`.
+    pub decision: Decision,
+    /// The model.
+    pub model: String,
+    /// With `use` and `load`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// With `use` and `load`: the instance the lease is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// With `wait`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A model in a refusal: who holds what.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Holder {
+    /// The model.
+    pub model: String,
+    /// The session holding it.
+    pub session: String,
+    /// VRAM it holds.
+    pub vram_bytes: u64,
+    /// RAM it holds.
+    pub ram_bytes: u64,
+    /// Leases on it.
+    pub leases: u64,
+    /// Pinned by the pool.
+    pub pinned: bool,
+}
+
+/// The fields a refused acquire adds to the error body (`error: refused`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusalDetails {
+    /// Always `refuse`.
+    pub decision: Decision,
+    /// `exceeds_ceiling`, `timeout`, `unknown_model`, `load_failed`, `shutting_down`.
+    pub reason: String,
+    /// The model.
+    pub model: String,
+    /// What the load needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub need_bytes: Option<Bytes>,
+    /// The ceilings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ceiling_bytes: Option<Ceilings>,
+    /// What the pool holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_bytes: Option<Bytes>,
+    /// What unloading idle models could free.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reclaimable_bytes: Option<Bytes>,
+    /// Who holds what.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<Holder>,
+}
+
+/// `200` to `POST /v1/release`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReleaseAnswer {
+    /// Unload now and report `/v1/unloaded` (also queued on the command stream).
+    pub unload: bool,
+}
+
+/// An unload `POST /v1/cleanup` started.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CleanupUnload {
+    /// The session told to unload.
+    pub session: String,
+    /// The model.
+    pub model: String,
+}
+
+/// `200` to `POST /v1/cleanup`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CleanupAnswer {
+    /// Unloads started.
+    pub unloading: Vec<CleanupUnload>,
+    /// Models kept because a lease is open on them.
+    pub skipped_leased: Vec<String>,
+}
+
+/// `200` to `GET /v1/check`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckAnswer {
+    /// Whether `need` fits now (after unloading idle models if needed).
+    pub available: bool,
+    /// What was asked.
+    pub need: Bytes,
+    /// Room under each ceiling; `null` where there is none.
+    pub free: Ceilings,
+    /// What unloading idle models could free.
+    pub reclaimable: Bytes,
+    /// For people.
+    pub message: String,
+}
+
+/// One GPU in `/v1/state`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GpuDevice {
+    /// Device index.
+    pub index: u32,
+    /// Device UUID (empty when the source does not know it).
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// Installed memory.
+    pub total_bytes: u64,
+    /// Memory in use by everyone on the device.
+    pub used_bytes: u64,
+    /// Where the numbers came from (`nvml`, `cuda`, `app:torch`).
+    pub source: String,
+}
+
+/// The GPU reading in `/v1/state`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GpuState {
+    /// Whether there is a reading.
+    pub up: bool,
+    /// When down: `no GPU: <why>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<GpuDevice>>,
+}
+
+/// Where each reading in `/v1/state` came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Sources {
+    /// Node or pod RAM (`cgroup`, `proc`).
+    pub ram: String,
+    /// Device VRAM; `null` without a reading.
+    pub vram: Option<String>,
+    /// Per-process RAM (`proc`).
+    pub process_ram: String,
+    /// Per-process VRAM (`nvml`); `null` without a reading.
+    pub process_vram: Option<String>,
+}
+
+/// The pool in `/v1/state`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatePool {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace` (empty when absent).
+    pub namespace: String,
+    /// `Aggressive` or `Cache`.
+    pub mode: String,
+    /// The driver kind.
+    pub driver: String,
+    /// The Http driver's base URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_url: Option<String>,
+    /// `Advisory`, `Evict` or `Restart`.
+    pub enforcement: String,
+    /// Per-pod ceilings.
+    pub limits: Ceilings,
+    /// The models.
+    pub models: Vec<PoolModel>,
+}
+
+/// One instance in `/v1/state`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelState {
+    /// The model.
+    pub model: String,
+    /// Names this instance (a later load of the model is a new one).
+    pub generation: u64,
+    /// The session holding it (`app` for the Http driver's instances).
+    pub session: String,
+    /// The session's pid.
+    pub pid: Option<u32>,
+    /// The session's app name.
+    pub app: Option<String>,
+    /// `loading`, `loaded`, `unloading`, `reclaiming`, `not_reclaimed`.
+    pub state: String,
+    /// Leases on it.
+    pub leases: u64,
+    /// VRAM counted against the ceiling.
+    pub vram_bytes: u64,
+    /// RAM counted against the ceiling.
+    pub ram_bytes: u64,
+    /// What the pool declares (or estimates).
+    pub declared: Bytes,
+    /// What the ledger learned from the load.
+    pub measured: Option<Bytes>,
+    /// What the sidecar measured around the load.
+    #[serde(default)]
+    pub measured_by_sidecar: Option<modelpool_policy::Sizes>,
+    /// What the app reported.
+    #[serde(default)]
+    pub reported_by_app: Option<modelpool_policy::Sizes>,
+    /// The most it held.
+    pub peak: Bytes,
+    /// Seconds since its last lease ended.
+    pub idle_s: f64,
+    /// Pinned by the pool.
+    pub pinned: bool,
+    /// Why it is being unloaded.
+    #[serde(default)]
+    pub unload_reason: Option<String>,
+}
+
+/// One session in `/v1/state`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionState {
+    /// The session's name.
+    pub session: String,
+    /// The app's pid.
+    pub pid: u32,
+    /// The process's VRAM as the sidecar reads it (NVML, by pid).
+    #[serde(default)]
+    pub vram_bytes: Option<u64>,
+    /// Where `vram_bytes` came from.
+    #[serde(default)]
+    pub vram_source: Option<String>,
+    /// The app's name.
+    pub app: String,
+    /// Models it registered.
+    pub models: Vec<String>,
+    /// Leases it holds.
+    pub leases: u64,
+    /// Since its last heartbeat.
+    pub last_heartbeat_ms: u64,
+    /// Since it opened.
+    #[serde(default)]
+    pub age_s: u64,
+    /// Commands not yet taken.
+    #[serde(default)]
+    pub pending_commands: Vec<Command>,
+    /// What the app last measured.
+    #[serde(default)]
+    pub readings: Option<AppReadings>,
+    /// Whether the sidecar sees the pid (shared process namespace).
+    #[serde(default)]
+    pub pid_visible: bool,
+    /// The process's RSS at the last tick.
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+}
+
+/// Counters since the sidecar started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    /// Loads that worked.
+    pub loads: u64,
+    /// Loads that failed.
+    pub load_failures: u64,
+    /// Unloads by reason.
+    pub unloads: std::collections::BTreeMap<String, u64>,
+    /// Acquires refused, by reason.
+    pub refusals: std::collections::BTreeMap<String, u64>,
+    /// Unloads whose memory did not come back in time.
+    pub not_reclaimed: u64,
+    /// Ticks that found a ceiling broken, by resource.
+    pub ceiling_breaches: std::collections::BTreeMap<String, u64>,
+}
+
+/// `200` to `GET /v1/state`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    /// RAM used, GiB, 2 decimals (the seed's `get_memory_status`).
+    pub ram_used_gb: f64,
+    /// RAM installed (or the pod's limit), GiB.
+    pub ram_total_gb: f64,
+    /// RAM used, percent.
+    pub ram_percent: f64,
+    /// VRAM used, GiB.
+    pub vram_allocated_gb: f64,
+    /// VRAM installed, GiB.
+    pub vram_total_gb: f64,
+    /// VRAM used, percent.
+    pub vram_percent: f64,
+    /// RAM used.
+    pub ram_used_bytes: u64,
+    /// RAM installed.
+    pub ram_total_bytes: u64,
+    /// The pod's cgroup limit, when it has one.
+    pub ram_limit_bytes: Option<u64>,
+    /// VRAM used.
+    pub vram_used_bytes: u64,
+    /// VRAM installed.
+    pub vram_total_bytes: u64,
+    /// The GPU reading.
+    pub gpu: GpuState,
+    /// Where each reading came from.
+    pub sources: Sources,
+    /// The pool in force.
+    pub pool: StatePool,
+    /// What the ledger holds.
+    pub held_bytes: Bytes,
+    /// The ceilings.
+    pub ceiling_bytes: Ceilings,
+    /// Unloaded but not given back.
+    pub lost_bytes: Bytes,
+    /// Acquires waiting for room.
+    pub queue: u64,
+    /// Instances.
+    pub models: Vec<ModelState>,
+    /// Sessions.
+    pub sessions: Vec<SessionState>,
+    /// Counters.
+    pub counters: Counters,
+    /// The sidecar is stopping.
+    pub shutting_down: bool,
+}

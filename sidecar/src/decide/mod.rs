@@ -32,10 +32,9 @@ use std::{
 };
 
 use modelpool_policy::{
-    Action, Engine, Footprint, InstanceState, LeaseId, Output, Readings, Refusal, RequestId,
-    SessionId, Sizes, UnloadReason,
+    Action, Engine, Footprint, InstanceState, LeaseId, Limits, Output, Readings, Refusal,
+    RequestId, SessionId, Sizes, UnloadReason,
 };
-use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 pub use self::{
@@ -479,15 +478,15 @@ impl Core {
     }
 
     /// `GET /v1/check`.
-    pub fn check(&self, need: Footprint) -> Value {
+    pub fn check(&self, need: Footprint) -> wire::CheckAnswer {
         let result = self.engine.check(need);
-        json!({
-            "available": result.available,
-            "need": need,
-            "free": {"vram": result.free_vram, "ram": result.free_ram},
-            "reclaimable": result.reclaimable,
-            "message": result.message,
-        })
+        wire::CheckAnswer {
+            available: result.available,
+            need,
+            free: Limits::new(result.free_vram, result.free_ram),
+            reclaimable: result.reclaimable,
+            message: result.message,
+        }
     }
 
     /// `GET /v1/state`. `process_vram`: the sidecar's NVML reading per pid; `pending`: each
@@ -497,13 +496,13 @@ impl Core {
         now: Duration,
         process_vram: &BTreeMap<u32, (u64, Source)>,
         pending: &BTreeMap<SessionId, Vec<Command>>,
-    ) -> Value {
+    ) -> wire::State {
         let Measured { gpu, ram } = &self.measured;
         let gib = |b: u64| (b as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0;
         let pct = |a: u64, b: u64| (percent(a, b) * 10.0).round() / 10.0;
         let (vram_used, vram_total) = (gpu.used_bytes(), gpu.total_bytes());
-        let gpu_source = gpu.devices.first().map(|d| d.source.clone());
-        let models: Vec<Value> = self
+        let gpu_source = gpu.devices.first().map(|d| d.source.to_string());
+        let models = self
             .engine
             .instances(now)
             .into_iter()
@@ -513,86 +512,94 @@ impl Core {
                     .tracks
                     .get(&(view.session, view.model.clone()))
                     .filter(|t| t.generation == view.generation);
-                json!({
-                    "model": view.model,
-                    "generation": view.generation,
-                    "session": session_name(view.session),
-                    "pid": session.map(|s| s.pid),
-                    "app": session.map(|s| s.app.clone()),
-                    "state": state_name(view.state),
-                    "leases": view.leases,
-                    "vram_bytes": view.held.vram,
-                    "ram_bytes": view.held.ram,
-                    "declared": view.declared,
-                    "measured": view.measured,
-                    "measured_by_sidecar": track.map(|t| t.sidecar).filter(Sizes::is_known),
-                    "reported_by_app": track.map(|t| t.app).filter(Sizes::is_known),
-                    "peak": view.peak,
-                    "idle_s": (view.idle.as_secs_f64() * 10.0).round() / 10.0,
-                    "pinned": view.pinned,
-                    "unload_reason": view.unload_reason.map(|r| r.as_str()),
-                })
+                wire::ModelState {
+                    generation: view.generation,
+                    session: session_name(view.session),
+                    pid: session.map(|s| s.pid),
+                    app: session.map(|s| s.app.clone()),
+                    state: state_name(view.state).to_owned(),
+                    leases: view.leases as u64,
+                    vram_bytes: view.held.vram,
+                    ram_bytes: view.held.ram,
+                    declared: view.declared,
+                    measured: view.measured,
+                    measured_by_sidecar: track.map(|t| t.sidecar).filter(Sizes::is_known),
+                    reported_by_app: track.map(|t| t.app).filter(Sizes::is_known),
+                    peak: view.peak,
+                    idle_s: (view.idle.as_secs_f64() * 10.0).round() / 10.0,
+                    pinned: view.pinned,
+                    unload_reason: view.unload_reason.map(|r| r.as_str().to_owned()),
+                    model: view.model,
+                }
             })
             .collect();
-        let sessions: Vec<Value> = self
+        let sessions = self
             .sessions
             .iter()
             .map(|(id, s)| {
                 let vram = process_vram.get(&s.pid);
-                json!({
-                    "session": session_name(*id),
-                    "pid": s.pid,
-                    "vram_bytes": vram.map(|(bytes, _)| *bytes),
-                    "vram_source": vram.map(|(_, source)| source),
-                    "app": s.app,
-                    "models": s.models,
-                    "leases": self.leases.values().filter(|l| l.client == *id).count(),
-                    "last_heartbeat_ms": now.saturating_sub(s.last_seen).as_millis() as u64,
-                    "age_s": now.saturating_sub(s.opened).as_secs(),
-                    "pending_commands": pending.get(id).cloned().unwrap_or_default(),
-                    "readings": s.readings.as_ref().map(|(r, _)| r),
-                    "pid_visible": s.pid_visible,
-                    "rss_bytes": s.last_rss,
-                })
+                wire::SessionState {
+                    session: session_name(*id),
+                    pid: s.pid,
+                    vram_bytes: vram.map(|(bytes, _)| *bytes),
+                    vram_source: vram.map(|(_, source)| source.to_string()),
+                    app: s.app.clone(),
+                    models: s.models.clone(),
+                    leases: self.leases.values().filter(|l| l.client == *id).count() as u64,
+                    last_heartbeat_ms: now.saturating_sub(s.last_seen).as_millis() as u64,
+                    age_s: now.saturating_sub(s.opened).as_secs(),
+                    pending_commands: pending.get(id).cloned().unwrap_or_default(),
+                    readings: s.readings.as_ref().map(|(r, _)| r.clone()),
+                    pid_visible: s.pid_visible,
+                    rss_bytes: s.last_rss,
+                }
             })
             .collect();
         let counters = self.engine.counters();
-        json!({
-            "ram_used_gb": gib(ram.used_bytes),
-            "ram_total_gb": gib(ram.total_bytes),
-            "ram_percent": pct(ram.used_bytes, ram.total_bytes),
-            "vram_allocated_gb": gib(vram_used),
-            "vram_total_gb": gib(vram_total),
-            "vram_percent": pct(vram_used, vram_total),
-            "ram_used_bytes": ram.used_bytes,
-            "ram_total_bytes": ram.total_bytes,
-            "ram_limit_bytes": ram.limit_bytes,
-            "vram_used_bytes": vram_used,
-            "vram_total_bytes": vram_total,
-            "gpu": gpu_json(gpu),
-            "sources": {
-                "ram": ram.source,
-                "vram": gpu_source,
-                "process_ram": Source::Proc,
-                "process_vram": if gpu.devices.iter().any(|d| d.source == Source::Nvml) { Some(Source::Nvml) } else { None },
+        wire::State {
+            ram_used_gb: gib(ram.used_bytes),
+            ram_total_gb: gib(ram.total_bytes),
+            ram_percent: pct(ram.used_bytes, ram.total_bytes),
+            vram_allocated_gb: gib(vram_used),
+            vram_total_gb: gib(vram_total),
+            vram_percent: pct(vram_used, vram_total),
+            ram_used_bytes: ram.used_bytes,
+            ram_total_bytes: ram.total_bytes,
+            ram_limit_bytes: ram.limit_bytes,
+            vram_used_bytes: vram_used,
+            vram_total_bytes: vram_total,
+            gpu: gpu_state(gpu),
+            sources: wire::Sources {
+                ram: ram.source.to_string(),
+                vram: gpu_source,
+                process_ram: Source::Proc.to_string(),
+                process_vram: gpu
+                    .devices
+                    .iter()
+                    .any(|d| d.source == Source::Nvml)
+                    .then(|| Source::Nvml.to_string()),
             },
-            "pool": self.pool,
-            "held_bytes": self.engine.held(),
-            "ceiling_bytes": self.pool.limits,
-            "lost_bytes": self.engine.lost(),
-            "queue": self.engine.queue_len(),
-            "models": models,
-            "sessions": sessions,
-            "counters": {
-                "loads": counters.loads,
-                "load_failures": counters.load_failures,
-                "unloads": counters.unloads.iter().map(|(r, n)| (r.as_str().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
-                "refusals": counters.refusals,
-                "not_reclaimed": counters.not_reclaimed,
-                "ceiling_breaches": counters.ceiling_breaches,
+            pool: state_pool(&self.pool),
+            held_bytes: self.engine.held(),
+            ceiling_bytes: self.pool.limits,
+            lost_bytes: self.engine.lost(),
+            queue: self.engine.queue_len() as u64,
+            models,
+            sessions,
+            counters: wire::Counters {
+                loads: counters.loads,
+                load_failures: counters.load_failures,
+                unloads: counters
+                    .unloads
+                    .iter()
+                    .map(|(r, n)| (r.as_str().to_owned(), *n))
+                    .collect(),
+                refusals: owned_keys(&counters.refusals),
+                not_reclaimed: counters.not_reclaimed,
+                ceiling_breaches: owned_keys(&counters.ceiling_breaches),
             },
-            "shutting_down": self.shutting_down,
-        })
+            shutting_down: self.shutting_down,
+        }
     }
 
     // ---- sessions ----
@@ -605,7 +612,7 @@ impl Core {
         process: ProcessNow,
         heartbeat: Duration,
         fx: &mut Effects,
-    ) -> Result<Value, LookupError> {
+    ) -> Result<wire::SessionCreated, LookupError> {
         if self.shutting_down {
             return Err(LookupError::ShuttingDown);
         }
@@ -660,11 +667,17 @@ impl Core {
             let reported = Sizes::new(hold.vram_bytes, hold.ram_bytes);
             match self.adopt(now, id, &hold.model, reported, hold.leases > 0, fx) {
                 Ok(generation) => {
-                    adopted.push(json!({"model": hold.model, "generation": generation}));
+                    adopted.push(wire::Adopted {
+                        model: hold.model.clone(),
+                        generation,
+                    });
                 }
                 Err(message) => {
                     tracing::warn!(session = %session_name(id), model = hold.model, %message, "held model does not fit: asking the app to unload it");
-                    refused_holds.push(json!({"model": hold.model, "message": message}));
+                    refused_holds.push(wire::RefusedHold {
+                        model: hold.model.clone(),
+                        message: message.clone(),
+                    });
                     // Not in the ledger: generation 0 names "the hold the sidecar refused".
                     fx.unloads.push(Unload {
                         holder: id,
@@ -676,23 +689,23 @@ impl Core {
             }
         }
         let pool = &self.pool;
-        Ok(json!({
-            "session": session_name(id),
-            "heartbeat_ms": heartbeat.as_millis() as u64,
-            "pool": {
-                "name": pool.name,
-                "namespace": pool.namespace,
-                "mode": pool.mode,
-                "driver": pool.driver,
-                "limits": {"vram_bytes": pool.limits.vram, "ram_bytes": pool.limits.ram},
-                "models": pool.models.iter().map(|m| json!({
-                    "name": m.name, "vram_bytes": m.vram_bytes, "ram_bytes": m.ram_bytes,
-                    "pinned": m.pinned, "priority": m.priority,
-                })).collect::<Vec<_>>(),
+        Ok(wire::SessionCreated {
+            session: session_name(id),
+            heartbeat_ms: heartbeat.as_millis() as u64,
+            pool: wire::SessionPool {
+                name: pool.name.clone(),
+                namespace: pool.namespace.clone(),
+                mode: pool.mode.to_owned(),
+                driver: pool.driver.to_owned(),
+                limits: wire::LimitBytes {
+                    vram_bytes: pool.limits.vram,
+                    ram_bytes: pool.limits.ram,
+                },
+                models: pool_models(pool),
             },
-            "refused_holds": refused_holds,
-            "adopted": adopted,
-        }))
+            refused_holds,
+            adopted,
+        })
     }
 
     /// `POST /v1/sessions/{id}/heartbeat`.
@@ -1082,20 +1095,23 @@ impl Core {
     // ---- cleanup, time passing, pool, shutdown ----
 
     /// `POST /v1/cleanup`.
-    pub fn cleanup(&mut self, now: Duration, force: bool, fx: &mut Effects) -> Value {
-        let (out, skipped) = self.engine.cleanup(now, force);
-        let unloading: Vec<Value> = out
+    pub fn cleanup(&mut self, now: Duration, force: bool, fx: &mut Effects) -> wire::CleanupAnswer {
+        let (out, skipped_leased) = self.engine.cleanup(now, force);
+        let unloading = out
             .iter()
             .filter_map(|o| match o {
-                Output::Unload { session, model, .. } => Some(json!({
-                    "session": session_name(*session),
-                    "model": model,
-                })),
+                Output::Unload { session, model, .. } => Some(wire::CleanupUnload {
+                    session: session_name(*session),
+                    model: model.clone(),
+                }),
                 _ => None,
             })
             .collect();
         self.apply(now, out, fx);
-        json!({"unloading": unloading, "skipped_leased": skipped})
+        wire::CleanupAnswer {
+            unloading,
+            skipped_leased,
+        }
     }
 
     /// One tick, with every reading taken before the lock: the measurement is kept, dead
@@ -1608,9 +1624,59 @@ impl Core {
     }
 }
 
-fn gpu_json(gpu: &GpuReading) -> Value {
+fn gpu_state(gpu: &GpuReading) -> wire::GpuState {
     match &gpu.down_reason {
-        Some(reason) => json!({"up": false, "reason": format!("no GPU: {reason}")}),
-        None => json!({"up": true, "devices": gpu.devices}),
+        Some(reason) => wire::GpuState {
+            up: false,
+            reason: Some(format!("no GPU: {reason}")),
+            devices: None,
+        },
+        None => wire::GpuState {
+            up: true,
+            reason: None,
+            devices: Some(
+                gpu.devices
+                    .iter()
+                    .map(|d| wire::GpuDevice {
+                        index: d.index,
+                        uuid: d.uuid.clone(),
+                        name: d.name.clone(),
+                        total_bytes: d.total_bytes,
+                        used_bytes: d.used_bytes,
+                        source: d.source.to_string(),
+                    })
+                    .collect(),
+            ),
+        },
     }
+}
+
+fn pool_models(pool: &PoolInfo) -> Vec<wire::PoolModel> {
+    pool.models
+        .iter()
+        .map(|m| wire::PoolModel {
+            name: m.name.clone(),
+            vram_bytes: m.vram_bytes,
+            ram_bytes: m.ram_bytes,
+            pinned: m.pinned,
+            priority: m.priority,
+        })
+        .collect()
+}
+
+fn state_pool(pool: &PoolInfo) -> wire::StatePool {
+    wire::StatePool {
+        name: pool.name.clone(),
+        namespace: pool.namespace.clone(),
+        mode: pool.mode.to_owned(),
+        driver: pool.driver.to_owned(),
+        driver_url: pool.driver_url.clone(),
+        enforcement: pool.enforcement.to_owned(),
+        limits: pool.limits,
+        models: pool_models(pool),
+    }
+}
+
+fn owned_keys(counts: &BTreeMap<&str, u64>) -> BTreeMap<String, u64> {
+    counts.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect()
 }

@@ -190,6 +190,7 @@ impl Rig {
         let process = self.meter.get(pid);
         self.core
             .open_session(self.now, &request, process, HEARTBEAT, &mut self.fx)
+            .map(as_json)
     }
 
     fn acquire(&mut self, session: &str, model: &str) -> (First, oneshot::Receiver<Verdict>) {
@@ -574,9 +575,10 @@ fn the_app_server_holds_instances_with_the_http_driver() {
         rss: Some(MIB),
         vram: None,
     };
-    let body = core
-        .open_session(ms(1), &request, alive, HEARTBEAT, &mut fx)
-        .unwrap();
+    let body = as_json(
+        core.open_session(ms(1), &request, alive, HEARTBEAT, &mut fx)
+            .unwrap(),
+    );
     let s = body["session"].as_str().unwrap().to_owned();
     let (sender, _receiver) = oneshot::channel();
     let First::Now(Verdict::Granted {
@@ -598,7 +600,7 @@ fn the_app_server_holds_instances_with_the_http_driver() {
         0.5,
         &mut fx,
     );
-    let state = core.state(ms(2), &BTreeMap::new(), &BTreeMap::new());
+    let state = as_json(core.state(ms(2), &BTreeMap::new(), &BTreeMap::new()));
     assert_eq!(state["models"][0]["session"], "app");
     assert_eq!(state["models"][0]["state"], "loaded");
     // Aggressive: the last release unloads through the driver, not the client.
@@ -625,10 +627,8 @@ fn a_failed_driver_load_frees_the_reservation() {
     };
     let s = core
         .open_session(ms(1), &request, ProcessNow::default(), HEARTBEAT, &mut fx)
-        .unwrap()["session"]
-        .as_str()
         .unwrap()
-        .to_owned();
+        .session;
     let (sender, _receiver) = oneshot::channel();
     core.acquire(ms(1), &s, "a", true, sender, &mut fx).unwrap();
     core.driver_load_failed(ms(2), APP_HOLDER, "a", &mut fx);
@@ -662,7 +662,7 @@ fn a_load_is_measured_from_the_process_and_the_larger_figure_counts() {
     assert_eq!(report.sidecar.ram, Some(30 * MIB));
     assert_eq!(report.app.ram, Some(25 * MIB));
     assert_eq!(rig.held_ram(), 30 * MIB);
-    let state = rig.core.state(rig.now, &BTreeMap::new(), &BTreeMap::new());
+    let state = as_json(rig.core.state(rig.now, &BTreeMap::new(), &BTreeMap::new()));
     assert_eq!(state["models"][0]["measured_by_sidecar"]["ram"], 30 * MIB);
     assert_eq!(state["models"][0]["reported_by_app"]["ram"], 25 * MIB);
 }
@@ -1004,11 +1004,11 @@ fn cleanup_unloads_idle_models_and_only_force_takes_pinned_ones() {
     let (l3, _) = rig.load(&s, "pin", 10);
     rig.release(&s, &l1);
     rig.release(&s, &l3);
-    let answer = rig.core.cleanup(rig.now, false, &mut rig.fx);
+    let answer = as_json(rig.core.cleanup(rig.now, false, &mut rig.fx));
     assert_eq!(answer["unloading"][0]["model"], "idle");
     assert_eq!(answer["unloading"].as_array().unwrap().len(), 1);
     assert_eq!(answer["skipped_leased"], serde_json::json!(["busy"]));
-    let answer = rig.core.cleanup(rig.now, true, &mut rig.fx);
+    let answer = as_json(rig.core.cleanup(rig.now, true, &mut rig.fx));
     assert_eq!(answer["unloading"][0]["model"], "pin");
 }
 
@@ -1158,7 +1158,7 @@ fn state_lists_instances_sessions_and_pending_commands() {
         }],
     )]);
     let vram = BTreeMap::from([(7, (5 * MIB, Source::Nvml))]);
-    let state = rig.core.state(rig.now, &vram, &pending);
+    let state = as_json(rig.core.state(rig.now, &vram, &pending));
     assert_eq!(state["models"][0]["generation"], generation);
     assert_eq!(state["models"][0]["state"], "unloading");
     assert_eq!(state["models"][0]["unload_reason"], "released");
@@ -1480,4 +1480,9 @@ proptest! {
         prop_assert_eq!(rig.core.waiting(), 0);
         prop_assert_eq!(rig.core.engine().held(), Footprint::default());
     }
+}
+
+/// A typed answer as the client reads it: the assertions below check the wire names too.
+fn as_json(answer: impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(answer).unwrap()
 }
