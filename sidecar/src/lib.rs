@@ -151,8 +151,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     tracing::info!(
         pool = loaded.info.name,
         source = %pool_path.as_ref().map_or_else(|| "the API (cluster mode)".to_owned(), |p| p.display().to_string()),
-        mode = loaded.info.mode,
-        driver = loaded.info.driver,
+        mode = loaded.info.mode.as_str(),
+        driver = loaded.info.driver.as_str(),
         models = loaded.info.models.len(),
         "pool loaded"
     );
@@ -340,7 +340,7 @@ async fn watch_pool(
                 tracing::info!(
                     file = %file.path().display(),
                     pool = loaded.info.name,
-                    mode = loaded.info.mode,
+                    mode = loaded.info.mode.as_str(),
                     models = loaded.info.models.len(),
                     "pool file changed: new pool in force"
                 );

@@ -55,9 +55,9 @@ pub struct PoolInfo {
     /// `metadata.namespace` (empty when absent).
     pub namespace: String,
     /// `Aggressive` or `Cache`.
-    pub mode: &'static str,
+    pub mode: Mode,
     /// `Sdk`, `Http`, `KServeV2`, `Ollama` or `Vllm`.
-    pub driver: &'static str,
+    pub driver: DriverKind,
     /// The driver's base URL (every kind but `Sdk`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver_url: Option<String>,
@@ -65,7 +65,7 @@ pub struct PoolInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process_match: Option<String>,
     /// `Advisory`, `Evict` or `Restart`.
-    pub enforcement: &'static str,
+    pub enforcement: Enforcement,
     /// Per-pod ceilings.
     pub limits: Ceilings,
     /// The models.
@@ -190,18 +190,11 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
     let info = PoolInfo {
         name: pool.metadata.name.clone().unwrap_or_default(),
         namespace: pool.metadata.namespace.clone().unwrap_or_default(),
-        mode: match policy.mode {
-            Mode::Aggressive => "Aggressive",
-            Mode::Cache => "Cache",
-        },
-        driver: spec.driver.kind.as_str(),
+        mode: policy.mode,
+        driver: spec.driver.kind,
         driver_url: spec.driver.url.clone(),
         process_match: spec.driver.process_match.clone(),
-        enforcement: match policy.enforcement {
-            Enforcement::Advisory => "Advisory",
-            Enforcement::Evict => "Evict",
-            Enforcement::Restart => "Restart",
-        },
+        enforcement: policy.enforcement,
         limits: Ceilings {
             vram: limits.vram,
             ram: limits.ram,

@@ -28,12 +28,13 @@ use crate::{
     },
     driver::{Driver, LoadOutcome, UnloadOutcome, sdk::CommandHub},
     measure::{
-        GpuReading, MemoryLine, Meter, RamReading, human,
+        GpuReading, MemoryLine, Meter, RamReading,
         tree::{ServerMatch, ServerProcesses},
     },
     metrics::{Gauges, Metrics},
     pool::{LoadedPool, PoolInfo},
 };
+use modelpool_policy::human_bytes;
 
 /// Timing knobs from the flags.
 #[derive(Debug, Clone, Copy)]
@@ -570,8 +571,8 @@ impl Shared {
             tracing::info!(
                 model,
                 session = %session_name(report.client),
-                measured_ram = %report.sidecar.ram.map_or("?".into(), human),
-                reported_ram = %report.app.ram.map_or("?".into(), human),
+                measured_ram = %report.sidecar.ram.map_or("?".into(), human_bytes),
+                reported_ram = %report.app.ram.map_or("?".into(), human_bytes),
                 "Memory after load of {model}: {}",
                 self.memory_line()
             );
@@ -637,14 +638,7 @@ impl Shared {
         let process_vram = self.meter.process_vram(&pids);
         let pending = self.hub.pending_all();
         let now = self.now();
-        let core = self.lock();
-        let mut state = core.state(now, &process_vram, &pending);
-        if core.server().enabled
-            && let Some(map) = state.as_object_mut()
-        {
-            map.insert("server".to_owned(), core.server().json());
-        }
-        state
+        self.lock().state(now, &process_vram, &pending)
     }
 
     // ---- server drivers ----

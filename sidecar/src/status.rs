@@ -2,11 +2,13 @@
 
 use std::fmt::Write as _;
 
+use modelpool_policy::human_bytes;
+
 use crate::{
     api::wire,
     args::StatusArgs,
     client::{Client, ClientError},
-    measure::{MemoryLine, human},
+    measure::MemoryLine,
 };
 
 /// Why the state could not be shown.
@@ -56,7 +58,7 @@ pub fn run(args: &StatusArgs) -> Result<String, StatusError> {
 }
 
 fn bytes_or_dash(value: Option<u64>) -> String {
-    value.map_or_else(|| "-".to_owned(), human)
+    value.map_or_else(|| "-".to_owned(), human_bytes)
 }
 
 /// The table and memory lines for a `/v1/state` body.
@@ -72,8 +74,8 @@ pub fn render(state: &wire::State) -> String {
         } else {
             format!(" ({})", pool.namespace)
         },
-        pool.mode,
-        pool.driver,
+        pool.mode.as_str(),
+        pool.driver.as_str(),
         bytes_or_dash(state.ceiling_bytes.vram),
         bytes_or_dash(state.ceiling_bytes.ram),
     );
@@ -88,8 +90,8 @@ pub fn render(state: &wire::State) -> String {
             model.pid.map_or("-".into(), |p| p.to_string()),
             model.state.clone(),
             model.leases.to_string(),
-            human(model.vram_bytes),
-            human(model.ram_bytes),
+            human_bytes(model.vram_bytes),
+            human_bytes(model.ram_bytes),
             format!("{:.1}s", model.idle_s),
         ]);
     }
@@ -111,10 +113,10 @@ pub fn render(state: &wire::State) -> String {
     let _ = writeln!(
         out,
         "Held by the pool: VRAM {}, RAM {} | lost VRAM {}, RAM {} | waiting acquires {} | sessions {}",
-        human(state.held_bytes.vram),
-        human(state.held_bytes.ram),
-        human(state.lost_bytes.vram),
-        human(state.lost_bytes.ram),
+        human_bytes(state.held_bytes.vram),
+        human_bytes(state.held_bytes.ram),
+        human_bytes(state.lost_bytes.vram),
+        human_bytes(state.lost_bytes.ram),
         state.queue,
         state.sessions.len(),
     );

@@ -379,6 +379,16 @@ pub enum Mode {
     Cache,
 }
 
+impl Mode {
+    /// The spelling of the manifest (and of serde).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Aggressive => "Aggressive",
+            Self::Cache => "Cache",
+        }
+    }
+}
+
 /// Eviction order among idle models.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Eviction {
@@ -399,6 +409,17 @@ pub enum Enforcement {
     Evict,
     /// Evict, and restart the app container when memory is not reclaimed.
     Restart,
+}
+
+impl Enforcement {
+    /// The spelling of the manifest (and of serde).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Advisory => "Advisory",
+            Self::Evict => "Evict",
+            Self::Restart => "Restart",
+        }
+    }
 }
 
 /// Usage levels (percent of the device / pod limit) above which idle models are evicted.
@@ -547,4 +568,34 @@ fn model_status_schema(generator: &mut SchemaGenerator) -> Schema {
         "x-kubernetes-list-map-keys": ["name"],
         "items": item
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spelled<T: Serialize>(value: T) -> String {
+        serde_json::to_value(value)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// One spelling per enum: `as_str` (logs, metrics labels, `/v1/state`) is what serde writes.
+    #[test]
+    fn as_str_is_the_serde_spelling() {
+        for kind in [DriverKind::Sdk, DriverKind::Http, DriverKind::KServeV2] {
+            assert_eq!(spelled(kind), kind.as_str());
+        }
+        for mode in [Mode::Aggressive, Mode::Cache] {
+            assert_eq!(spelled(mode), mode.as_str());
+        }
+        for enforcement in [
+            Enforcement::Advisory,
+            Enforcement::Evict,
+            Enforcement::Restart,
+        ] {
+            assert_eq!(spelled(enforcement), enforcement.as_str());
+        }
+    }
 }

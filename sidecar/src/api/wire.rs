@@ -1,6 +1,7 @@
 //! The JSON bodies of the v1 API (docs/sidecar-api.md; `sidecar/api/openapi.yaml`).
 //! Requests are lenient about extra fields (newer SDKs may send more); every size is bytes.
 
+use modelpool_crds::v1alpha1::{DriverKind, Enforcement, Mode};
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/sessions`.
@@ -226,9 +227,9 @@ pub struct SessionPool {
     /// `metadata.namespace` (empty when absent).
     pub namespace: String,
     /// `Aggressive` or `Cache`.
-    pub mode: String,
+    pub mode: Mode,
     /// The driver kind.
-    pub driver: String,
+    pub driver: DriverKind,
     /// Per-pod ceilings.
     pub limits: LimitBytes,
     /// The models.
@@ -441,14 +442,14 @@ pub struct StatePool {
     /// `metadata.namespace` (empty when absent).
     pub namespace: String,
     /// `Aggressive` or `Cache`.
-    pub mode: String,
+    pub mode: Mode,
     /// The driver kind.
-    pub driver: String,
+    pub driver: DriverKind,
     /// The Http driver's base URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver_url: Option<String>,
     /// `Advisory`, `Evict` or `Restart`.
-    pub enforcement: String,
+    pub enforcement: Enforcement,
     /// Per-pod ceilings.
     pub limits: Ceilings,
     /// The models.
@@ -599,4 +600,32 @@ pub struct State {
     pub counters: Counters,
     /// The sidecar is stopping.
     pub shutting_down: bool,
+    /// The model server behind a server driver (`KServeV2`, `Ollama`, `Vllm`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerState>,
+}
+
+/// The model server as the sidecar sees it (server drivers).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerState {
+    /// It answered the last poll.
+    pub up: bool,
+    /// Why the last poll failed.
+    pub down_reason: Option<String>,
+    /// Polls answered so far.
+    pub polls: u64,
+    /// The server's root pid, when found.
+    pub pid: Option<u32>,
+    /// How it was found (`command line`, `port`).
+    pub found_by: Option<String>,
+    /// Its process tree's RSS at the last reading.
+    pub rss_bytes: Option<u64>,
+    /// Instances dropped because the server no longer held them.
+    pub dropped: u64,
+    /// Models loaded behind the sidecar's back and adopted.
+    pub adopted: u64,
+    /// Reclaims of the server's instances, by how they were seen (`proc`, `unverified`, ...).
+    pub reclaims: std::collections::BTreeMap<String, u64>,
+    /// Models the server holds that the pool does not list.
+    pub unlisted_models: Vec<String>,
 }

@@ -33,7 +33,7 @@ use std::{
 
 use modelpool_policy::{
     Action, Engine, Footprint, InstanceState, LeaseId, Limits, Output, Readings, Refusal,
-    RequestId, SessionId, Sizes, UnloadReason,
+    RequestId, SessionId, Sizes, UnloadReason, human_bytes,
 };
 use tokio::sync::oneshot;
 
@@ -44,7 +44,7 @@ pub use self::{
 };
 use crate::{
     api::wire::{self, AppReadings, Command},
-    measure::{GpuDevice, GpuReading, RamReading, Source, human, percent},
+    measure::{GpuDevice, GpuReading, RamReading, Source, percent},
     metrics::{DeviceGauges, Gauges, Metrics, ModelGauges},
     pool::{LoadedPool, PoolInfo},
 };
@@ -454,7 +454,7 @@ impl Core {
             pool: (
                 self.pool.name.clone(),
                 self.pool.namespace.clone(),
-                self.pool.mode,
+                self.pool.mode.as_str(),
             ),
             gpu_up: gpu.up(),
             devices: gpu
@@ -599,6 +599,7 @@ impl Core {
                 ceiling_breaches: owned_keys(&counters.ceiling_breaches),
             },
             shutting_down: self.shutting_down,
+            server: self.server.enabled.then(|| self.server.wire()),
         }
     }
 
@@ -695,8 +696,8 @@ impl Core {
             pool: wire::SessionPool {
                 name: pool.name.clone(),
                 namespace: pool.namespace.clone(),
-                mode: pool.mode.to_owned(),
-                driver: pool.driver.to_owned(),
+                mode: pool.mode,
+                driver: pool.driver,
                 limits: wire::LimitBytes {
                     vram_bytes: pool.limits.vram,
                     ram_bytes: pool.limits.ram,
@@ -1422,7 +1423,7 @@ impl Core {
                         timeout_ms = self.engine.config().reclaim_timeout.as_millis() as u64,
                         "MemoryNotReclaimed: {model} was unloaded but its memory was not seen back within the reclaim timeout; it stays counted as lost"
                     );
-                    if self.pool.enforcement == "Restart" {
+                    if self.pool.enforcement == modelpool_crds::v1alpha1::Enforcement::Restart {
                         tracing::error!(
                             model,
                             "enforcement Restart: restarting the app container needs the operator (not available in standalone mode)"
@@ -1441,8 +1442,8 @@ impl Core {
                     tracing::warn!(
                         resource = resource.as_str(),
                         "ceiling exceeded: models hold {} of {resource}, ceiling {}",
-                        human(held),
-                        human(limit)
+                        human_bytes(held),
+                        human_bytes(limit)
                     );
                 }
             }
@@ -1668,10 +1669,10 @@ fn state_pool(pool: &PoolInfo) -> wire::StatePool {
     wire::StatePool {
         name: pool.name.clone(),
         namespace: pool.namespace.clone(),
-        mode: pool.mode.to_owned(),
-        driver: pool.driver.to_owned(),
+        mode: pool.mode,
+        driver: pool.driver,
         driver_url: pool.driver_url.clone(),
-        enforcement: pool.enforcement.to_owned(),
+        enforcement: pool.enforcement,
         limits: pool.limits,
         models: pool_models(pool),
     }

@@ -18,11 +18,9 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use modelpool_policy::{InstanceState, Sizes, UnloadReason};
-use serde_json::{Value, json};
-
 use super::{APP_HOLDER, Core, Effects, ProcessNow, SeenBy, Unload};
-use crate::{driver::ServerView, measure::tree::TreeReading};
+use crate::{api::wire, driver::ServerView, measure::tree::TreeReading};
+use modelpool_policy::{InstanceState, Sizes, UnloadReason};
 
 /// What the core knows of the server behind a server driver.
 #[derive(Debug, Clone, Default)]
@@ -60,19 +58,23 @@ pub struct ServerPoll {
 
 impl ServerTrack {
     /// The server's state for `/v1/state`.
-    pub fn json(&self) -> Value {
-        json!({
-            "up": self.enabled && self.down.is_none() && self.polls > 0,
-            "down_reason": self.down,
-            "polls": self.polls,
-            "pid": self.process.map(|p| p.0),
-            "found_by": self.found_by,
-            "rss_bytes": self.rss,
-            "dropped": self.dropped,
-            "adopted": self.adopted,
-            "reclaims": self.reclaims,
-            "unlisted_models": self.unlisted,
-        })
+    pub fn wire(&self) -> wire::ServerState {
+        wire::ServerState {
+            up: self.enabled && self.down.is_none() && self.polls > 0,
+            down_reason: self.down.clone(),
+            polls: self.polls,
+            pid: self.process.map(|p| p.0),
+            found_by: self.found_by.map(str::to_owned),
+            rss_bytes: self.rss,
+            dropped: self.dropped,
+            adopted: self.adopted,
+            reclaims: self
+                .reclaims
+                .iter()
+                .map(|(k, n)| ((*k).to_owned(), *n))
+                .collect(),
+            unlisted_models: self.unlisted.iter().cloned().collect(),
+        }
     }
 }
 

@@ -56,11 +56,15 @@ fn pool_with(mode: &'static str, ram_ceiling_mib: Option<u64>, models: &[M<'_>])
     let info = PoolInfo {
         name: "p".to_owned(),
         namespace: "ns".to_owned(),
-        mode,
-        driver: "Sdk",
+        mode: if mode == "Cache" {
+            modelpool_crds::v1alpha1::Mode::Cache
+        } else {
+            modelpool_crds::v1alpha1::Mode::Aggressive
+        },
+        driver: modelpool_crds::v1alpha1::DriverKind::Sdk,
         driver_url: None,
         process_match: None,
-        enforcement: "Evict",
+        enforcement: modelpool_crds::v1alpha1::Enforcement::Evict,
         limits,
         models: models
             .iter()

@@ -20,7 +20,6 @@ use std::{
     fmt,
 };
 
-use modelpool_policy::human_bytes;
 use serde::{Serialize, Serializer};
 
 /// Where a reading came from.
@@ -337,11 +336,6 @@ impl fmt::Display for MemoryLine {
             Err(reason) => write!(f, "VRAM no GPU ({reason})"),
         }
     }
-}
-
-/// Bytes for people (the policy crate's `human_bytes`, so every message uses the same units).
-pub fn human(bytes: u64) -> String {
-    human_bytes(bytes)
 }
 
 #[cfg(test)]
