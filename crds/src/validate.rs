@@ -5,7 +5,7 @@ use std::{collections::HashSet, fmt};
 
 use crate::{
     quantity::{Quantity, human_bytes},
-    v1alpha1::{MAX_MODELS, Mode, ModelPool},
+    v1alpha1::{DriverKind, MAX_MODELS, Mode, ModelPool},
 };
 
 /// One problem, located by its path in the manifest (`spec.models[1].vram`).
@@ -220,6 +220,34 @@ pub fn validate_pool(pool: &ModelPool) -> Result<(), FieldErrors> {
                 ));
             }
             Some(_) => {}
+        }
+    }
+
+    if spec.driver.kind == DriverKind::Vllm {
+        let servers = spec.driver.servers.clone().unwrap_or_default();
+        for model in &spec.models {
+            match servers.get(&model.name) {
+                None => errors.push(FieldError::new(
+                    "spec.driver.servers",
+                    format!(
+                        "names no vLLM server for model {:?} (driver.kind Vllm: one server per model, e.g. {{{}: \"http://127.0.0.1:8001\"}})",
+                        model.name, model.name
+                    ),
+                )),
+                Some(url) if !url.starts_with("http://") => errors.push(FieldError::new(
+                    format!("spec.driver.servers.{}", model.name),
+                    format!("{url:?} must start with http://"),
+                )),
+                Some(_) => {}
+            }
+        }
+        for name in servers.keys() {
+            if !spec.models.iter().any(|m| m.name == *name) {
+                errors.push(FieldError::new(
+                    format!("spec.driver.servers.{name}"),
+                    "names a model the pool does not list".to_owned(),
+                ));
+            }
         }
     }
 

@@ -50,12 +50,16 @@ fn bad_manifests_name_the_field_and_the_problem() {
             "spec.driver.url: is required when spec.driver.kind is KServeV2",
         ),
         (
+            with_spec("  driver: {kind: Vllm, servers: {a: 'http://127.0.0.1:8001'}}\n  models:\n    - {name: a}\n    - {name: b}\n"),
+            r#"spec.driver.servers: names no vLLM server for model "b""#,
+        ),
+        (
             with_spec("  driver: {kind: Http, url: 'localhost:8000'}\n  models:\n    - {name: a}\n"),
             r#"spec.driver.url: "localhost:8000" must start with http:// or https://"#,
         ),
         (
             with_spec("  driver: {kind: Grpc}\n  models:\n    - {name: a}\n"),
-            "spec.driver.kind: unknown variant `Grpc`, expected one of `Sdk`, `Http`, `KServeV2`",
+            "spec.driver.kind: unknown variant `Grpc`, expected one of `Sdk`, `Http`, `KServeV2`, `Ollama`, `Vllm`",
         ),
         (
             with_spec("  policy: {mode: Lazy}\n  models:\n    - {name: a}\n"),

@@ -79,7 +79,7 @@ fn each_cel_rule_refuses_its_bad_pool() {
         ),
         (
             json!({"driver": {"kind": "Http"}, "models": [{"name": "a"}]}),
-            "driver.url is required when driver.kind is not Sdk",
+            "driver.url is required when driver.kind is Http, KServeV2 or Ollama",
         ),
         (
             json!({"driver": {"kind": "Http", "url": "ftp://x"}, "models": [{"name": "a"}]}),

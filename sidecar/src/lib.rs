@@ -6,7 +6,7 @@
 //!  app (SDK) ──UDS/TCP /v1──► api ──► shell::Shared ──(one lock)──► decide::Core ──► Engine
 //!                                        │   ▲ ticker: measure → Core::tick (sessions, reclaims)
 //!                                        ▼   │
-//!          driver::{Sdk, Http, KServeV2}  measure::{nvml, cuda, cgroup, proc, tree}
+//!          driver::{Sdk, Http, KServeV2, Ollama, Vllm}  measure::{nvml, cuda, cgroup, proc, tree}
 //!  model server ◄── poll (server drivers) ──► decide::server reconcile
 //!  Prometheus ──► /metrics (metrics.rs)   pool file ──(mtime poll)──► pool::load → update
 //! ```
@@ -38,7 +38,9 @@ use crate::{
         Driver, DriverError,
         http::HttpDriver,
         kserve::KServeDriver,
+        ollama::OllamaDriver,
         sdk::{CommandHub, SdkDriver},
+        vllm::VllmDriver,
     },
     measure::SystemMeter,
     metrics::{Metrics, MetricsError},
@@ -74,14 +76,21 @@ pub enum Error {
 
 fn make_driver(
     kind: DriverKind,
-    url: Option<&str>,
+    pool: &pool::PoolInfo,
     hub: &Arc<CommandHub>,
     timeout: Duration,
 ) -> Result<Arc<dyn Driver>, DriverError> {
+    let url = pool.driver_url.as_deref();
     Ok(match kind {
         DriverKind::Sdk => Arc::new(SdkDriver::new(Arc::clone(hub))),
         DriverKind::Http => Arc::new(HttpDriver::new(url.unwrap_or_default(), timeout)?),
         DriverKind::KServeV2 => Arc::new(KServeDriver::new(url.unwrap_or_default(), timeout)?),
+        DriverKind::Ollama => Arc::new(OllamaDriver::new(url.unwrap_or_default(), timeout)?),
+        DriverKind::Vllm => Arc::new(VllmDriver::new(
+            &pool.driver_servers,
+            pool.sleep_level,
+            timeout,
+        )?),
     })
 }
 
@@ -139,12 +148,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     };
     let driver_timeout = Duration::from_millis(driver_timeout_ms);
     let hub = CommandHub::new(settings.heartbeat);
-    let driver = make_driver(
-        loaded.driver,
-        loaded.info.driver_url.as_deref(),
-        &hub,
-        driver_timeout,
-    )?;
+    let driver = make_driver(loaded.driver, &loaded.info, &hub, driver_timeout)?;
     let driver_kind = loaded.driver;
     let metrics = Metrics::new()?;
     let meter = Arc::new(SystemMeter::init(!no_nvml, cuda_fallback));

@@ -3,6 +3,7 @@
 //! notices edits by polling the file's modification time.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -64,6 +65,11 @@ pub struct PoolInfo {
     /// Server drivers: the command-line substring that finds the server's processes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process_match: Option<String>,
+    /// `Vllm`: each model's server.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub driver_servers: BTreeMap<String, String>,
+    /// `Vllm`: the sleep level of an unload.
+    pub sleep_level: u8,
     /// `Advisory`, `Evict` or `Restart`.
     pub enforcement: Enforcement,
     /// Per-pod ceilings.
@@ -194,6 +200,8 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
         driver: spec.driver.kind,
         driver_url: spec.driver.url.clone(),
         process_match: spec.driver.process_match.clone(),
+        driver_servers: spec.driver.servers.clone().unwrap_or_default(),
+        sleep_level: spec.driver.sleep_level.unwrap_or(2),
         enforcement: policy.enforcement,
         limits: Ceilings {
             vram: limits.vram,

@@ -183,11 +183,12 @@ impl Shared {
             ServerProcesses::new(ServerMatch {
                 command_line: pool.info.process_match.clone(),
                 port: driver.server_port(),
+                all: !driver.single_server(),
             })
         });
         let mut core = Core::new(pool, config, metrics.clone(), first_session, measured);
         if driver.observes() {
-            core.enable_server();
+            core.enable_server(driver.single_server());
             metrics.server_up.with_label_values(&[driver.kind()]).set(0);
         }
         Arc::new(Self {

@@ -12,45 +12,27 @@ mod common;
 
 use std::{
     os::unix::process::CommandExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{MIB, PATIENCE, Sidecar, held_ram};
+use common::{
+    MIB, PATIENCE, Sidecar, held_ram,
+    server::{
+        NO_PRESSURE, acquire, free_port, kill_group, load_through_sidecar, loaded, open_session,
+        repo_root, server_dir, states,
+    },
+};
 use modelpool_sidecar::client::{Client, Response};
-use serde_json::{Value, json};
-
-const NO_PRESSURE: &str = "pressure: {ramPercent: 100, vramPercent: 100}";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use serde_json::json;
 
 /// The pinned `mlserver` executable (installed on first use).
 fn mlserver_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("MODELPOOL_MLSERVER_BIN") {
         return PathBuf::from(bin);
     }
-    let out = Command::new(repo_root().join("scripts/servers.sh"))
-        .arg("mlserver")
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scripts/servers.sh mlserver failed");
-    let dir = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(dir.lines().last().unwrap().trim()).join("mlserver")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    server_dir("mlserver").join("mlserver")
 }
 
 /// A real MLServer serving a repository of hog models, in its own process group.
@@ -178,9 +160,7 @@ impl MlServer {
     /// SIGKILL to the whole process group (the server and its workers), and reaps it.
     fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
+            kill_group(child.id());
             let _ = child.wait();
         }
     }
@@ -204,55 +184,6 @@ fn sidecar_for(server: &MlServer, limits: &str, policy: &str, models: &[&str]) -
         s["server"]["up"] == true && s["server"]["pid"] == server.pid()
     });
     sidecar
-}
-
-fn open_session(sidecar: &Sidecar) -> String {
-    let r = sidecar.post(
-        "/v1/sessions",
-        &json!({"pid": std::process::id(), "app": "router"}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    r.json()["session"].as_str().unwrap().to_owned()
-}
-
-fn acquire(sidecar: &Sidecar, session: &str, model: &str) -> Response {
-    sidecar.post("/v1/acquire", &json!({"session": session, "model": model}))
-}
-
-/// Acquire + release of a model the sidecar loads (`use`).
-fn load_through_sidecar(sidecar: &Sidecar, session: &str, model: &str) {
-    let r = acquire(sidecar, session, model);
-    assert_eq!(r.status, 200, "acquire {model}: {}", r.text());
-    let answer = r.json();
-    assert_eq!(answer["decision"], "use", "{answer}");
-    let r = sidecar.post(
-        "/v1/release",
-        &json!({"session": session, "lease": answer["lease"]}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
-fn states(state: &Value) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = state["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["model"].as_str().unwrap().to_owned(),
-                m["state"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-fn loaded(models: &[&str]) -> Vec<(String, String)> {
-    models
-        .iter()
-        .map(|m| ((*m).to_owned(), "loaded".to_owned()))
-        .collect()
 }
 
 /// Load through the server's API, unload at the idle TTL proven on the server's process tree,

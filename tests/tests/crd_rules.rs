@@ -44,12 +44,17 @@ async fn each_rule_refuses_its_bad_pool_with_its_message() {
         (
             "http",
             "  driver: {kind: Http}\n  models:\n    - {name: a}\n",
-            "driver.url is required when driver.kind is not Sdk",
+            "driver.url is required when driver.kind is Http, KServeV2 or Ollama",
         ),
         (
             "kserve",
             "  driver: {kind: KServeV2}\n  models:\n    - {name: a}\n",
-            "driver.url is required when driver.kind is not Sdk",
+            "driver.url is required when driver.kind is Http, KServeV2 or Ollama",
+        ),
+        (
+            "vllm",
+            "  driver: {kind: Vllm, servers: {a: 'http://127.0.0.1:8001'}}\n  models:\n    - {name: a}\n    - {name: b}\n",
+            "driver.servers must name every model's vLLM server when driver.kind is Vllm",
         ),
         (
             "url",

@@ -81,6 +81,7 @@ pub const MAX_MODELS: usize = 64;
     validation = Rule::new("self.models.all(m, self.models.exists_one(n, n.name == m.name))").message("model names must be unique").field_path(".models"),
     validation = Rule::new("!has(self.limits.vram) || self.models.all(m, !has(m.vram) || quantity(m.vram).compareTo(quantity(self.limits.vram)) <= 0)").message("each model's vram must fit within limits.vram").field_path(".models"),
     validation = Rule::new("!has(self.limits.ram) || self.models.all(m, !has(m.ram) || quantity(m.ram).compareTo(quantity(self.limits.ram)) <= 0)").message("each model's ram must fit within limits.ram").field_path(".models"),
+    validation = Rule::new("!has(self.driver) || !has(self.driver.kind) || self.driver.kind != 'Vllm' || self.models.all(m, has(self.driver.servers) && m.name in self.driver.servers)").message("driver.servers must name every model's vLLM server when driver.kind is Vllm").field_path(".driver.servers"),
 )]
 // "Pinned models together within the ceilings" is not a CEL rule: the apiserver estimates a
 // `filter().map().sum()` over quantities at more than 100x its cost budget and refuses the
@@ -194,16 +195,17 @@ pub struct Resources {
 
 /// How the sidecar drives loads and unloads in the app.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("self.kind == 'Sdk' || has(self.url)").message("driver.url is required when driver.kind is not Sdk").field_path(".url"))]
+#[x_kube(validation = Rule::new("self.kind == 'Sdk' || self.kind == 'Vllm' || has(self.url)").message("driver.url is required when driver.kind is Http, KServeV2 or Ollama").field_path(".url"))]
 #[serde(rename_all = "camelCase")]
 pub struct Driver {
     /// `Sdk`: the app's SDK session receives the commands. `Http`: the sidecar calls
     /// `POST {url}/models/{name}/load` and `/unload` on the app. `KServeV2` (Triton, MLServer,
-    /// KServe model servers): the sidecar drives that server's own API and keeps the ledger
-    /// equal to what the server reports it holds.
+    /// KServe model servers), `Ollama` and `Vllm` (sleep mode, one server per model): the
+    /// sidecar drives that server's own API and keeps the ledger equal to what the server
+    /// reports it holds.
     #[serde(default)]
     pub kind: DriverKind,
-    /// Base URL of the app's model API (required for every kind but `Sdk`), e.g.
+    /// Base URL of the app's model API (required for `Http`, `KServeV2` and `Ollama`), e.g.
     /// `http://127.0.0.1:8000`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("driver.url must start with http:// or https://"))]
@@ -217,6 +219,17 @@ pub struct Driver {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub process_match: Option<String>,
+    /// `Vllm`: each model's vLLM server (one per model, started with `--enable-sleep-mode`
+    /// and `VLLM_SERVER_DEV_MODE=1`), by model name, e.g. `{llama: "http://127.0.0.1:8001"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub servers: Option<std::collections::BTreeMap<String, String>>,
+    /// `Vllm`: the sleep level of an unload: `1` offloads the weights to host RAM (fast
+    /// wake-up; the host copy is not counted in the ledger, only in the RAM pressure reading),
+    /// `2` drops them (the wake-up reloads them). Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2))]
+    pub sleep_level: Option<u8>,
 }
 
 /// The kinds of driver.
@@ -230,6 +243,10 @@ pub enum DriverKind {
     /// The KServe v2 / Triton model-repository extension (`/v2/repository/...`): Triton,
     /// MLServer, KServe's model servers.
     KServeV2,
+    /// Ollama's API (`/api/generate` with `keep_alive`, `/api/ps`).
+    Ollama,
+    /// vLLM's sleep mode (`/sleep`, `/wake_up`, `/is_sleeping`), one server per model.
+    Vllm,
 }
 
 impl DriverKind {
@@ -239,12 +256,14 @@ impl DriverKind {
             Self::Sdk => "Sdk",
             Self::Http => "Http",
             Self::KServeV2 => "KServeV2",
+            Self::Ollama => "Ollama",
+            Self::Vllm => "Vllm",
         }
     }
 
-    /// Whether the sidecar itself calls the app's API (every kind but `Sdk`).
+    /// Whether `driver.url` is required (`Http`, `KServeV2`, `Ollama`).
     pub fn needs_url(self) -> bool {
-        self != Self::Sdk
+        !matches!(self, Self::Sdk | Self::Vllm)
     }
 }
 

@@ -27,6 +27,9 @@ use modelpool_policy::{InstanceState, Sizes, UnloadReason};
 pub struct ServerTrack {
     /// Whether the driver observes a server.
     pub enabled: bool,
+    /// One server holds every model (its process gone: all it held is gone); `false`: one
+    /// server per model (`Vllm`), each seen through its own answer.
+    pub single: bool,
     /// Why the last poll failed; `None` when it answered (or before the first poll).
     pub down: Option<String>,
     /// Polls answered so far.
@@ -79,9 +82,11 @@ impl ServerTrack {
 }
 
 impl Core {
-    /// Turns on server reconciliation (the driver observes a server).
-    pub fn enable_server(&mut self) {
+    /// Turns on server reconciliation (the driver observes a server; `single`: one server
+    /// holds every model).
+    pub fn enable_server(&mut self, single: bool) {
         self.server.enabled = true;
+        self.server.single = single;
     }
 
     /// The server's track.
@@ -105,7 +110,8 @@ impl Core {
             return;
         }
         let current = poll.tree.as_ref().map(|t| (t.root, t.started));
-        if let Some((old, _)) = self.server.process
+        if self.server.single
+            && let Some((old, _)) = self.server.process
             && current != self.server.process
         {
             let why = match current {
@@ -124,6 +130,17 @@ impl Core {
                 if self.server.down.as_deref() != Some(reason.as_str()) {
                     tracing::warn!(%reason, "the model server does not answer: acquires are refused until it does");
                     fx.last_error = Some(format!("ServerDown: {reason}"));
+                }
+                if !self.server.single {
+                    // One server per model, none answering: each model is gone with its
+                    // server, as when only some do not answer (the view lists them so).
+                    for instance in self.engine.instances(now) {
+                        if instance.session == APP_HOLDER && instance.state == InstanceState::Loaded
+                        {
+                            let why = format!("its server does not answer: {reason}");
+                            self.drop_server_instance(now, &instance.model, &why, fx);
+                        }
+                    }
                 }
                 self.server.down = Some(reason);
             }

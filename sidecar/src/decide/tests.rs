@@ -64,6 +64,8 @@ fn pool_with(mode: &'static str, ram_ceiling_mib: Option<u64>, models: &[M<'_>])
         driver: modelpool_crds::v1alpha1::DriverKind::Sdk,
         driver_url: None,
         process_match: None,
+        driver_servers: Default::default(),
+        sleep_level: 2,
         enforcement: modelpool_crds::v1alpha1::Enforcement::Evict,
         limits,
         models: models

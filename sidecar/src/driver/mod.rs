@@ -17,7 +17,9 @@
 
 pub mod http;
 pub mod kserve;
+pub mod ollama;
 pub mod sdk;
+pub mod vllm;
 
 use std::collections::BTreeMap;
 
@@ -139,6 +141,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Whether the driver observes a model server (`KServeV2`, `Ollama`, `Vllm`).
     fn observes(&self) -> bool {
         false
+    }
+
+    /// Server drivers: whether one server holds every model (its process gone: everything
+    /// it held is gone), rather than one server per model (`Vllm`).
+    fn single_server(&self) -> bool {
+        true
     }
 
     /// Server drivers: what the server holds now. `None`: the driver does not observe.

@@ -24,6 +24,8 @@ pub struct ServerMatch {
     pub command_line: Option<String>,
     /// The port the server listens on (the fallback when no command line is given).
     pub port: Option<u16>,
+    /// Every matching process and its tree (one server per model), not only the oldest.
+    pub all: bool,
 }
 
 /// One reading of the server's process tree.
@@ -109,7 +111,14 @@ impl ServerProcesses {
             children.entry(entry.ppid).or_default().push(*pid);
         }
         let mut pids = vec![root];
-        let mut seen = BTreeSet::from([root]);
+        if self.matcher.all {
+            // Every matching process whose parent does not match: one tree per server.
+            let set: BTreeSet<u32> = candidates.iter().copied().collect();
+            pids.extend(candidates.iter().copied().filter(|pid| {
+                *pid != root && table.get(pid).is_none_or(|e| !set.contains(&e.ppid))
+            }));
+        }
+        let mut seen: BTreeSet<u32> = pids.iter().copied().collect();
         let mut next = 0;
         while next < pids.len() {
             if let Some(kids) = children.get(&pids[next]) {
@@ -286,6 +295,7 @@ mod tests {
             ServerMatch {
                 command_line: Some("mlserver start".into()),
                 port: None,
+                all: false,
             },
         );
         let tree = finder.read().unwrap();
@@ -298,8 +308,20 @@ mod tests {
             ServerMatch {
                 command_line: Some("ollama serve".into()),
                 port: None,
+                all: false,
             },
         );
         assert_eq!(nothing.read(), None);
+        let every = ServerProcesses::with_proc(
+            ProcFs::new(root),
+            ServerMatch {
+                command_line: Some("start".into()),
+                port: None,
+                all: true,
+            },
+        );
+        let tree = every.read().unwrap();
+        assert_eq!(tree.root, 10);
+        assert_eq!(tree.pids, vec![10, 20, 11, 12]);
     }
 }

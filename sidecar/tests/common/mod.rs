@@ -17,6 +17,8 @@ use std::{
 };
 
 use modelpool_sidecar::client::{Client, Response};
+
+pub mod server;
 use serde_json::Value;
 
 /// How long any condition may take on a slow, shared machine.
