@@ -88,7 +88,7 @@ fn make_driver(
         DriverKind::Ollama => Arc::new(OllamaDriver::new(url.unwrap_or_default(), timeout)?),
         DriverKind::Vllm => Arc::new(VllmDriver::new(
             &pool.driver_servers,
-            pool.sleep_level,
+            pool.sleep_level.unwrap_or(2),
             timeout,
         )?),
     })

@@ -69,7 +69,8 @@ pub struct PoolInfo {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub driver_servers: BTreeMap<String, String>,
     /// `Vllm`: the sleep level of an unload.
-    pub sleep_level: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sleep_level: Option<u8>,
     /// `Advisory`, `Evict` or `Restart`.
     pub enforcement: Enforcement,
     /// Per-pod ceilings.
@@ -201,7 +202,8 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
         driver_url: spec.driver.url.clone(),
         process_match: spec.driver.process_match.clone(),
         driver_servers: spec.driver.servers.clone().unwrap_or_default(),
-        sleep_level: spec.driver.sleep_level.unwrap_or(2),
+        sleep_level: (spec.driver.kind == DriverKind::Vllm)
+            .then(|| spec.driver.sleep_level.unwrap_or(2)),
         enforcement: policy.enforcement,
         limits: Ceilings {
             vram: limits.vram,

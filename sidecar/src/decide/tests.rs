@@ -65,7 +65,7 @@ fn pool_with(mode: &'static str, ram_ceiling_mib: Option<u64>, models: &[M<'_>])
         driver_url: None,
         process_match: None,
         driver_servers: Default::default(),
-        sleep_level: 2,
+        sleep_level: None,
         enforcement: modelpool_crds::v1alpha1::Enforcement::Evict,
         limits,
         models: models
