@@ -21,10 +21,13 @@ MODELPOOL_NODE_TOOLS_BIN=$(scripts/build-tools.sh node | tail -n 1)
 export MODELPOOL_NODE_TOOLS_BIN
 echo "node tools: $MODELPOOL_NODE_TOOLS_BIN"
 
-step "model servers for the driver tests (scripts/servers.sh: MLServer; cached after the first time)"
+step "model servers for the driver tests (scripts/servers.sh: MLServer, Ollama; cached after the first time)"
 MODELPOOL_MLSERVER_BIN="$(scripts/servers.sh mlserver | tail -n 1)/mlserver"
 export MODELPOOL_MLSERVER_BIN
 echo "mlserver: $MODELPOOL_MLSERVER_BIN"
+MODELPOOL_OLLAMA_DIR=$(scripts/servers.sh ollama | tail -n 1)
+export MODELPOOL_OLLAMA_DIR
+echo "ollama: $MODELPOOL_OLLAMA_DIR"
 
 step "lint (cargo clippy --all-targets -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings

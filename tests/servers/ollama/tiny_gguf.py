@@ -1,8 +1,11 @@
 """Writes a tiny llama-architecture GGUF for the Ollama driver's tests (sidecar/tests/ollama.rs):
-hidden 64, 2 layers, 4 heads, a 270-token vocabulary (specials + the 256 byte tokens + a few
+hidden 64, 2 layers, 4 heads, feed-forward 4096 (so that the model holds ≈7 MB: more than the
+sidecar's 1 MiB noise floor), a 270-token vocabulary (specials + the 256 byte tokens + a few
 words), F32 random weights. It loads and answers (nonsense); it is a model only in form.
 
-Usage: python tiny_gguf.py OUT.gguf
+Usage: python tiny_gguf.py OUT.gguf [SEED]
+Different seeds give different weights, so that models written with them are distinct to
+Ollama (it keys loaded models by their blob: two names of one blob share one runner).
 """
 
 import sys
@@ -10,11 +13,11 @@ import sys
 import numpy as np
 from gguf import GGUFWriter, TokenType
 
-HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 128, 2048
+HIDDEN, LAYERS, HEADS, FFN, CONTEXT = 64, 2, 4, 4096, 2048
 
 
-def main(out: str) -> None:
-    rng = np.random.default_rng(7)
+def main(out: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
     tokens = [b"<unk>", b"<s>", b"</s>"]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
     for byte in range(256):
@@ -69,4 +72,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 7)
