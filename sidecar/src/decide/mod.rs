@@ -1184,6 +1184,33 @@ impl Core {
         self.apply(now, out, fx);
     }
 
+    /// The pids whose readings would prove an unload now: the holders of instances waiting for
+    /// their memory to be seen back (the ticker reads them on every tick, the rest less often).
+    pub fn pids_awaiting_reclaim(&self, now: Duration) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .engine
+            .instances(now)
+            .into_iter()
+            .filter(|v| matches!(v.state, InstanceState::Reclaiming | InstanceState::Lost))
+            // The model server's tree is read by its own poll, not by the ticker.
+            .filter(|v| v.session != APP_HOLDER)
+            .filter_map(|v| self.holder_pid(v.session))
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// The pid whose memory holds `holder`'s instances: its session's, a closed session's
+    /// (until its reclaims finish), or the model server's.
+    fn holder_pid(&self, holder: SessionId) -> Option<u32> {
+        self.sessions
+            .get(&holder)
+            .map(|s| s.pid)
+            .or_else(|| self.dead_pids.get(&holder).copied())
+            .or_else(|| (holder == APP_HOLDER).then(|| self.server_pid()).flatten())
+    }
+
     /// Checks every instance waiting for its memory to be seen back, with the readings of
     /// `processes` (by pid; an instance whose pid was not read waits for the next check).
     pub fn check_reclaims(
@@ -1200,12 +1227,7 @@ impl Core {
             .collect();
         for view in waiting {
             let holder = view.session;
-            let pid = self
-                .sessions
-                .get(&holder)
-                .map(|s| s.pid)
-                .or_else(|| self.dead_pids.get(&holder).copied())
-                .or_else(|| (holder == APP_HOLDER).then(|| self.server_pid()).flatten());
+            let pid = self.holder_pid(holder);
             let reference = self
                 .tracks
                 .get(&(holder, view.model.clone()))

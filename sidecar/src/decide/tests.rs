@@ -824,6 +824,27 @@ fn a_stale_acknowledgement_is_refused_and_changes_nothing() {
     assert_eq!(rig.core.engine().counters(), &counters);
 }
 
+/// The ticker reads every process only once per heartbeat interval; the pids it reads on every
+/// tick are exactly those an unload is waiting on (a session's, or a closed session's).
+#[test]
+fn only_pids_with_an_unload_awaiting_proof_are_read_every_tick() {
+    let mut rig = Rig::new("Aggressive", None, &[("a", 10, false), ("b", 10, false)]);
+    let s = rig.open(7, &["a"]);
+    let idle = rig.open(8, &["b"]);
+    let (lease, generation) = rig.load(&s, "a", 10);
+    let _held = rig.load(&idle, "b", 10);
+    assert!(rig.core.pids_awaiting_reclaim(rig.now).is_empty());
+    rig.release(&s, &lease);
+    rig.unloaded(&s, "a", generation, 0).unwrap();
+    assert_eq!(rig.core.pids_awaiting_reclaim(rig.now), vec![7]);
+    // The session closes with the proof still owed: its pid is still read.
+    rig.core.close_session(rig.now, &s, &mut rig.fx).unwrap();
+    assert_eq!(rig.core.pids_awaiting_reclaim(rig.now), vec![7]);
+    rig.meter.kill(7);
+    rig.tick();
+    assert!(rig.core.pids_awaiting_reclaim(rig.now).is_empty());
+}
+
 #[test]
 fn a_duplicate_acknowledgement_is_refused() {
     let mut rig = Rig::new("Aggressive", None, &[("a", 10, false)]);
