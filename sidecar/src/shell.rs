@@ -272,14 +272,18 @@ impl Shared {
         Some(self.read_pid(pid))
     }
 
-    /// Every session pid the ticker reads.
+    /// Every session pid the ticker reads, each once (one process may open several sessions).
     fn watched_pids(&self) -> Vec<u32> {
-        self.watched
+        let mut pids: Vec<u32> = self
+            .watched
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .copied()
-            .collect()
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     fn read_pid(&self, pid: u32) -> ProcessNow {
