@@ -31,6 +31,17 @@ pub struct Cli {
 pub enum Command {
     /// Print a running sidecar's models, sessions and memory.
     Status(StatusArgs),
+    /// Check ModelPool files as the sidecar reads them at startup, for CI pipelines: exit 0
+    /// when every file is valid, 1 (with the same messages as startup) when one is not.
+    Validate(ValidateArgs),
+}
+
+/// `modelpool-sidecar validate`.
+#[derive(Debug, clap::Args)]
+pub struct ValidateArgs {
+    /// ModelPool manifests (YAML or JSON).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
 }
 
 /// `modelpool-sidecar status`.
@@ -53,7 +64,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// The sidecar's flags.
+/// The sidecar's flags. Every duration flag takes `500ms`, `10s`, `2m` or a bare number of
+/// milliseconds (`--tick 500ms` = `--tick-ms 500`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// The ModelPool manifest to enforce (standalone mode). Re-read when it changes; an
@@ -79,8 +91,8 @@ pub struct ServeArgs {
     #[arg(long, env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
 
-    /// Cluster mode: at most one report on the pod per this many ms (only when it changed).
-    #[arg(long, env = "MODELPOOL_REPORT_INTERVAL_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
+    /// Cluster mode: at most one report on the pod per this long (only when it changed).
+    #[arg(long, visible_alias = "report-interval", env = "MODELPOOL_REPORT_INTERVAL_MS", default_value_t = 2000, value_parser = duration_ms(100))]
     pub report_interval_ms: u64,
 
     /// Unix socket for the API.
@@ -103,28 +115,33 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Heartbeat interval asked of sessions, ms; two missed heartbeats end a session.
-    #[arg(long, env = "MODELPOOL_HEARTBEAT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..))]
+    /// Log level or filter (`debug`, `info,modelpool_sidecar=debug`): overrides `RUST_LOG`,
+    /// which is used when this is not set (default `info`).
+    #[arg(long, env = "MODELPOOL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Heartbeat interval asked of sessions; two missed heartbeats end a session.
+    #[arg(long, visible_alias = "heartbeat", env = "MODELPOOL_HEARTBEAT_MS", default_value_t = 2000, value_parser = duration_ms(50))]
     pub heartbeat_ms: u64,
 
-    /// How long an unload may take to show its memory back before `MemoryNotReclaimed`, ms.
-    #[arg(long, env = "MODELPOOL_RECLAIM_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// How long an unload may take to show its memory back before `MemoryNotReclaimed`.
+    #[arg(long, visible_alias = "reclaim-timeout", env = "MODELPOOL_RECLAIM_TIMEOUT_MS", default_value_t = 10_000, value_parser = duration_ms(1))]
     pub reclaim_timeout_ms: u64,
 
-    /// How often the sidecar measures, checks sessions and applies the policy's timers, ms.
-    #[arg(long, env = "MODELPOOL_TICK_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
+    /// How often the sidecar measures, checks sessions and applies the policy's timers.
+    #[arg(long, visible_alias = "tick", env = "MODELPOOL_TICK_MS", default_value_t = 500, value_parser = duration_ms(10))]
     pub tick_ms: u64,
 
-    /// How often the pool file's modification time is checked, ms.
-    #[arg(long, env = "MODELPOOL_POOL_POLL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    /// How often the pool file's modification time is checked.
+    #[arg(long, visible_alias = "pool-poll", env = "MODELPOOL_POOL_POLL_MS", default_value_t = 1000, value_parser = duration_ms(10))]
     pub pool_poll_ms: u64,
 
-    /// On SIGTERM, how long to wait for apps to unload idle models before exiting, ms.
-    #[arg(long, env = "MODELPOOL_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    /// On SIGTERM, how long to wait for apps to unload idle models before exiting.
+    #[arg(long, visible_alias = "shutdown-grace", env = "MODELPOOL_SHUTDOWN_GRACE_MS", default_value_t = 10_000, value_parser = duration_ms(0))]
     pub shutdown_grace_ms: u64,
 
-    /// Timeout of the Http driver's load/unload calls to the app, ms.
-    #[arg(long, env = "MODELPOOL_DRIVER_TIMEOUT_MS", default_value_t = 600_000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Timeout of the driver's load/unload calls to the app or model server.
+    #[arg(long, visible_alias = "driver-timeout", env = "MODELPOOL_DRIVER_TIMEOUT_MS", default_value_t = 600_000, value_parser = duration_ms(1))]
     pub driver_timeout_ms: u64,
 
     /// Do not use NVML (GPU readings then come only from the apps' heartbeats).
@@ -135,6 +152,35 @@ pub struct ServeArgs {
     /// CUDA context on device 0 (about 500 MiB of VRAM), so it is off by default.
     #[arg(long, env = "MODELPOOL_CUDA_FALLBACK")]
     pub cuda_fallback: bool,
+}
+
+/// A clap parser for a duration flag kept in milliseconds: `500ms`, `10s`, `2m`, `1m 30s` (jiff's
+/// friendly format), or a bare number of milliseconds (what the `*-ms` flags always took); at
+/// least `min_ms`.
+pub fn duration_ms(min_ms: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync {
+    move |text: &str| {
+        let text = text.trim();
+        let ms = match text.parse::<u64>() {
+            Ok(ms) => ms,
+            Err(_) => {
+                let duration: jiff::SignedDuration = text.parse().map_err(|_| {
+                    format!(
+                        "expected a duration like 500ms, 10s or 2m (a bare number is milliseconds), got {text:?}"
+                    )
+                })?;
+                if duration.is_negative() {
+                    return Err(format!("{text:?} is negative"));
+                }
+                u64::try_from(duration.as_millis()).map_err(|_| format!("{text:?} is too long"))?
+            }
+        };
+        if ms < min_ms {
+            return Err(format!(
+                "{text:?} is {ms} ms, under the minimum of {min_ms} ms"
+            ));
+        }
+        Ok(ms)
+    }
 }
 
 /// Invalid flag combinations clap cannot express.

@@ -23,6 +23,7 @@ pub mod pool;
 pub mod shell;
 pub mod status;
 pub mod telemetry;
+pub mod validate;
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -104,6 +105,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         api_token,
         metrics_listen,
         log_format: _,
+        log_level: _,
         heartbeat_ms: _,
         reclaim_timeout_ms: _,
         tick_ms: _,

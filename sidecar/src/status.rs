@@ -1,12 +1,12 @@
 //! `modelpool-sidecar status`: a running sidecar's state as a table, and the seed's memory line.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
 use modelpool_policy::human_bytes;
 
 use crate::{
     api::wire,
-    args::StatusArgs,
+    args::{DEFAULT_SOCKET, StatusArgs},
     client::{Client, ClientError},
     measure::MemoryLine,
 };
@@ -14,6 +14,30 @@ use crate::{
 /// Why the state could not be shown.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
+    /// Nothing listens on the socket (no file, or a file no sidecar listens on).
+    #[error(
+        "no sidecar answers on {socket} ({source}). Check: is the sidecar running (its container's state and logs)? Is this its socket (--socket or MODELPOOL_SOCKET, default {default})? In a pod, run it in the sidecar's container: kubectl exec POD -c modelpool-sidecar -- modelpool-sidecar status"
+    )]
+    NotRunning {
+        /// The socket tried.
+        socket: String,
+        /// The connect error.
+        source: std::io::Error,
+        /// The default socket path.
+        default: &'static str,
+    },
+    /// Connected, but no answer in time (a paused or overloaded sidecar).
+    #[error(
+        "the sidecar on {socket} accepted the connection but did not answer GET /v1/state within {timeout_s} s ({source}): is it paused or stuck? Its logs and /healthz on the metrics port tell more"
+    )]
+    NoAnswer {
+        /// The socket tried.
+        socket: String,
+        /// How long we waited.
+        timeout_s: u64,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// No answer.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -35,9 +59,36 @@ pub enum StatusError {
     },
 }
 
+/// How long `status` waits for the state.
+const STATUS_TIMEOUT_S: u64 = 5;
+
 /// Fetches and prints the state.
 pub fn run(args: &StatusArgs) -> Result<String, StatusError> {
-    let response = Client::unix(&args.socket).get("/v1/state")?;
+    let timeout = Duration::from_secs(STATUS_TIMEOUT_S);
+    let socket = args.socket.display().to_string();
+    let response = Client::unix(&args.socket)
+        .with_timeout(timeout)
+        .get("/v1/state")
+        .map_err(|error| match error {
+            ClientError::Connect { source, .. } => StatusError::NotRunning {
+                socket: socket.clone(),
+                source,
+                default: DEFAULT_SOCKET,
+            },
+            ClientError::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                StatusError::NoAnswer {
+                    socket: socket.clone(),
+                    timeout_s: STATUS_TIMEOUT_S,
+                    source,
+                }
+            }
+            other => StatusError::Client(other),
+        })?;
     if response.status != 200 {
         return Err(StatusError::Status {
             status: response.status,
