@@ -1,14 +1,15 @@
-//! A small blocking HTTP/1.1 client for the sidecar API over its Unix socket (or TCP): used by
-//! `modelpool-sidecar status`, the `modelpool-memhog` test app and the integration tests.
-//! One request per connection (`Connection: close`), so a response ends at EOF.
+//! A small blocking client for the sidecar API over its Unix socket (or TCP), on hyper's
+//! HTTP/1.1 client: used by `modelpool-sidecar status`, the `modelpool-memhog` test app and
+//! the integration tests. One request per connection.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::Duration,
 };
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +113,7 @@ impl Client {
         }
     }
 
-    /// Sets the read/write timeout (default 60 s).
+    /// Sets how long a whole request may take (default 60 s).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -139,27 +140,11 @@ impl Client {
         self.request("DELETE", path, None)
     }
 
-    /// Any request with raw body bytes.
+    /// Any request with raw body bytes (sent as `application/json`).
     pub fn request(
         &self,
         method: &str,
         path: &str,
-        body: Option<&[u8]>,
-    ) -> Result<Response, ClientError> {
-        let extra = self
-            .token
-            .as_ref()
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        self.raw(method, path, &extra, body)
-    }
-
-    /// A request with extra header lines (each ending in `\r\n`).
-    pub fn raw(
-        &self,
-        method: &str,
-        path: &str,
-        extra_headers: &str,
         body: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
         let io = |source| ClientError::Io {
@@ -167,137 +152,129 @@ impl Client {
             path: path.to_owned(),
             source,
         };
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: application/json\r\n{extra_headers}"
-        );
-        if let Some(body) = body {
-            head.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        } else if method != "GET" {
-            head.push_str("Content-Length: 0\r\n");
-        }
-        head.push_str("\r\n");
-        let mut request = head.into_bytes();
-        request.extend_from_slice(body.unwrap_or_default());
+        // hyper is async: the exchange runs on a current-thread runtime of its own, on a
+        // thread of its own, so that callers inside a runtime (`status` under `tokio::main`)
+        // and outside one (tests, memhog) alike can block on it.
+        let body = body.map(<[u8]>::to_vec);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(io)?;
+                    runtime.block_on(async {
+                        tokio::time::timeout(self.timeout, self.exchange(method, path, body))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(io(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!("no answer within {:?}", self.timeout),
+                                )))
+                            })
+                    })
+                })
+                .join()
+                .unwrap_or_else(|_| Err(io(std::io::Error::other("the request's thread panicked"))))
+        })
+    }
 
-        let raw = match &self.endpoint {
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Response, ClientError> {
+        let failed = |error: hyper::Error| {
+            if error.is_parse() || error.is_incomplete_message() {
+                ClientError::Malformed {
+                    method: method.to_owned(),
+                    path: path.to_owned(),
+                    message: error.to_string(),
+                }
+            } else {
+                ClientError::Io {
+                    method: method.to_owned(),
+                    path: path.to_owned(),
+                    source: std::io::Error::other(error),
+                }
+            }
+        };
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::ACCEPT, "application/json");
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = &self.token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|error| ClientError::Malformed {
+                method: method.to_owned(),
+                path: path.to_owned(),
+                message: format!("not a valid request: {error}"),
+            })?;
+        let response = match &self.endpoint {
             Endpoint::Unix(socket) => {
-                let mut stream =
-                    UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+                let stream = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map_err(|source| ClientError::Connect {
                         target: socket.display().to_string(),
                         source,
                     })?;
-                stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
-                stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
-                exchange(&mut stream, &request).map_err(io)?
+                send(stream, request).await.map_err(failed)?
             }
             Endpoint::Tcp(addr) => {
-                let mut stream =
-                    TcpStream::connect(addr).map_err(|source| ClientError::Connect {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| ClientError::Connect {
                         target: addr.clone(),
                         source,
                     })?;
-                stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
-                stream.set_write_timeout(Some(self.timeout)).map_err(io)?;
-                exchange(&mut stream, &request).map_err(io)?
+                send(stream, request).await.map_err(failed)?
             }
         };
-        parse_response(&raw).map_err(|message| ClientError::Malformed {
-            method: method.to_owned(),
-            path: path.to_owned(),
-            message,
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(failed)?
+            .to_bytes()
+            .to_vec();
+        Ok(Response {
+            status,
+            headers,
+            body,
         })
     }
 }
 
-fn exchange(stream: &mut (impl Read + Write), request: &[u8]) -> std::io::Result<Vec<u8>> {
-    stream.write_all(request)?;
-    stream.flush()?;
-    let mut raw = Vec::new();
-    match stream.read_to_end(&mut raw) {
-        Ok(_) => Ok(raw),
-        // The server may reset after answering a request it refused to read (413).
-        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => {
-            Ok(raw)
+/// One request on a fresh HTTP/1.1 connection (hyper's client), which is dropped after it.
+async fn send(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    request: hyper::Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error> {
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "client connection ended");
         }
-        Err(error) => Err(error),
-    }
-}
-
-/// Parses a full HTTP/1.1 response (status line, headers, body by length, chunks or EOF).
-pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("no end of headers in {} bytes", raw.len()))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|e| e.to_string())?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let rest = &raw[split + 4..];
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let body = if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        dechunk(rest)?
-    } else if let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        rest.get(..length)
-            .ok_or_else(|| format!("body shorter than content-length {length}"))?
-            .to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk size")?;
-        let size_text = std::str::from_utf8(&rest[..line_end]).map_err(|e| e.to_string())?;
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|e| format!("bad chunk size {size_text:?}: {e}"))?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        body.extend_from_slice(rest.get(..size).ok_or("truncated chunk")?);
-        rest = rest.get(size + 2..).ok_or("truncated chunk end")?;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_length_and_chunked_bodies() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
-        assert_eq!((r.status, r.text().as_str()), (200, "{}"));
-        let r = parse_response(
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((r.status, r.text().as_str()), (404, "abcde"));
-    }
+    });
+    sender.send_request(request).await
 }
