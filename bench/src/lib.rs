@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod bound;
+pub mod drivers;
 pub mod eviction;
 pub mod exactness;
 pub mod footprint;

@@ -32,6 +32,9 @@ enum Scenario {
     Reclaim(ReclaimArgs),
     /// The sidecar's own RSS, idle CPU and /metrics time.
     Footprint(FootprintArgs),
+    /// Server drivers (MLServer, Ollama, the vLLM stand-in): unload to memory proven back on
+    /// the server's process tree vs the server's own unload call.
+    Drivers(DriversArgs),
     /// The operator at scale against a real kube-apiserver (needs the operator binary and the
     /// control-plane tools).
     Scale(ScaleArgs),
@@ -97,6 +100,21 @@ struct EvictionArgs {
     /// `<!-- eviction-tables:begin -->` and `<!-- eviction-tables:end -->` lines.
     #[arg(long)]
     update_doc: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DriversArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Rounds per driver.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// MiB the MLServer and vLLM stand-in models hold.
+    #[arg(long, default_value_t = 256)]
+    mib: u64,
+    /// The sidecar's tick (its poll of the server), ms.
+    #[arg(long, default_value_t = 100)]
+    tick_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -238,6 +256,22 @@ fn main() -> anyhow::Result<()> {
                 rounds: args.rounds.max(1),
             };
             runtime()?.block_on(reclaim::run(&options, dir.path(), &mut printer))?;
+            printer.finish();
+            Ok(())
+        }
+        Scenario::Drivers(args) => {
+            let mut printer = Printer::new(args.common.json);
+            let dir = tempfile::tempdir()?;
+            let options = modelpool_bench::drivers::Options {
+                rounds: args.rounds.max(1),
+                mib: args.mib,
+                tick_ms: args.tick_ms.max(10),
+            };
+            runtime()?.block_on(modelpool_bench::drivers::run(
+                &options,
+                dir.path(),
+                &mut printer,
+            ))?;
             printer.finish();
             Ok(())
         }

@@ -90,7 +90,8 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(mut command: Command, log: PathBuf, what: &str) -> anyhow::Result<Proc> {
+/// Starts `command` with its output in `log`, killed on drop.
+pub fn spawn(mut command: Command, log: PathBuf, what: &str) -> anyhow::Result<Proc> {
     let file = fs::File::create(&log)?;
     command
         .stdin(Stdio::null())
@@ -127,6 +128,17 @@ impl Sidecar {
         tcp: Option<SocketAddr>,
         metrics: Option<SocketAddr>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(dir, pool, tcp, metrics, &[]).await
+    }
+
+    /// [`Sidecar::start`] with `extra` flags.
+    pub async fn start_with(
+        dir: &Path,
+        pool: &Path,
+        tcp: Option<SocketAddr>,
+        metrics: Option<SocketAddr>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let bin = sidecar_bin()?;
         let socket = dir.join("sidecar.sock");
         let mut command = Command::new(&bin);
@@ -140,6 +152,7 @@ impl Sidecar {
         if let Some(addr) = tcp {
             command.arg("--listen").arg(addr.to_string());
         }
+        command.args(extra);
         command.env("RUST_LOG", "warn");
         let mut proc = spawn(command, dir.join("sidecar.log"), "the sidecar")?;
         let target = Target::Unix(socket.clone());

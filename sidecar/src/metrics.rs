@@ -81,7 +81,7 @@ impl Metrics {
             unloads: reg!(IntCounterVec::new(
                 Opts::new(
                     "modelpool_unloads_total",
-                    "Model unloads requested, by reason (released, idle_ttl, pressure, evicted, cleanup, ceiling, shutdown, session_gone, app)."
+                    "Model unloads requested, by reason (released, idle_ttl, pressure, evicted, cleanup, ceiling, shutdown, session_gone, server_dropped, app)."
                 ),
                 &["model", "reason"]
             )),

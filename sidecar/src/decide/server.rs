@@ -7,6 +7,8 @@
 //!                measure::tree   ─► TreeReading (root, RSS) ──┴─► Core::reconcile_server
 //!    the server's process changed or is gone ─► its instances leave the ledger (server_dropped)
 //!    the server answers with an error        ─► down (readyz, metric, pod report); ledger kept
+//!                                                (one server per model, Vllm: none answers,
+//!                                                so every model leaves with its server)
 //!    Loaded here, not loaded there            ─► leaves the ledger (server_dropped, with why)
 //!    loaded there, not here (behind our back) ─► adopted and counted; unloaded if it does not fit
 //!    unloaded, waiting for proof              ─► the tree's RSS fell (proc), or no reading at
