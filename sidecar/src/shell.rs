@@ -679,14 +679,15 @@ impl Shared {
         };
         let up = view.is_ok();
         let tree = self.processes.as_ref().and_then(ServerProcesses::read);
-        let now = self.now();
-        let mut fx = Effects::default();
-        self.lock()
-            .reconcile_server(now, ServerPoll { view, tree }, &mut fx);
+        // The gauge first: once /readyz (the core's view) says down, a scrape says so too.
         self.metrics
             .server_up
             .with_label_values(&[self.driver.kind()])
             .set(i64::from(up));
+        let now = self.now();
+        let mut fx = Effects::default();
+        self.lock()
+            .reconcile_server(now, ServerPoll { view, tree }, &mut fx);
         drop(io);
         self.run(fx);
     }
