@@ -155,9 +155,9 @@ impl Endpoint {
     pub async fn post_ok(
         &self,
         path: &str,
-        body: &serde_json::Value,
+        body: Option<&serde_json::Value>,
     ) -> Result<Bytes, DriverError> {
-        let answer = self.send(hyper::Method::POST, path, Some(body)).await?;
+        let answer = self.send(hyper::Method::POST, path, body).await?;
         if !(200..300).contains(&answer.status) {
             return Err(DriverError::Status {
                 url: self.url(path),
@@ -166,6 +166,24 @@ impl Endpoint {
             });
         }
         Ok(answer.body)
+    }
+
+    /// `POST path` for an unload: a 2xx, or a 404 (the server no longer has the model), means
+    /// it is gone.
+    pub async fn post_unload(
+        &self,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<UnloadOutcome, DriverError> {
+        let answer = self.send(hyper::Method::POST, path, body).await?;
+        match answer.status {
+            200..=299 | 404 => Ok(UnloadOutcome::Done),
+            status => Err(DriverError::Status {
+                url: self.url(path),
+                status,
+                body: answer.text(),
+            }),
+        }
     }
 }
 
@@ -192,7 +210,9 @@ impl HttpDriver {
     }
 
     async fn post(&self, path: String) -> Result<Bytes, DriverError> {
-        self.endpoint.post_ok(&path, &serde_json::json!({})).await
+        self.endpoint
+            .post_ok(&path, Some(&serde_json::json!({})))
+            .await
     }
 
     fn model_path(&self, model: &str, verb: &str) -> String {

@@ -101,7 +101,7 @@ impl Driver for KServeDriver {
         let path = Self::path(model, "load");
         async move {
             let started = Instant::now();
-            endpoint.post_ok(&path, &json!({})).await?;
+            endpoint.post_ok(&path, Some(&json!({}))).await?;
             Ok(LoadOutcome::Loaded {
                 reported: Sizes::default(),
                 seconds: started.elapsed().as_secs_f64(),
@@ -119,20 +119,7 @@ impl Driver for KServeDriver {
     ) -> BoxFuture<'static, Result<UnloadOutcome, DriverError>> {
         let endpoint = self.endpoint.clone();
         let path = Self::path(model, "unload");
-        async move {
-            let answer = endpoint
-                .send(hyper::Method::POST, &path, Some(&json!({})))
-                .await?;
-            match answer.status {
-                200..=299 | 404 => Ok(UnloadOutcome::Done),
-                status => Err(DriverError::Status {
-                    url: endpoint.url(&path),
-                    status,
-                    body: answer.text(),
-                }),
-            }
-        }
-        .boxed()
+        async move { endpoint.post_unload(&path, Some(&json!({}))).await }.boxed()
     }
 
     fn loads_itself(&self) -> bool {
@@ -148,7 +135,7 @@ impl Driver for KServeDriver {
         Some(
             async move {
                 let path = "/v2/repository/index";
-                let body = endpoint.post_ok(path, &json!({})).await?;
+                let body = endpoint.post_ok(path, Some(&json!({}))).await?;
                 parse_index(&endpoint.url(path), &body)
             }
             .boxed(),

@@ -121,7 +121,7 @@ impl Driver for OllamaDriver {
             endpoint
                 .post_ok(
                     "/api/generate",
-                    &json!({"model": model, "keep_alive": -1, "stream": false}),
+                    Some(&json!({"model": model, "keep_alive": -1, "stream": false})),
                 )
                 .await?;
             let seconds = started.elapsed().as_secs_f64();
@@ -151,22 +151,8 @@ impl Driver for OllamaDriver {
         let endpoint = self.endpoint.clone();
         let model = model.to_owned();
         async move {
-            let path = "/api/generate";
-            let answer = endpoint
-                .send(
-                    hyper::Method::POST,
-                    path,
-                    Some(&json!({"model": model, "keep_alive": 0, "stream": false})),
-                )
-                .await?;
-            match answer.status {
-                200..=299 | 404 => Ok(UnloadOutcome::Done),
-                status => Err(DriverError::Status {
-                    url: endpoint.url(path),
-                    status,
-                    body: answer.text(),
-                }),
-            }
+            let body = json!({"model": model, "keep_alive": 0, "stream": false});
+            endpoint.post_unload("/api/generate", Some(&body)).await
         }
         .boxed()
     }

@@ -101,14 +101,7 @@ impl Driver for VllmDriver {
         async move {
             let endpoint = server?;
             let started = Instant::now();
-            let answer = endpoint.send(hyper::Method::POST, "/wake_up", None).await?;
-            if !(200..300).contains(&answer.status) {
-                return Err(DriverError::Status {
-                    url: endpoint.url("/wake_up"),
-                    status: answer.status,
-                    body: answer.text(),
-                });
-            }
+            endpoint.post_ok("/wake_up", None).await?;
             Ok(LoadOutcome::Loaded {
                 reported: Sizes::default(),
                 seconds: started.elapsed().as_secs_f64(),
@@ -128,14 +121,7 @@ impl Driver for VllmDriver {
         let path = format!("/sleep?level={}", self.level);
         async move {
             let endpoint = server?;
-            let answer = endpoint.send(hyper::Method::POST, &path, None).await?;
-            if !(200..300).contains(&answer.status) {
-                return Err(DriverError::Status {
-                    url: endpoint.url(&path),
-                    status: answer.status,
-                    body: answer.text(),
-                });
-            }
+            endpoint.post_ok(&path, None).await?;
             Ok(UnloadOutcome::Done)
         }
         .boxed()
