@@ -144,6 +144,29 @@ pub struct ServeArgs {
     #[arg(long, visible_alias = "driver-timeout", env = "MODELPOOL_DRIVER_TIMEOUT_MS", default_value_t = 600_000, value_parser = duration_ms(1))]
     pub driver_timeout_ms: u64,
 
+    /// Serving proxy: listen here and forward to --upstream, admitting each request that
+    /// names a model under a lease on it (docs/proxy.md).
+    #[arg(long, env = "MODELPOOL_PROXY_LISTEN")]
+    pub proxy_listen: Option<SocketAddr>,
+
+    /// Serving proxy: the inference server, `http://127.0.0.1:PORT` (default: the pool's
+    /// driver url).
+    #[arg(long, env = "MODELPOOL_UPSTREAM")]
+    pub upstream: Option<String>,
+
+    /// Serving proxy: the largest request body, in bytes (413 above it).
+    #[arg(long, env = "MODELPOOL_PROXY_BODY_LIMIT", default_value_t = crate::proxy::DEFAULT_BODY_LIMIT)]
+    pub proxy_body_limit: u64,
+
+    /// Serving proxy: the most requests waiting for admission at once (429 above it).
+    #[arg(long, env = "MODELPOOL_PROXY_MAX_QUEUE", default_value_t = crate::proxy::DEFAULT_MAX_QUEUE)]
+    pub proxy_max_queue: usize,
+
+    /// Serving proxy: the most requests in flight per model (0: no limit); more wait in the
+    /// queue, up to the pool's acquireTimeout.
+    #[arg(long, env = "MODELPOOL_PROXY_MODEL_CONCURRENCY", default_value_t = 0)]
+    pub proxy_model_concurrency: u32,
+
     /// Do not use NVML (GPU readings then come only from the apps' heartbeats).
     #[arg(long, env = "MODELPOOL_NO_NVML")]
     pub no_nvml: bool,

@@ -20,6 +20,7 @@ pub mod driver;
 pub mod measure;
 pub mod metrics;
 pub mod pool;
+pub mod proxy;
 pub mod shell;
 pub mod status;
 pub mod telemetry;
@@ -70,6 +71,9 @@ pub enum Error {
     /// Cluster mode could not start.
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    /// The serving proxy could not start.
+    #[error("failed to start the serving proxy: {0}")]
+    Proxy(#[from] proxy::SetupError),
     /// Signal handlers could not be installed.
     #[error("failed to install signal handlers: {0}")]
     Signal(#[source] std::io::Error),
@@ -118,6 +122,11 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         pod_name,
         pod_namespace,
         report_interval_ms,
+        proxy_listen,
+        upstream,
+        proxy_body_limit,
+        proxy_max_queue,
+        proxy_model_concurrency,
     } = args.clone();
     let settings = Settings {
         heartbeat: args.heartbeat(),
@@ -152,6 +161,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let hub = CommandHub::new(settings.heartbeat);
     let driver = make_driver(loaded.driver, &loaded.info, &hub, driver_timeout)?;
     let driver_kind = loaded.driver;
+    let driver_url = loaded.info.driver_url.clone();
     let metrics = Metrics::new()?;
     let meter = Arc::new(SystemMeter::init(!no_nvml, cuda_fallback));
     tracing::info!(
@@ -179,6 +189,30 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         let router = api::http::with_token(api::router(Arc::clone(&shared)), api_token);
         servers.push(serve(tcp, router, stop_rx.clone(), "api (tcp)"));
         tracing::info!(%addr, "API listening on TCP");
+    }
+    let mut proxy_task = None;
+    if let Some(listen) = proxy_listen {
+        let config = proxy::ProxyConfig {
+            listen,
+            upstream: upstream
+                .or(driver_url)
+                .ok_or(proxy::SetupError::NoUpstream)?,
+            body_limit: proxy_body_limit,
+            max_queue: proxy_max_queue,
+            model_concurrency: proxy_model_concurrency,
+        };
+        let upstream = config.upstream.clone();
+        let proxy = proxy::Proxy::new(Arc::clone(&shared), config)?;
+        let tcp = api::http::bind_tcp(listen).await?;
+        let addr = tcp.local_addr().map_or(listen, |a| a);
+        servers.push(serve(
+            tcp,
+            proxy::router(Arc::clone(&proxy)),
+            stop_rx.clone(),
+            "proxy",
+        ));
+        proxy_task = Some(tokio::spawn(proxy.heartbeat_loop(stop_rx.clone())));
+        tracing::info!(%addr, upstream, "serving proxy listening");
     }
     let ops = api::http::bind_tcp(metrics_listen).await?;
     let ops_addr = ops.local_addr().map_or(metrics_listen, |a| a);
@@ -249,6 +283,9 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     shared.hub.wake();
     ticker.abort();
     poller.abort();
+    if let Some(task) = proxy_task {
+        task.abort();
+    }
     for follower in followers {
         // The reporter sends a last report when it stops; give it a moment.
         if tokio::time::timeout(Duration::from_secs(3), follower)

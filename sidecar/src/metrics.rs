@@ -57,6 +57,11 @@ pub struct Metrics {
 pub const RESOURCES: [&str; 2] = ["vram", "ram"];
 
 impl Metrics {
+    /// The registry, for metrics registered elsewhere (the proxy's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Creates and registers every metric in a fresh registry.
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();

@@ -24,7 +24,7 @@ use crate::{
     api::wire::{self, AppReadings},
     decide::{
         Core, CoreConfig, Effects, First, LookupError, Measured, ProcessNow, ServerPoll,
-        TickReadings, Verdict, parse_id, session_name,
+        TickReadings, Verdict, lease_name, parse_id, session_name,
     },
     driver::{Driver, LoadOutcome, UnloadOutcome, sdk::CommandHub},
     measure::{
@@ -81,6 +81,9 @@ pub enum AcquireAnswer {
         lease: modelpool_policy::LeaseId,
         /// The instance the lease is on.
         generation: u64,
+        /// Seconds the driver's load took on this request's path (`None`: no load by the
+        /// sidecar).
+        load_seconds: Option<f64>,
     },
     /// `wait` (only with `"wait": false`).
     Wait {
@@ -499,48 +502,26 @@ impl Shared {
                 holder,
                 generation,
             } if self.driver.loads_itself() => {
-                tracing::info!(
-                    model,
-                    "Memory before load of {model}: {}",
-                    self.memory_line()
-                );
-                let _io = self.server_io.read().await;
-                match self.driver.load(holder, model).await {
-                    Ok(LoadOutcome::Loaded { reported, seconds }) => {
-                        let now = self.now();
-                        let mut fx = Effects::default();
-                        self.lock().driver_loaded(
-                            now, holder, model, generation, reported, seconds, &mut fx,
-                        );
-                        self.run(fx);
-                        tracing::info!(
-                            model,
-                            seconds,
-                            "Memory after load of {model}: {}",
-                            self.memory_line()
-                        );
-                        Ok(AcquireAnswer::Granted {
-                            action: Action::Use,
-                            lease,
-                            generation,
-                        })
+                // The driver's load runs in a task of its own: a caller that goes away mid-load
+                // (a proxied client that disconnected, an API client whose connection closed)
+                // must not leave the instance loading for ever. Its lease is handed back.
+                let (sender, receiver) = oneshot::channel();
+                let this = Arc::clone(self);
+                let (session, model) = (session.to_owned(), model.to_owned());
+                tokio::spawn(async move {
+                    let answer = this
+                        .load_by_driver(&session, &model, lease, holder, generation)
+                        .await;
+                    if let Err(AcquireAnswer::Granted { lease, .. }) = sender.send(answer) {
+                        tracing::info!(model, session, lease = %lease_name(lease), "the client went away during the load: its lease is released");
+                        let _ = this.release(&session, &lease_name(lease));
                     }
-                    Ok(LoadOutcome::AppLoads) => Ok(AcquireAnswer::Granted {
-                        action: Action::Load,
-                        lease,
-                        generation,
-                    }),
-                    Err(error) => {
-                        let now = self.now();
-                        let mut fx = Effects::default();
-                        self.lock().driver_load_failed(now, holder, model, &mut fx);
-                        self.run(fx);
-                        tracing::error!(%error, model, session, "driver failed to load");
-                        Ok(AcquireAnswer::LoadFailed {
-                            message: format!("model {model:?} failed to load: {error}"),
-                        })
-                    }
-                }
+                });
+                Ok(receiver
+                    .await
+                    .unwrap_or_else(|_| AcquireAnswer::LoadFailed {
+                        message: "the load task ended without an answer".to_owned(),
+                    }))
             }
             Verdict::Granted {
                 lease,
@@ -567,7 +548,63 @@ impl Shared {
                     action,
                     lease,
                     generation,
+                    load_seconds: None,
                 })
+            }
+        }
+    }
+
+    /// The load of a granted instance by the driver (server drivers, `Http`), recorded in the
+    /// core whatever its outcome.
+    async fn load_by_driver(
+        self: &Arc<Self>,
+        session: &str,
+        model: &str,
+        lease: modelpool_policy::LeaseId,
+        holder: SessionId,
+        generation: u64,
+    ) -> AcquireAnswer {
+        tracing::info!(
+            model,
+            "Memory before load of {model}: {}",
+            self.memory_line()
+        );
+        let _io = self.server_io.read().await;
+        match self.driver.load(holder, model).await {
+            Ok(LoadOutcome::Loaded { reported, seconds }) => {
+                let now = self.now();
+                let mut fx = Effects::default();
+                self.lock()
+                    .driver_loaded(now, holder, model, generation, reported, seconds, &mut fx);
+                self.run(fx);
+                tracing::info!(
+                    model,
+                    seconds,
+                    "Memory after load of {model}: {}",
+                    self.memory_line()
+                );
+                AcquireAnswer::Granted {
+                    action: Action::Use,
+                    lease,
+                    generation,
+                    load_seconds: Some(seconds),
+                }
+            }
+            Ok(LoadOutcome::AppLoads) => AcquireAnswer::Granted {
+                action: Action::Load,
+                lease,
+                generation,
+                load_seconds: None,
+            },
+            Err(error) => {
+                let now = self.now();
+                let mut fx = Effects::default();
+                self.lock().driver_load_failed(now, holder, model, &mut fx);
+                self.run(fx);
+                tracing::error!(%error, model, session, "driver failed to load");
+                AcquireAnswer::LoadFailed {
+                    message: format!("model {model:?} failed to load: {error}"),
+                }
             }
         }
     }

@@ -174,7 +174,9 @@ async fn commands(
     }
 }
 
-fn refusal_body(model: &str, refusal: &Refusal) -> ApiError {
+/// A refusal as the API's error, with its numbers (the proxy shapes the same fields in the
+/// client's protocol).
+pub(crate) fn refusal_body(model: &str, refusal: &Refusal) -> ApiError {
     let (status, code) = match refusal.reason {
         RefusalReason::UnknownModel => (StatusCode::NOT_FOUND, "unknown_model"),
         RefusalReason::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
@@ -215,6 +217,7 @@ async fn acquire(
             action,
             lease,
             generation,
+            ..
         } => Ok(Json(wire::AcquireAnswer {
             decision: match action {
                 Action::Use => wire::Decision::Use,

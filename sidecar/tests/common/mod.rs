@@ -18,6 +18,7 @@ use std::{
 
 use modelpool_sidecar::client::{Client, Response};
 
+pub mod ollama;
 pub mod server;
 use serde_json::Value;
 

@@ -1,0 +1,213 @@
+//! The bodies the proxy forwards, both streamed frame by frame (never collected):
+//! - [`UpstreamBody`]: a request body going upstream: the bytes read to find the model name,
+//!   then the rest as it arrives, cut off with an error past the body limit;
+//! - [`LeasedBody`]: the upstream's answer going to the client, holding the request's
+//!   [`LeaseGuard`] until its last frame, an upstream error, or its drop (the client went away).
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use axum::body::Body;
+use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::metrics::{Outcome, ProxyMetrics};
+use crate::shell::Shared;
+
+/// A body error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body was over the limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is over the proxy's limit of {0} bytes")]
+pub struct OverLimit(pub u64);
+
+/// A request body going upstream.
+pub struct UpstreamBody {
+    prefix: Option<Bytes>,
+    rest: Option<Body>,
+    sent: u64,
+    limit: Option<u64>,
+    over: Arc<AtomicBool>,
+}
+
+impl UpstreamBody {
+    /// `prefix` (already read), then what `rest` still brings; at most `limit` bytes in all.
+    pub fn new(prefix: Bytes, rest: Option<Body>, limit: Option<u64>) -> Self {
+        Self {
+            sent: 0,
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            rest,
+            limit,
+            over: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Set once the body went over the limit (the upstream call then fails: answer 413).
+    pub fn over_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.over)
+    }
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(prefix) = this.prefix.take() {
+            this.sent += prefix.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        let Some(rest) = this.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(rest).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                    if let Some(limit) = this.limit
+                        && this.sent > limit
+                    {
+                        this.over.store(true, Ordering::Relaxed);
+                        this.rest = None;
+                        return Poll::Ready(Some(Err(Box::new(OverLimit(limit)))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
+            Poll::Ready(None) => {
+                this.rest = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let rest = self
+            .rest
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), HttpBody::size_hint);
+        let mut hint = SizeHint::new();
+        // Upper first: SizeHint refuses a lower bound above its upper one.
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint.set_lower(rest.lower() + prefix);
+        hint
+    }
+}
+
+/// A request's lease (and its per-model permit): released when dropped, counted with the
+/// request's outcome.
+pub struct LeaseGuard {
+    /// The sidecar.
+    pub shared: Arc<Shared>,
+    /// The proxy's session.
+    pub session: String,
+    /// The lease.
+    pub lease: String,
+    /// The model.
+    pub model: String,
+    /// The metrics.
+    pub metrics: ProxyMetrics,
+    /// The per-model concurrency permit, if limited.
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// How it ended (unset: the client went away).
+    pub outcome: Option<Outcome>,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or(Outcome::ClientGone);
+        if let Err(error) = self.shared.release(&self.session, &self.lease) {
+            // The session ended (shutdown): its leases went with it.
+            tracing::debug!(%error, lease = self.lease, model = self.model, "proxy lease already gone");
+        }
+        self.metrics.in_flight.dec();
+        self.metrics.count(&self.model, outcome);
+        tracing::debug!(
+            model = self.model,
+            lease = self.lease,
+            outcome = outcome.as_str(),
+            "proxied request ended: lease released"
+        );
+        self.permit.take();
+    }
+}
+
+/// The upstream's answer, holding the request's lease until it ends.
+pub struct LeasedBody {
+    inner: Incoming,
+    guard: Option<LeaseGuard>,
+}
+
+impl LeasedBody {
+    /// `inner`, releasing `guard` when it ends.
+    pub fn new(inner: Incoming, guard: LeaseGuard) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(mut guard) = self.guard.take() {
+            guard.outcome = Some(outcome);
+        }
+    }
+}
+
+impl HttpBody for LeasedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.finish(Outcome::Ok),
+            Poll::Ready(Some(Err(_))) => this.finish(Outcome::UpstreamError),
+            // hyper stops polling once the body says it ended.
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(Outcome::Ok),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LeasedBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.finish(Outcome::Ok);
+        }
+        // Otherwise the guard drops unset: the client went away mid-answer.
+    }
+}
