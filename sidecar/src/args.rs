@@ -111,6 +111,27 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_METRICS_LISTEN", default_value = "0.0.0.0:9464")]
     pub metrics_listen: SocketAddr,
 
+    /// Most connections open at once on the API socket (and, separately, on --listen); more
+    /// are answered 503 `too_many_connections` and closed. Lowered at start when the process's
+    /// open-file limit cannot hold every listener's cap.
+    #[arg(long, env = "MODELPOOL_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Most connections open at once on the metrics port, counted apart from the API's so
+    /// that load there never takes the API's room.
+    #[arg(long, env = "MODELPOOL_METRICS_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub metrics_max_connections: u32,
+
+    /// Every listener: a request head must be complete within this long of the connection
+    /// opening or of its previous answer (so idle keep-alive connections close after it too).
+    #[arg(long, visible_alias = "header-timeout", env = "MODELPOOL_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = duration_ms(100))]
+    pub header_timeout_ms: u64,
+
+    /// Every listener: a request body must arrive within this long (else 408), and an answer
+    /// the client does not read for this long ends its connection.
+    #[arg(long, visible_alias = "body-timeout", env = "MODELPOOL_BODY_TIMEOUT_MS", default_value_t = 10_000, value_parser = duration_ms(100))]
+    pub body_timeout_ms: u64,
+
     /// Log format.
     #[arg(long, env = "MODELPOOL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -35,6 +35,7 @@ use modelpool_crds::v1alpha1::DriverKind;
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
+    api::listen,
     args::ServeArgs,
     driver::{
         Driver, DriverError,
@@ -108,6 +109,10 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         listen,
         api_token,
         metrics_listen,
+        max_connections,
+        metrics_max_connections,
+        header_timeout_ms,
+        body_timeout_ms,
         log_format: _,
         log_level: _,
         heartbeat_ms: _,
@@ -176,19 +181,47 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers: Vec<JoinHandle<()>> = Vec::new();
+    // Each listener has its own cap and accept task; together they stay under the fd limit.
+    let mut caps = vec![max_connections as usize, metrics_max_connections as usize];
+    if listen.is_some() {
+        caps.push(max_connections as usize);
+    }
+    if let Some(fd_limit) = listen::fit_to_fd_limit(&mut caps) {
+        tracing::warn!(
+            fd_limit,
+            api = caps[0],
+            ops = caps[1],
+            "the open-file limit cannot hold every listener's connection cap: caps lowered to fit"
+        );
+    }
+    let limits = |max_connections: usize| listen::ListenLimits {
+        max_connections,
+        header_timeout: Duration::from_millis(header_timeout_ms),
+        body_timeout: Duration::from_millis(body_timeout_ms),
+    };
+    let conn_metrics = shared.metrics.connections.clone();
     let unix = api::http::bind_unix(&socket)?;
-    servers.push(serve(
+    servers.push(listen::serve(
         unix,
         api::router(Arc::clone(&shared)),
+        limits(caps[0]),
+        conn_metrics.clone(),
         stop_rx.clone(),
-        "api (unix)",
+        "api",
     ));
-    tracing::info!(socket = %socket.display(), "API listening on the Unix socket");
+    tracing::info!(socket = %socket.display(), max_connections = caps[0], "API listening on the Unix socket");
     if let Some(addr) = listen {
         let tcp = api::http::bind_tcp(addr).await?;
         let router = api::http::with_token(api::router(Arc::clone(&shared)), api_token);
-        servers.push(serve(tcp, router, stop_rx.clone(), "api (tcp)"));
-        tracing::info!(%addr, "API listening on TCP");
+        servers.push(listen::serve(
+            tcp,
+            router,
+            limits(caps[2]),
+            conn_metrics.clone(),
+            stop_rx.clone(),
+            "api_tcp",
+        ));
+        tracing::info!(%addr, max_connections = caps[2], "API listening on TCP");
     }
     let mut proxy_task = None;
     if let Some(listen) = proxy_listen {
@@ -205,7 +238,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         let proxy = proxy::Proxy::new(Arc::clone(&shared), config)?;
         let tcp = api::http::bind_tcp(listen).await?;
         let addr = tcp.local_addr().map_or(listen, |a| a);
-        servers.push(serve(
+        servers.push(serve_plain(
             tcp,
             proxy::router(Arc::clone(&proxy)),
             stop_rx.clone(),
@@ -216,16 +249,19 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     }
     let ops = api::http::bind_tcp(metrics_listen).await?;
     let ops_addr = ops.local_addr().map_or(metrics_listen, |a| a);
-    servers.push(serve(
+    servers.push(listen::serve(
         ops,
         api::ops_router(Arc::clone(&shared)),
+        limits(caps[1]),
+        conn_metrics,
         stop_rx.clone(),
         "ops",
     ));
-    tracing::info!(addr = %ops_addr, "metrics, healthz and readyz listening");
+    tracing::info!(addr = %ops_addr, max_connections = caps[1], "metrics, healthz and readyz listening");
     shared.ready.store(true, Ordering::Relaxed);
     tracing::info!("Memory at start: {}", shared.memory_line());
 
+    let trimmer = listen::spawn_trimmer(Duration::from_secs(2), stop_rx.clone());
     let ticker = tokio::spawn(tick_loop(Arc::clone(&shared), stop_rx.clone()));
     let poller = tokio::spawn(poll_loop(Arc::clone(&shared), stop_rx.clone()));
     let mut followers: Vec<JoinHandle<()>> = Vec::new();
@@ -286,6 +322,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     if let Some(task) = proxy_task {
         task.abort();
     }
+    trimmer.abort();
     for follower in followers {
         // The reporter sends a last report when it stops; give it a moment.
         if tokio::time::timeout(Duration::from_secs(3), follower)
@@ -309,7 +346,9 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn serve<L>(
+/// Serves a router with axum's defaults (the serving proxy, which speaks its clients'
+/// protocols; the API and ops listeners go through [`listen::serve`] and its limits).
+fn serve_plain<L>(
     listener: L,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,

@@ -51,6 +51,9 @@ pub struct Metrics {
     pub pool_reloads: IntCounterVec,
     /// `modelpool_measure_duration_seconds`.
     pub measure_duration: Histogram,
+    /// `modelpool_http_connections{listener}`, `modelpool_http_connections_refused_total{listener}`,
+    /// `modelpool_http_timeouts_total{listener,kind}`.
+    pub connections: crate::api::listen::ConnMetrics,
 }
 
 /// The two resources, as label values.
@@ -164,6 +167,29 @@ impl Metrics {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
                 ])
             )),
+            connections: crate::api::listen::ConnMetrics {
+                open: reg!(IntGaugeVec::new(
+                    Opts::new(
+                        "modelpool_http_connections",
+                        "Open connections, by listener (api: the Unix socket, api_tcp: --listen, ops: --metrics-listen)."
+                    ),
+                    &["listener"]
+                )),
+                refused: reg!(IntCounterVec::new(
+                    Opts::new(
+                        "modelpool_http_connections_refused_total",
+                        "Connections answered 503 too_many_connections and closed because the listener was at its connection limit."
+                    ),
+                    &["listener"]
+                )),
+                timeouts: reg!(IntCounterVec::new(
+                    Opts::new(
+                        "modelpool_http_timeouts_total",
+                        "Connections closed by a timeout, by listener and kind (header: a request head not complete in time, idle: a keep-alive connection unused, write: a client that stopped reading its answer, evicted: a connection with no request under way closed to make room at the connection limit)."
+                    ),
+                    &["listener", "kind"]
+                )),
+            },
             registry,
         };
         // Series that should exist from the start, so rate() and alerts see a zero.

@@ -1,6 +1,6 @@
 //! HTTP plumbing of the API: the error body every failure uses, the JSON body extractor
 //! (64 KiB limit → 413, malformed JSON or a wrong field → 400 naming the field), query parsing,
-//! bearer-token auth for TCP, and serving one router on a Unix socket and optionally TCP.
+//! bearer-token auth for TCP, and binding the Unix socket and TCP listeners (served by `listen`).
 
 use std::{
     net::SocketAddr,
@@ -20,6 +20,9 @@ use serde_json::{Map, Value};
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// How long a body may take to arrive when the listener set no limit (`--body-timeout`).
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An API error: status, a stable code and a sentence with the numbers.
 #[derive(Debug, Clone)]
@@ -79,6 +82,18 @@ impl ApiError {
         )
     }
 
+    /// 408 `request_timeout`: the body did not arrive in time.
+    pub fn body_timeout(timeout: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms (--body-timeout)",
+                timeout.as_millis()
+            ),
+        )
+    }
+
     /// 503 `shutting_down`.
     pub fn shutting_down() -> Self {
         Self::new(
@@ -109,7 +124,15 @@ impl IntoResponse for ApiError {
         body.insert("error".into(), Value::from(self.code));
         body.insert("message".into(), Value::from(self.message));
         body.extend(self.extra);
-        (self.status, Json(Value::Object(body))).into_response()
+        let mut response = (self.status, Json(Value::Object(body))).into_response();
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come: this connection is done.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 
@@ -121,7 +144,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let timeout = req
+            .extensions()
+            .get::<super::listen::BodyTimeout>()
+            .map_or(DEFAULT_BODY_TIMEOUT, |t| t.0);
+        let read = tokio::time::timeout(timeout, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::body_timeout(timeout))?;
+        let bytes = read.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::too_large()
             } else {

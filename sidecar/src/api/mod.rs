@@ -3,6 +3,7 @@
 //! shape the answer.
 
 pub mod http;
+pub mod listen;
 pub mod wire;
 
 use std::{

@@ -40,6 +40,12 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts a sidecar for `pool_yaml` with 100 ms ticks, 1 s heartbeats and `extra` flags.
     pub fn start(pool_yaml: &str, extra: &[&str]) -> Self {
+        Self::start_wrapped(pool_yaml, extra, &[])
+    }
+
+    /// [`Sidecar::start`] through a wrapper that execs it (`prlimit --nofile=256:256`,
+    /// `setpriv --reuid 65532 ...`), so the pid stays the sidecar's.
+    pub fn start_wrapped(pool_yaml: &str, extra: &[&str], wrapper: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("sidecar.sock");
         let pool_path = dir.path().join("pool.yaml");
@@ -69,7 +75,16 @@ impl Sidecar {
             }
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_modelpool-sidecar"))
+        let sidecar = env!("CARGO_BIN_EXE_modelpool-sidecar");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(sidecar);
+                command
+            }
+            None => Command::new(sidecar),
+        };
+        let mut child = command
             .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
