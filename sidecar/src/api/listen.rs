@@ -692,6 +692,18 @@ mod tests {
         );
     }
 
+    /// A client that stops reading: the answer's write fails after the stall timeout instead
+    /// of holding the connection (and its buffers) forever.
+    #[tokio::test]
+    async fn a_write_nobody_reads_times_out() {
+        use tokio::io::AsyncWriteExt;
+        let (near, _far) = tokio::io::duplex(64);
+        let mut io = GuardedIo::new(near, Duration::from_millis(50));
+        let error = io.write_all(&[0u8; 4096]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(error.to_string().contains("50 ms"), "{error}");
+    }
+
     #[test]
     fn caps_fit_under_the_fd_limit() {
         let mut caps = [512, 64];
