@@ -122,6 +122,11 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_METRICS_MAX_CONNECTIONS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub metrics_max_connections: u32,
 
+    /// Most sessions open at once; more are refused with 429 `too_many_sessions`. Each
+    /// session's names and lists are capped too (docs/sidecar-api.md), so /v1/state stays small.
+    #[arg(long, env = "MODELPOOL_MAX_SESSIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_sessions: u32,
+
     /// Every listener: a request head must be complete within this long of the connection
     /// opening or of its previous answer (so idle keep-alive connections close after it too).
     #[arg(long, visible_alias = "header-timeout", env = "MODELPOOL_HEADER_TIMEOUT_MS", default_value_t = 10_000, value_parser = duration_ms(100))]

@@ -111,6 +111,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         metrics_listen,
         max_connections,
         metrics_max_connections,
+        max_sessions,
         header_timeout_ms,
         body_timeout_ms,
         log_format: _,
@@ -200,10 +201,13 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         body_timeout: Duration::from_millis(body_timeout_ms),
     };
     let conn_metrics = shared.metrics.connections.clone();
+    let caps_api = api::limits::ApiLimits {
+        max_sessions: max_sessions as usize,
+    };
     let unix = api::http::bind_unix(&socket)?;
     servers.push(listen::serve(
         unix,
-        api::router(Arc::clone(&shared)),
+        api::router_with(Arc::clone(&shared), caps_api),
         limits(caps[0]),
         conn_metrics.clone(),
         stop_rx.clone(),
@@ -212,7 +216,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     tracing::info!(socket = %socket.display(), max_connections = caps[0], "API listening on the Unix socket");
     if let Some(addr) = listen {
         let tcp = api::http::bind_tcp(addr).await?;
-        let router = api::http::with_token(api::router(Arc::clone(&shared)), api_token);
+        let router =
+            api::http::with_token(api::router_with(Arc::clone(&shared), caps_api), api_token);
         servers.push(listen::serve(
             tcp,
             router,

@@ -3,6 +3,7 @@
 //! shape the answer.
 
 pub mod http;
+pub mod limits;
 pub mod listen;
 pub mod wire;
 
@@ -12,7 +13,7 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     extract::{DefaultBodyLimit, Path, RawQuery, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
@@ -62,8 +63,13 @@ impl From<LookupError> for ApiError {
     }
 }
 
-/// The `/v1` router.
+/// The `/v1` router with the default caps.
 pub fn router(shared: Arc<Shared>) -> Router {
+    router_with(shared, limits::ApiLimits::default())
+}
+
+/// The `/v1` router with `caps` (`--max-sessions`).
+pub fn router_with(shared: Arc<Shared>, caps: limits::ApiLimits) -> Router {
     Router::new()
         .route("/v1/sessions", post(open_session))
         .route("/v1/sessions/{session}", delete(close_session))
@@ -79,6 +85,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(Extension(caps))
         .with_state(shared)
 }
 
@@ -121,9 +128,21 @@ async fn readyz(State(shared): AppState) -> Response {
 
 async fn open_session(
     State(shared): AppState,
+    Extension(caps): Extension<limits::ApiLimits>,
     JsonBody(body): JsonBody<wire::CreateSession>,
 ) -> Result<Response, ApiError> {
-    let answer = shared.open_session(body)?;
+    limits::create_session(&body)?;
+    let answer = {
+        // The count and the open as one step, so concurrent opens cannot pass the cap.
+        let _gate = limits::OPEN_GATE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = shared.with_core(|core| core.sessions().len());
+        if open >= caps.max_sessions && !shared.shutting_down() {
+            return Err(limits::too_many_sessions(open, caps.max_sessions));
+        }
+        shared.open_session(body)?
+    };
     Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
@@ -131,6 +150,7 @@ async fn close_session(
     State(shared): AppState,
     Path(session): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    limits::session(&session)?;
     shared.close_session(&session)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -140,6 +160,7 @@ async fn heartbeat(
     Path(session): Path<String>,
     JsonBody(body): JsonBody<wire::Heartbeat>,
 ) -> Result<Json<wire::Empty>, ApiError> {
+    limits::heartbeat(&session, &body)?;
     shared.heartbeat(&session, body.readings)?;
     Ok(empty())
 }
@@ -149,6 +170,7 @@ async fn commands(
     Path(session): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<wire::Commands>, ApiError> {
+    limits::session(&session)?;
     let wait_ms = query_u64(query.as_deref(), "wait_ms")?
         .unwrap_or(DEFAULT_WAIT_MS)
         .min(MAX_WAIT_MS);
@@ -210,6 +232,11 @@ async fn acquire(
     State(shared): AppState,
     JsonBody(body): JsonBody<wire::Acquire>,
 ) -> Result<Json<wire::AcquireAnswer>, ApiError> {
+    limits::acquire(&body)?;
+    let held = shared.with_core(|core| core.leases().len());
+    if held >= limits::MAX_LEASES {
+        return Err(limits::too_many_leases(held));
+    }
     match shared
         .acquire(&body.session, &body.model, body.wait)
         .await?
@@ -257,8 +284,9 @@ async fn acquire(
 
 async fn loaded(
     State(shared): AppState,
-    JsonBody(body): JsonBody<wire::Loaded>,
+    JsonBody(mut body): JsonBody<wire::Loaded>,
 ) -> Result<Json<wire::Empty>, ApiError> {
+    limits::loaded(&mut body)?;
     shared.loaded(body)?;
     Ok(empty())
 }
@@ -267,6 +295,7 @@ async fn release(
     State(shared): AppState,
     JsonBody(body): JsonBody<wire::Release>,
 ) -> Result<Json<wire::ReleaseAnswer>, ApiError> {
+    limits::release(&body)?;
     let unload = shared.release(&body.session, &body.lease)?;
     Ok(Json(wire::ReleaseAnswer { unload }))
 }
@@ -275,6 +304,7 @@ async fn unloaded(
     State(shared): AppState,
     JsonBody(body): JsonBody<wire::Unloaded>,
 ) -> Result<Json<wire::Empty>, ApiError> {
+    limits::unloaded(&body)?;
     shared
         .unloaded(&body.session, &body.model, body.generation, body.command)
         .map_err(|error| match error {
