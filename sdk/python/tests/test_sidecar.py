@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from typing import Any, Dict, List
@@ -172,6 +173,37 @@ def test_sidecar_restart_reconnects_and_reannounces_holds(start_sidecar, start_a
     sidecar.http.request("POST", "/v1/cleanup", {"force": True})
     wait_for(lambda: app.ok("state")["loaded"] == [], 60, "the app to unload on the new sidecar's commands")
     wait_for(lambda: not held_by(sidecar, app.pid), 60, "the new sidecar to see both unloaded")
+
+
+def test_a_paused_app_is_counted_once_after_it_reannounces(start_sidecar, start_app, monkeypatch):
+    """SIGSTOP past two heartbeats ends the app's session while the process keeps its model;
+    on SIGCONT the SDK reconnects and re-announces the hold: the sidecar must count it once
+    (the ended session's copy is retired), not 2 x 60 MiB with one copy "not reclaimed"."""
+    monkeypatch.setenv("MODELPOOL_HEARTBEAT_MS", "200")  # visible pid: asked every 1 s
+    sidecar = start_sidecar(pool_yaml([{"name": "m", "ram": "60Mi"}], ram="100Mi", mode="Cache"))
+    app = start_app("paused", socket=sidecar.socket, MODELPOOL_RECONNECT_TIMEOUT="120")
+    app.ok("register", name="m", mib=50)
+    app.ok("acquire", name="m")
+    app.ok("release", name="m")  # Cache mode: stays loaded
+    wait_for(lambda: held_by(sidecar, app.pid) == ["m"], 30, "m loaded")
+    first = sidecar.state()["sessions"][0]["session"]
+
+    os.kill(app.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not sidecar.state()["sessions"], 60, "the paused app's session to end")
+    finally:
+        os.kill(app.pid, signal.SIGCONT)
+    wait_for(
+        lambda: [s["session"] for s in sidecar.state()["sessions"]] not in ([], [first]),
+        60,
+        "the SDK to reconnect with a new session",
+    )
+    wait_for(lambda: held_by(sidecar, app.pid) == ["m"], 60, "the hold re-announced")
+    state = sidecar.state()
+    copies = [m for m in state["models"] if m["model"] == "m"]
+    assert len(copies) == 1, state
+    assert copies[0]["state"] == "loaded", state
+    assert app.ok("state")["loaded"] == ["m"]
 
 
 def test_sidecar_commands_unload_idle_models(start_sidecar, start_app):

@@ -83,6 +83,9 @@ pub enum SeenBy {
     Nvml,
     /// Too small to see: taken on the app's word.
     Unverified,
+    /// Never freed: the same process announced it again from a new session (after its old
+    /// session ended, e.g. while the process was paused), so it moved to that session.
+    ReAnnounced,
 }
 
 impl SeenBy {
@@ -95,6 +98,7 @@ impl SeenBy {
             Self::Proc => "proc",
             Self::Nvml => "nvml",
             Self::Unverified => "unverified",
+            Self::ReAnnounced => "re_announced",
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct Session {
     pub models: Vec<String>,
     /// Last heartbeat (or creation).
     pub last_seen: Duration,
+    /// The heartbeat interval asked of it (two missed: the session ends).
+    pub heartbeat: Duration,
     /// When it opened.
     pub opened: Duration,
     /// Its latest readings, and when they came.

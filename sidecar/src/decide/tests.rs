@@ -370,7 +370,10 @@ fn unknown_sessions_are_named_in_the_error() {
 #[test]
 fn missed_heartbeats_end_the_session() {
     let mut rig = Rig::new("Aggressive", None, &[("a", 10, false)]);
-    let s = rig.open(7, &["a"]);
+    // Pid 9 is not visible: the configured interval.
+    let created = rig.open_with(9, &["a"], Vec::new()).unwrap();
+    assert_eq!(created["heartbeat_ms"], HEARTBEAT.as_millis() as u64);
+    let s = created["session"].as_str().unwrap().to_owned();
     rig.advance(HEARTBEAT);
     rig.core.heartbeat(rig.now, &s, None).unwrap();
     rig.advance(HEARTBEAT * 2);
@@ -380,6 +383,27 @@ fn missed_heartbeats_end_the_session() {
     rig.tick();
     assert!(!rig.core.session_open(id(&s)));
     assert_eq!(rig.take().streams_closed, vec![id(&s)]);
+}
+
+/// A session whose pid the sidecar sees is asked for heartbeats VISIBLE_PID_HEARTBEAT_FACTOR
+/// times less often (its death is seen on the process) and ends after two of those missed.
+#[test]
+fn a_visible_pid_heartbeats_less_often_and_still_ends_when_silent() {
+    let mut rig = Rig::new("Aggressive", None, &[("a", 10, false)]);
+    rig.meter.set(7, 100 * MIB);
+    let created = rig.open_with(7, &["a"], Vec::new()).unwrap();
+    let interval = HEARTBEAT * VISIBLE_PID_HEARTBEAT_FACTOR;
+    assert_eq!(created["heartbeat_ms"], interval.as_millis() as u64);
+    let s = created["session"].as_str().unwrap().to_owned();
+    rig.advance(HEARTBEAT * 3);
+    rig.tick();
+    assert!(rig.core.session_open(id(&s)), "3 base intervals: open");
+    rig.advance(interval * 2 - HEARTBEAT * 3);
+    rig.tick();
+    assert!(rig.core.session_open(id(&s)), "2 of its intervals: open");
+    rig.advance(ms(1));
+    rig.tick();
+    assert!(!rig.core.session_open(id(&s)), "past 2 of its intervals");
 }
 
 #[test]
@@ -972,6 +996,61 @@ fn held_models_are_adopted_with_their_generation() {
     assert_eq!(rig.held_ram(), 50 * MIB, "the larger of held and declared");
 }
 
+/// An app paused past two heartbeats (SIGSTOP, a long native call) loses its session while
+/// its process keeps the model; when it comes back and re-announces the hold, the ended
+/// session's copy leaves the ledger as the new one enters: counted once, never twice.
+#[test]
+fn a_paused_app_that_reannounces_its_hold_is_counted_once() {
+    let mut rig = Rig::new("Cache", Some(100), &[("a", 60, false)]);
+    let s = rig.open(7, &["a"]);
+    rig.load(&s, "a", 60);
+    let interval = HEARTBEAT * VISIBLE_PID_HEARTBEAT_FACTOR;
+    rig.advance(interval * 2 + ms(1));
+    rig.tick();
+    assert!(!rig.core.session_open(id(&s)), "silent: ended");
+    assert_eq!(rig.state("a").unwrap().0, InstanceState::Reclaiming);
+    assert_eq!(
+        rig.held_ram(),
+        60 * MIB,
+        "still counted: the process kept it"
+    );
+
+    // Back: a new session of the same pid announces the hold. With 60 of 100 MiB counted
+    // twice it could not even be adopted.
+    let body = rig.open_with(7, &["a"], vec![hold("a", 60, 0)]).unwrap();
+    assert_eq!(body["adopted"][0]["model"], "a", "{body}");
+    assert_eq!(body["refused_holds"], serde_json::json!([]), "{body}");
+    let instances = rig.core.engine().instances(rig.now);
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    assert_eq!(instances[0].state, InstanceState::Loaded);
+    assert_ne!(instances[0].session, id(&s));
+    assert_eq!(rig.held_ram(), 60 * MIB);
+    assert_eq!(
+        rig.core
+            .metrics
+            .reclaims
+            .with_label_values(&["re_announced"])
+            .get(),
+        1
+    );
+    // The ended session has nothing left to reclaim: its pid is no longer watched for it.
+    assert!(!rig.core.dead_pids().contains_key(&id(&s)));
+}
+
+/// Only the same process takes over an ended session's copy: another pid announcing the same
+/// model adds its own.
+#[test]
+fn a_hold_announced_by_another_pid_does_not_retire_an_ended_sessions_copy() {
+    let mut rig = Rig::new("Cache", Some(200), &[("a", 60, false)]);
+    let s = rig.open(7, &["a"]);
+    rig.load(&s, "a", 60);
+    rig.core.close_session(rig.now, &s, &mut rig.fx).unwrap();
+    rig.meter.set(8, 100 * MIB);
+    rig.open_with(8, &["a"], vec![hold("a", 60, 0)]).unwrap();
+    assert_eq!(rig.core.engine().instances(rig.now).len(), 2);
+    assert_eq!(rig.held_ram(), 120 * MIB);
+}
+
 #[test]
 fn a_held_model_that_does_not_fit_is_refused_and_commanded_out() {
     let mut rig = Rig::new("Cache", Some(100), &[("a", 80, false), ("b", 80, false)]);
@@ -1213,7 +1292,13 @@ fn an_apps_device_reading_stands_in_for_a_missing_gpu_while_fresh() {
     assert_eq!((gpu.used_bytes(), gpu.total_bytes()), (3, 8));
     rig.tick();
     assert!(rig.core.gauges(rig.now).gpu_up);
-    assert!(rig.core.app_gpu(rig.now + HEARTBEAT * 4).is_none(), "stale");
+    // Fresh for three of the session's intervals (pid 7 is visible: the longer one).
+    let interval = HEARTBEAT * VISIBLE_PID_HEARTBEAT_FACTOR;
+    assert!(rig.core.app_gpu(rig.now + interval * 3).is_some());
+    assert!(
+        rig.core.app_gpu(rig.now + interval * 3 + ms(1)).is_none(),
+        "stale"
+    );
 }
 
 #[test]
