@@ -403,6 +403,7 @@ impl Ours {
         Readings {
             vram: limits.vram.map(|l| (held.vram, l)),
             ram: limits.ram.map(|l| (held.ram, l)),
+            vram_claimed_by: None,
         }
     }
 

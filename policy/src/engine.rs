@@ -259,6 +259,10 @@ pub struct Readings {
     pub vram: Option<(u64, u64)>,
     /// Pod (or node) RAM `(used, limit)`.
     pub ram: Option<(u64, u64)>,
+    /// The session whose own claim `vram` is (the sidecar has no device reading of its own):
+    /// VRAM pressure then unloads only that session's models, so that one app's reading can
+    /// never evict another's.
+    pub vram_claimed_by: Option<SessionId>,
 }
 
 /// One instance, for state views and metrics.
@@ -1485,9 +1489,16 @@ impl Engine {
                 continue;
             }
             let mut excess = (used - allowed).saturating_sub(self.in_flight().get(resource));
+            let claimed_by = match resource {
+                Resource::Vram => self.readings.vram_claimed_by,
+                Resource::Ram => None,
+            };
             for key in self.eviction_order(now) {
                 if excess == 0 {
                     break;
+                }
+                if claimed_by.is_some_and(|session| key.0 != session) {
+                    continue;
                 }
                 let Some(instance) = self.instances.get(&key) else {
                     continue;

@@ -297,11 +297,52 @@ fn pressure_evicts_idle_models() {
     let readings = Readings {
         vram: Some((76 * GIB, 80 * GIB)),
         ram: None,
+        vram_claimed_by: None,
     };
     let out = engine.tick(secs(3), readings);
     let evicted = unloads(&out);
     assert_eq!(evicted.len(), 1, "one idle model frees enough: {evicted:?}");
     assert_eq!(evicted[0].1, UnloadReason::Pressure);
+}
+
+/// A VRAM reading that is one session's own claim (the sidecar reads no GPU itself) can only
+/// push out that session's models: the other session's idle model, first in eviction order,
+/// stays.
+#[test]
+fn a_sessions_own_vram_claim_unloads_only_its_models() {
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let t2v = load(&mut engine, secs(0), 1, APP, "t2v");
+    let upscale = load(&mut engine, secs(0), 2, OTHER, "upscale");
+    engine.release(secs(1), t2v);
+    engine.release(secs(2), upscale);
+    let claim = |by| Readings {
+        vram: Some((79 * GIB, 80 * GIB)),
+        ram: None,
+        vram_claimed_by: Some(by),
+    };
+    let out = engine.tick(secs(3), claim(OTHER));
+    assert_eq!(
+        unloads(&out),
+        vec![("upscale".to_owned(), UnloadReason::Pressure)],
+        "only the claimant's model"
+    );
+    // A claimant with nothing loaded pushes nothing out.
+    let mut engine = Engine::new(seed_pool(Mode::Cache));
+    let t2v = load(&mut engine, secs(0), 1, APP, "t2v");
+    engine.release(secs(1), t2v);
+    assert!(unloads(&engine.tick(secs(3), claim(OTHER))).is_empty());
+    // The same reading taken by the sidecar itself does.
+    let out = engine.tick(
+        secs(4),
+        Readings {
+            vram_claimed_by: None,
+            ..claim(OTHER)
+        },
+    );
+    assert_eq!(
+        unloads(&out),
+        vec![("t2v".to_owned(), UnloadReason::Pressure)]
+    );
 }
 
 #[test]
@@ -313,6 +354,7 @@ fn device_room_counts_other_tenants() {
         Readings {
             vram: Some((70 * GIB, 80 * GIB)),
             ram: None,
+            vram_claimed_by: None,
         },
     );
     let out = engine.acquire(secs(0), RequestId(1), APP, "t2v");

@@ -77,6 +77,24 @@ fn bad_requests_get_clear_4xx_answers() {
         "{body}"
     );
 
+    // Readings that cannot be true: refused with the field and the numbers.
+    let r = sidecar.post(
+        &format!("/v1/sessions/{session}/heartbeat"),
+        &json!({"readings": {"device_vram_used_bytes": 10_000_000_000_000_000_000u64, "device_vram_total_bytes": 1}}),
+    );
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("bad_readings")),
+        "{}",
+        r.text()
+    );
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("device_vram_used_bytes 10000000000000000000")
+            && message.contains("device_vram_total_bytes (1 "),
+        "{message}"
+    );
+
     let r = sidecar.post("/v1/acquire", &json!({"session": session, "model": "nope"}));
     assert_eq!(r.status, 404);
     let body = r.json();

@@ -50,6 +50,9 @@ impl From<LookupError> for ApiError {
             )
             .with("models", json!(names)),
             LookupError::ShuttingDown => ApiError::shutting_down(),
+            LookupError::Readings { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "bad_readings", error.to_string())
+            }
             LookupError::StaleInstance { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "stale_instance", error.to_string())
             }

@@ -109,6 +109,14 @@ pub enum LookupError {
     /// The sidecar is stopping.
     #[error("shutting down")]
     ShuttingDown,
+    /// A heartbeat's readings cannot be true (the heartbeat itself still counts).
+    #[error("readings of session {session} refused: {why}")]
+    Readings {
+        /// The session.
+        session: String,
+        /// What is impossible about them, with the numbers.
+        why: String,
+    },
     /// An acknowledgement names an instance the session does not hold (any more).
     #[error(
         "session {session} holds no generation {generation} of model {model:?} ({}): a stale acknowledgement, nothing changed",
@@ -401,14 +409,18 @@ impl Core {
     }
 
     /// The freshest device reading an app sent on its heartbeat (used without a GPU of our
-    /// own).
+    /// own), fresh for three of that session's heartbeat intervals.
     pub fn app_gpu(&self, now: Duration) -> Option<GpuReading> {
+        self.app_gpu_claim(now).map(|(reading, _)| reading)
+    }
+
+    /// [`Core::app_gpu`] and the session whose claim it is.
+    fn app_gpu_claim(&self, now: Duration) -> Option<(GpuReading, SessionId)> {
         self.sessions
-            .values()
-            .filter_map(|s| s.readings.as_ref().map(|r| (r, s.heartbeat * 3)))
-            .filter(|((_, at), fresh)| now.saturating_sub(*at) <= *fresh)
-            .map(|(r, _)| r)
-            .filter_map(|(r, at)| {
+            .iter()
+            .filter_map(|(id, s)| s.readings.as_ref().map(|r| (id, r, s.heartbeat * 3)))
+            .filter(|(_, (_, at), fresh)| now.saturating_sub(*at) <= *fresh)
+            .filter_map(|(id, (r, at), _)| {
                 Some((
                     GpuDevice {
                         index: 0,
@@ -419,12 +431,18 @@ impl Core {
                         source: Source::App(r.source.clone()),
                     },
                     *at,
+                    *id,
                 ))
             })
-            .max_by_key(|(_, at)| *at)
-            .map(|(device, _)| GpuReading {
-                devices: vec![device],
-                down_reason: None,
+            .max_by_key(|(_, at, _)| *at)
+            .map(|(device, _, id)| {
+                (
+                    GpuReading {
+                        devices: vec![device],
+                        down_reason: None,
+                    },
+                    id,
+                )
             })
     }
 
@@ -609,11 +627,25 @@ impl Core {
         readings: Option<AppReadings>,
     ) -> Result<(), LookupError> {
         let id = self.session_id(session)?;
-        if let Some(s) = self.sessions.get_mut(&id) {
-            s.last_seen = now;
-            if let Some(readings) = readings {
-                s.readings = Some((readings, now));
+        // Checked against the sidecar's own device reading (the last tick's): a claim that
+        // cannot be true is refused, never used for pressure.
+        let checked =
+            readings.map(|r| sessions::check_readings(&r, &self.measured.gpu).map(|()| r));
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Ok(());
+        };
+        // A heartbeat with bad readings is still a sign of life.
+        s.last_seen = now;
+        match checked {
+            Some(Ok(readings)) => s.readings = Some((readings, now)),
+            Some(Err(why)) => {
+                tracing::warn!(session, app = s.app, why, "heartbeat readings refused");
+                return Err(LookupError::Readings {
+                    session: session.to_owned(),
+                    why,
+                });
             }
+            None => {}
         }
         Ok(())
     }
@@ -1026,10 +1058,12 @@ impl Core {
             processes,
             pod_devices,
         } = readings;
+        let mut vram_claimed_by = None;
         if !gpu.up()
-            && let Some(app) = self.app_gpu(now)
+            && let Some((app, claimant)) = self.app_gpu_claim(now)
         {
             gpu = app;
+            vram_claimed_by = Some(claimant);
         }
         self.measured = Measured {
             gpu: gpu.clone(),
@@ -1071,6 +1105,7 @@ impl Core {
         let readings = Readings {
             vram: gpu.pressure(&pod_devices),
             ram: (ram.total_bytes > 0).then_some((ram.used_bytes, ram.total_bytes)),
+            vram_claimed_by,
         };
         let out = self.engine.tick(now, readings);
         self.apply(now, out, fx);

@@ -1301,6 +1301,67 @@ fn an_apps_device_reading_stands_in_for_a_missing_gpu_while_fresh() {
     );
 }
 
+/// Found by attacking the sidecar: a heartbeat claiming 1e19 bytes used of 1 made it evict
+/// another session's idle model for "pressure". Impossible readings are refused (the heartbeat
+/// still counts), and a possible but hostile claim (the device full) only pushes out the
+/// claimant's own models while the sidecar has no GPU reading of its own.
+#[test]
+fn one_sessions_device_claim_never_evicts_another_sessions_model() {
+    let models = [("a", 10, false), ("b", 10, false)];
+    let mut pool = pool_with("Cache", None, &models);
+    pool.config.pressure_vram_percent = 90;
+    for m in &mut pool.config.models {
+        m.declared.vram = 4 * MIB;
+    }
+    for m in &mut pool.info.models {
+        m.vram_bytes = 4 * MIB;
+    }
+    let mut rig = Rig {
+        core: core_with(pool, false),
+        ..Rig::new("Cache", None, &models)
+    };
+    let victim = rig.open(7, &["a"]);
+    let (lease, _) = rig.load(&victim, "a", 10);
+    rig.release(&victim, &lease);
+    let hostile = rig.open(8, &["b"]);
+    let claim = |used, total| crate::api::wire::AppReadings {
+        source: "torch".to_owned(),
+        device_vram_used_bytes: Some(used),
+        device_vram_total_bytes: Some(total),
+        process_vram_bytes: None,
+    };
+    rig.advance(ms(100));
+    let error = rig
+        .core
+        .heartbeat(
+            rig.now,
+            &hostile,
+            Some(claim(10_000_000_000_000_000_000, 1)),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&error, LookupError::Readings { why, .. } if why.contains("device_vram_used_bytes")),
+        "{error}"
+    );
+    assert_eq!(
+        rig.core.sessions()[&id(&hostile)].last_seen,
+        rig.now,
+        "still alive"
+    );
+    assert!(rig.core.app_gpu(rig.now).is_none(), "not taken");
+    // A full device, claimed by a session that holds nothing: nothing to push out.
+    rig.core
+        .heartbeat(rig.now, &hostile, Some(claim(8 * MIB, 8 * MIB)))
+        .unwrap();
+    rig.tick();
+    assert_eq!(
+        rig.state("a").unwrap().0,
+        InstanceState::Loaded,
+        "the victim's model stays"
+    );
+    assert!(rig.take().unloads.is_empty());
+}
+
 #[test]
 fn watched_pids_are_open_sessions_and_ended_ones_still_reclaiming() {
     let mut rig = Rig::new("Cache", None, &[("a", 10, false)]);
