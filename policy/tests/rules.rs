@@ -442,6 +442,60 @@ fn measured_usage_over_the_ceiling_is_reported_and_enforced() {
     assert_eq!(unloads(&out), [("t2v".to_owned(), UnloadReason::Ceiling)]);
 }
 
+/// A pool filled exactly to its ceiling with declared sizes stays at the ceiling when loads
+/// measure a few pages more than declared (measurement noise): no breach, no eviction. A real
+/// overshoot (beyond 1 MiB or 0.5 %) is still counted and enforced.
+#[test]
+fn measurement_noise_over_the_declared_size_never_breaches_the_ceiling() {
+    const MIB: u64 = 1 << 20;
+    let mut config = PoolConfig::new(
+        Limits {
+            vram: None,
+            ram: Some(40 * MIB),
+        },
+        (0..4)
+            .map(|i| ModelConfig::new(&format!("m{i}"), 0, 10 * MIB))
+            .collect(),
+    );
+    config.mode = Mode::Cache;
+    let mut engine = Engine::new(config);
+    for i in 0..4u64 {
+        let model = format!("m{i}");
+        let out = engine.acquire(secs(i), RequestId(i + 1), APP, &model);
+        assert_eq!(granted(&out).len(), 1, "{model} fits: {out:?}");
+        let out = engine.loaded(
+            secs(i),
+            APP,
+            &model,
+            Some(Footprint::new(0, 10 * MIB + 16 * 1024)),
+            None,
+        );
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::CeilingExceeded { .. })),
+            "{out:?}"
+        );
+        assert!(unloads(&out).is_empty(), "{out:?}");
+    }
+    assert_eq!(engine.held().ram, 40 * MIB);
+    assert_eq!(engine.counters().ceiling_breaches.len(), 0);
+
+    // Beyond the noise: the model is bigger than declared, and that is a breach.
+    let mut engine = Engine::new(engine.config().clone());
+    for i in 0..3u64 {
+        let model = format!("m{i}");
+        engine.acquire(secs(i), RequestId(i + 1), APP, &model);
+        engine.loaded(secs(i), APP, &model, None, None);
+    }
+    engine.acquire(secs(3), RequestId(4), APP, "m3");
+    let out = engine.loaded(secs(3), APP, "m3", Some(Footprint::new(0, 12 * MIB)), None);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::CeilingExceeded { held, .. } if *held == 42 * MIB)),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn unknown_model_is_refused_with_the_list() {
     let mut engine = Engine::new(seed_pool(Mode::Cache));
