@@ -10,6 +10,7 @@ pub mod exactness;
 pub mod footprint;
 pub mod http;
 pub mod process;
+pub mod proxy;
 pub mod reclaim;
 pub mod report;
 pub mod rng;

@@ -30,6 +30,9 @@ enum Scenario {
     Admission(AdmissionArgs),
     /// Release-to-reclaimed time and bytes returned, with a real app process.
     Reclaim(ReclaimArgs),
+    /// Requests through the sidecar's serving proxy vs straight to the same upstream (small
+    /// and streaming answers, a loaded model).
+    Proxy(ProxyArgs),
     /// The sidecar's own RSS, idle CPU and /metrics time.
     Footprint(FootprintArgs),
     /// Server drivers (MLServer, Ollama, the vLLM stand-in): unload to memory proven back on
@@ -46,6 +49,9 @@ enum Scenario {
     /// The app process of the reclaim scenario.
     #[command(hide = true)]
     Child(ChildArgs),
+    /// The upstream server of the proxy scenario.
+    #[command(hide = true)]
+    ProxyUpstream(ProxyUpstreamArgs),
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +142,37 @@ struct AdmissionArgs {
     /// Sessions loading every model.
     #[arg(long, default_value_t = 1)]
     sessions: usize,
+}
+
+#[derive(Debug, Args)]
+struct ProxyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Seconds measured per kind, client count and side.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Slices the seconds are cut in, alternating proxy and direct.
+    #[arg(long, default_value_t = 6)]
+    slices: usize,
+    /// Concurrent client counts.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 32])]
+    clients: Vec<usize>,
+    /// Chunks of a streaming answer.
+    #[arg(long, default_value_t = 32)]
+    chunks: usize,
+    /// Simulated inference time of the upstream per request, µs.
+    #[arg(long, default_value_t = 0)]
+    work_us: u64,
+}
+
+#[derive(Debug, Args)]
+struct ProxyUpstreamArgs {
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long, default_value_t = 32)]
+    chunks: usize,
+    #[arg(long, default_value_t = 0)]
+    work_us: u64,
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +285,24 @@ fn main() -> anyhow::Result<()> {
             printer.finish();
             Ok(())
         }
+        Scenario::Proxy(args) => {
+            let mut printer = Printer::new(args.common.json);
+            let dir = tempfile::tempdir()?;
+            let options = modelpool_bench::proxy::Options {
+                seconds: args.seconds,
+                slices: args.slices,
+                clients: args.clients,
+                chunks: args.chunks,
+                work_us: args.work_us,
+            };
+            runtime()?.block_on(modelpool_bench::proxy::run(
+                &options,
+                dir.path(),
+                &mut printer,
+            ))?;
+            printer.finish();
+            Ok(())
+        }
         Scenario::Reclaim(args) => {
             let mut printer = Printer::new(args.common.json);
             let dir = tempfile::tempdir()?;
@@ -320,6 +375,9 @@ fn main() -> anyhow::Result<()> {
             };
             runtime()?.block_on(serve_fixed(&target, reply.into()))
         }
+        Scenario::ProxyUpstream(args) => runtime()?.block_on(
+            modelpool_bench::proxy::serve_upstream(args.listen, args.chunks.max(1), args.work_us),
+        ),
         Scenario::Child(args) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

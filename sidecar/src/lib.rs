@@ -243,6 +243,11 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         let proxy = proxy::Proxy::new(Arc::clone(&shared), config)?;
         let tcp = api::http::bind_tcp(listen).await?;
         let addr = tcp.local_addr().map_or(listen, |a| a);
+        // Streams are many small writes: without TCP_NODELAY each waits for the client's
+        // delayed ACK (40 ms).
+        let tcp = axum::serve::ListenerExt::tap_io(tcp, |stream| {
+            let _ = stream.set_nodelay(true);
+        });
         servers.push(serve_plain(
             tcp,
             proxy::router(Arc::clone(&proxy)),

@@ -1,0 +1,279 @@
+//! The `proxy` scenario: requests through the sidecar's serving proxy (`--proxy-listen`)
+//! against the same client going straight to the same upstream, in the same run, alternating
+//! in slices. The upstream is a bare hyper server in a process of its own
+//! (`modelpool-bench proxy-upstream`, multi-threaded tokio like the sidecar):
+//! `POST /v1/completions` answers a small JSON body (an embedding-sized reply),
+//! `POST /v1/chat/completions` a stream of `--chunks` chunks written one frame each (an SSE
+//! answer), each after `--work-us` of simulated inference (default 0: the proxy's cost against
+//! a server that does nothing). The pool's model is loaded by the first request and stays
+//! loaded (Cache mode): the figures are the proxy's cost on a loaded model, a lease taken and
+//! released per request.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response,
+    body::{Bytes, Frame, Incoming},
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    http::{Client, Target, free_port},
+    process::{Proc, Sidecar, percentile, spawn},
+    report::{Printer, Row},
+};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Seconds measured per (kind, clients, side).
+    pub seconds: f64,
+    /// Alternating slices the seconds are cut in.
+    pub slices: usize,
+    /// Client counts.
+    pub clients: Vec<usize>,
+    /// Chunks of a streaming answer.
+    pub chunks: usize,
+    /// Simulated inference time per request, µs.
+    pub work_us: u64,
+}
+
+const SMALL_REPLY: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2,0.3,0.4]}],"model":"m"}"#;
+const CHUNK: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"tok\"},\"index\":0}]}\n\n";
+
+type UpBody = BoxBody<Bytes, Infallible>;
+
+async fn upstream_answer(
+    request: Request<Incoming>,
+    chunks: usize,
+    work: Duration,
+) -> Response<UpBody> {
+    let path = request.uri().path().to_owned();
+    // Read the body, as a real server does.
+    let _ = request.into_body().collect().await;
+    if !work.is_zero() && !path.starts_with("/models/") {
+        tokio::time::sleep(work).await;
+    }
+    let body: UpBody = if path == "/v1/chat/completions" {
+        let frames = (0..chunks)
+            .map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from_static(CHUNK.as_bytes()))))
+            .chain(std::iter::once(Ok(Frame::data(Bytes::from_static(
+                b"data: [DONE]\n\n",
+            )))));
+        BodyExt::boxed(StreamBody::new(futures::stream::iter(frames)))
+    } else if path.starts_with("/models/") {
+        BodyExt::boxed(Full::new(Bytes::from_static(b"{}")))
+    } else {
+        BodyExt::boxed(Full::new(Bytes::from_static(SMALL_REPLY.as_bytes())))
+    };
+    let mut response = Response::new(body);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The upstream server (`modelpool-bench proxy-upstream`): serves on `addr` until the process
+/// ends; prints `ready` once bound.
+pub async fn serve_upstream(addr: SocketAddr, chunks: usize, work_us: u64) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to bind {addr}"))?;
+    let work = Duration::from_micros(work_us);
+    println!("ready");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        tokio::spawn(async move {
+            let service = service_fn(move |request| async move {
+                Ok::<_, Infallible>(upstream_answer(request, chunks, work).await)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Starts the upstream in a process of its own and waits until it is bound.
+fn start_upstream(dir: &Path, addr: SocketAddr, options: &Options) -> anyhow::Result<Proc> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg("proxy-upstream")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--chunks")
+        .arg(options.chunks.max(1).to_string())
+        .arg("--work-us")
+        .arg(options.work_us.to_string());
+    let mut proc = spawn(command, dir.join("upstream.log"), "the upstream server")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        proc.check_alive()?;
+        if Instant::now() > deadline {
+            bail!("the upstream server did not listen on {addr} within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(proc)
+}
+
+/// The two kinds of request.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Small,
+    Stream,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Small => "small",
+            Self::Stream => "stream",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Self::Small => "/v1/completions",
+            Self::Stream => "/v1/chat/completions",
+        }
+    }
+
+    fn body(self) -> Bytes {
+        match self {
+            Self::Small => Bytes::from_static(br#"{"model": "m", "prompt": "hello"}"#),
+            Self::Stream => Bytes::from_static(
+                br#"{"messages": [{"role": "user", "content": "hello"}], "model": "m", "stream": true}"#,
+            ),
+        }
+    }
+}
+
+/// Requests per second and sorted latencies (µs) of `clients` concurrent clients for `seconds`.
+async fn measure(
+    target: &Target,
+    kind: Kind,
+    clients: usize,
+    seconds: f64,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let mut connections = Vec::new();
+    for _ in 0..clients {
+        let mut client = Client::connect(target).await?;
+        // Warm up the connection (and, the first time, load the model).
+        let (status, body) = client
+            .raw(Method::POST, kind.path(), Some(kind.body()))
+            .await?;
+        if status != 200 {
+            bail!(
+                "{} answered {status}: {}",
+                kind.path(),
+                String::from_utf8_lossy(&body)
+            );
+        }
+        connections.push(client);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for mut client in connections {
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let (status, _) = client
+                    .raw(Method::POST, kind.path(), Some(kind.body()))
+                    .await?;
+                if status != 200 {
+                    bail!("{} answered {status}", kind.path());
+                }
+                latencies.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Ok((all.len() as f64 / elapsed, all))
+}
+
+/// Runs the scenario.
+pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow::Result<()> {
+    let upstream = free_port()?;
+    let _upstream = start_upstream(dir, upstream, options)?;
+    let pool = dir.join("pool.yaml");
+    std::fs::write(
+        &pool,
+        format!(
+            "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata:\n  name: bench\nspec:\n  driver: {{kind: Http, url: \"http://{upstream}\"}}\n  policy:\n    mode: Cache\n    idleTTL: 1h\n  models:\n    - name: m\n      ram: 1Mi\n"
+        ),
+    )?;
+    let proxy = free_port()?;
+    let listen = proxy.to_string();
+    let sidecar = Sidecar::start_with(
+        dir,
+        &pool,
+        None,
+        None,
+        &["--proxy-listen", &listen, "--no-nvml"],
+    )
+    .await?;
+    crate::http::wait_connectable(&Target::Tcp(proxy), Duration::from_secs(10))
+        .await
+        .context("the proxy did not listen")?;
+    let direct = Target::Tcp(upstream);
+    let through = Target::Tcp(proxy);
+    let slices = options.slices.max(1);
+    let slice = options.seconds / slices as f64;
+    for kind in [Kind::Small, Kind::Stream] {
+        for &clients in &options.clients {
+            let (mut base_n, mut base_lat, mut n, mut lat) = (0.0, Vec::new(), 0.0, Vec::new());
+            for _ in 0..slices {
+                let (ops, l) = measure(&direct, kind, clients, slice).await?;
+                base_n += ops * slice;
+                base_lat.extend(l);
+                let (ops, l) = measure(&through, kind, clients, slice).await?;
+                n += ops * slice;
+                lat.extend(l);
+            }
+            base_lat.sort_by(f64::total_cmp);
+            lat.sort_by(f64::total_cmp);
+            let base_ops = base_n / options.seconds;
+            let ops = n / options.seconds;
+            printer.row(
+                &Row::new("proxy")
+                    .with("kind", kind.name())
+                    .with("clients", clients)
+                    .num("req_per_s", ops, 4)
+                    .num("p50_us", percentile(&lat, 50.0), 3)
+                    .num("p99_us", percentile(&lat, 99.0), 3)
+                    .num("direct_req_per_s", base_ops, 4)
+                    .num("direct_p50_us", percentile(&base_lat, 50.0), 3)
+                    .num("direct_p99_us", percentile(&base_lat, 99.0), 3)
+                    .num("ratio_to_direct", ops / base_ops, 3)
+                    .num(
+                        "added_p99_us",
+                        percentile(&lat, 99.0) - percentile(&base_lat, 99.0),
+                        3,
+                    )
+                    .with("requests", lat.len()),
+            );
+        }
+    }
+    drop(sidecar);
+    Ok(())
+}
