@@ -258,9 +258,14 @@ impl Proxy {
             .with_core(|core| core.pool().models.iter().map(|m| m.name.clone()).collect())
     }
 
-    fn in_pool(&self, model: &str) -> bool {
-        self.shared
-            .with_core(|core| core.pool().models.iter().any(|m| m.name == model))
+    /// Whether the pool lists `model`, and the leases held now (one lock).
+    fn in_pool(&self, model: &str) -> (bool, usize) {
+        self.shared.with_core(|core| {
+            (
+                core.pool().models.iter().any(|m| m.name == model),
+                core.leases().len(),
+            )
+        })
     }
 
     fn acquire_timeout(&self) -> Duration {
@@ -366,7 +371,8 @@ impl Proxy {
             Some(short) if self.ollama_names => short.to_owned(),
             _ => model,
         };
-        if !self.in_pool(&model) {
+        let (known, held) = self.in_pool(&model);
+        if !known {
             let names = self.model_names();
             return Err((
                 String::new(),
@@ -384,6 +390,22 @@ impl Proxy {
             ));
         }
 
+        if held >= crate::api::limits::MAX_LEASES {
+            return Err((
+                model.clone(),
+                Outcome::QueueFull,
+                ProxyError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_leases",
+                    format!(
+                        "{held} leases are held, the sidecar's limit is {}",
+                        crate::api::limits::MAX_LEASES
+                    ),
+                )
+                .with("model", json!(model))
+                .retry_after(RETRY_QUEUE_FULL_S),
+            ));
+        }
         // Admission: a place in the queue, the model's permit, then the lease.
         let slot = QueueSlot::enter(self).ok_or_else(|| {
             (
