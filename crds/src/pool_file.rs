@@ -27,6 +27,20 @@ pub enum PoolFileError {
         #[source]
         source: std::io::Error,
     },
+    /// Not a regular file (a FIFO would block the reader forever; a device never ends).
+    #[error("pool file {path} is {kind}, not a regular file")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead: "a FIFO", "a directory", ...
+        kind: &'static str,
+    },
+    /// Over [`MAX_POOL_FILE_BYTES`].
+    #[error("pool file {path} is over the limit of {MAX_POOL_FILE_BYTES} bytes (1 MiB); a pool of 64 models takes a few KiB")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
     /// Not YAML.
     #[error("{origin}: not valid YAML: {message}")]
     Yaml {
@@ -55,13 +69,51 @@ impl PoolFileError {
     }
 }
 
-/// Reads and validates a pool manifest from a file.
+/// Largest pool file read.
+pub const MAX_POOL_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads and validates a pool manifest from a file: a regular file (a symlink to one, as a
+/// mounted ConfigMap is, is fine) of at most [`MAX_POOL_FILE_BYTES`].
 pub fn load_pool_file(path: &Path) -> Result<ModelPool, PoolFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PoolFileError::Read {
+    use std::io::Read as _;
+    let read = |source| PoolFileError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let kind = std::fs::metadata(path).map_err(read)?.file_type();
+    if !kind.is_file() {
+        return Err(PoolFileError::NotRegular {
+            path: path.to_owned(),
+            kind: kind_name(&kind),
+        });
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read)?
+        .take(MAX_POOL_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_POOL_FILE_BYTES {
+        return Err(PoolFileError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
     parse_pool(&text, &path.display().to_string())
+}
+
+fn kind_name(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
 }
 
 /// Parses and validates a pool manifest; `origin` names it in errors (a file path).

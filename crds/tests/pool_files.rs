@@ -50,3 +50,38 @@ fn the_sidecar_reads_every_shared_pool_file_as_expected() {
         assert_eq!(&got, want, "{file}");
     }
 }
+
+/// Issue 15: a FIFO given as the pool file blocked its reader forever (and kept the sidecar
+/// alive after SIGTERM). A FIFO, a directory and a file over 1 MiB are refused at once, naming
+/// what they are.
+#[test]
+fn special_and_huge_files_are_refused_without_blocking() {
+    let dir = std::env::temp_dir().join(format!("modelpool-pool-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("a-directory.yaml")).unwrap();
+    let fifo = dir.join("fifo.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let huge = dir.join("huge.yaml");
+    std::fs::write(&huge, format!("# {}\n", "x".repeat(2 << 20))).unwrap();
+    for (file, says) in [
+        (fifo, "is a FIFO, not a regular file"),
+        (dir.join("a-directory.yaml"), "is a directory"),
+        (huge, "over the limit of 1048576 bytes"),
+    ] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = file.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(load_pool_file(&path).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("reading {} blocked", file.display()));
+        let error = result.unwrap_err();
+        assert!(error.contains(says), "{error}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

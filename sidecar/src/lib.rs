@@ -205,14 +205,24 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         max_sessions: max_sessions as usize,
     };
     let unix = api::http::bind_unix(&socket)?;
+    let socket_watch = api::socket::SocketWatch::new(&socket);
+    let api_router = api::router_with(Arc::clone(&shared), caps_api);
     servers.push(listen::serve(
         unix,
-        api::router_with(Arc::clone(&shared), caps_api),
+        api_router.clone(),
         limits(caps[0]),
         conn_metrics.clone(),
         stop_rx.clone(),
         "api",
     ));
+    let socket_watcher = api::socket::spawn_watcher(
+        Arc::clone(&socket_watch),
+        api_router,
+        limits(caps[0]),
+        conn_metrics.clone(),
+        Duration::from_secs(1),
+        stop_rx.clone(),
+    );
     tracing::info!(socket = %socket.display(), max_connections = caps[0], "API listening on the Unix socket");
     if let Some(addr) = listen {
         let tcp = api::http::bind_tcp(addr).await?;
@@ -261,7 +271,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let ops_addr = ops.local_addr().map_or(metrics_listen, |a| a);
     servers.push(listen::serve(
         ops,
-        api::ops_router(Arc::clone(&shared)),
+        api::ops_router(Arc::clone(&shared)).layer(axum::Extension(socket_watch)),
         limits(caps[1]),
         conn_metrics,
         stop_rx.clone(),
@@ -333,6 +343,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         task.abort();
     }
     trimmer.abort();
+    socket_watcher.abort();
     for follower in followers {
         // The reporter sends a last report when it stops; give it a moment.
         if tokio::time::timeout(Duration::from_secs(3), follower)
@@ -421,7 +432,20 @@ async fn watch_pool(
         if !file.changed() {
             continue;
         }
-        match pool::load(file.path(), shared.settings.reclaim_timeout) {
+        // Off the runtime's workers: a read that never returns (a FIFO swapped in between the
+        // check and the open) ties up one blocking thread, never the runtime or shutdown.
+        let path = file.path().to_owned();
+        let reclaim_timeout = shared.settings.reclaim_timeout;
+        let read = tokio::task::spawn_blocking(move || pool::load(&path, reclaim_timeout));
+        let result = tokio::select! {
+            result = read => result,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let Ok(result) = result else {
+            tracing::error!(file = %file.path().display(), "reading the pool file failed (the reading task ended abnormally); the previous pool stays in force");
+            continue;
+        };
+        match result {
             Ok(loaded) => {
                 if loaded.driver != driver_kind {
                     tracing::warn!(
@@ -448,6 +472,38 @@ async fn watch_pool(
                 tracing::error!(file = %file.path().display(), %error, "pool file changed but is invalid: refused, the previous pool stays in force");
             }
         }
+    }
+}
+
+/// Makes sure the process ends after SIGTERM/SIGINT even if a task is stuck: on its own
+/// thread and runtime (so a wedged main runtime cannot hold it up), it waits for the signal,
+/// then for `limit`, then exits with status 1.
+pub fn spawn_shutdown_watchdog(limit: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                if wait_for_signal().await.is_ok() {
+                    tokio::time::sleep(limit).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            });
+            tracing::error!(
+                limit_ms = limit.as_millis() as u64,
+                "shutdown did not finish in time after the stop signal: exiting now"
+            );
+            std::process::exit(1);
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "failed to start the shutdown watchdog");
     }
 }
 

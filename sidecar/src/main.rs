@@ -1,6 +1,6 @@
 //! `modelpool-sidecar`: see the library docs.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, time::Duration};
 
 use clap::Parser;
 use modelpool_sidecar::{
@@ -8,9 +8,24 @@ use modelpool_sidecar::{
     status, telemetry, validate,
 };
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: failed to start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run(Cli::parse()));
+    // A task stuck in a system call must not keep the process alive: give the rest 2 s.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
+async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Some(Command::Validate(args)) => {
             let report = validate::run(&args.files);
@@ -33,6 +48,11 @@ async fn main() -> ExitCode {
         },
         None => {
             telemetry::init(cli.serve.log_format, cli.serve.log_level.as_deref());
+            // The longest a clean shutdown takes: the grace, then followers (3 s) and
+            // listeners (2 s); past that plus a margin, something is stuck.
+            modelpool_sidecar::spawn_shutdown_watchdog(
+                Duration::from_millis(cli.serve.shutdown_grace_ms) + Duration::from_secs(15),
+            );
             match modelpool_sidecar::run(cli.serve).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

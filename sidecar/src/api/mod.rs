@@ -5,6 +5,7 @@
 pub mod http;
 pub mod limits;
 pub mod listen;
+pub mod socket;
 pub mod wire;
 
 use std::{
@@ -96,7 +97,7 @@ pub fn router_with(shared: Arc<Shared>, caps: limits::ApiLimits) -> Router {
 pub fn ops_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(http::not_found)
         .with_state(shared)
@@ -113,8 +114,20 @@ async fn metrics(State(shared): AppState) -> Response {
         .into_response()
 }
 
-async fn readyz(State(shared): AppState) -> Response {
-    if let Some(reason) = shared.server_down() {
+/// The API socket's watcher, when the sidecar runs one (not in router-only tests).
+type Socket = Option<Extension<Arc<socket::SocketWatch>>>;
+
+async fn healthz(socket: Socket) -> Response {
+    match socket.and_then(|s| s.problem()) {
+        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response(),
+        None => (StatusCode::OK, "ok\n").into_response(),
+    }
+}
+
+async fn readyz(State(shared): AppState, socket: Socket) -> Response {
+    if let Some(problem) = socket.and_then(|s| s.problem()) {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response()
+    } else if let Some(reason) = shared.server_down() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the model server does not answer: {reason}\n"),
