@@ -251,6 +251,32 @@ pub fn validate_pool(pool: &ModelPool) -> Result<(), FieldErrors> {
         }
     }
 
+    if let Some(proxy) = &spec.proxy {
+        if spec.driver.kind == DriverKind::Sdk {
+            errors.push(FieldError::new(
+                "spec.proxy",
+                "needs a driver that loads models itself (Http, KServeV2, Ollama, Vllm): with driver.kind Sdk the app loads its models, and a proxied request has no app to load for it".to_owned(),
+            ));
+        }
+        if !(1..=65535).contains(&proxy.port) || proxy.port == 9464 {
+            errors.push(FieldError::new(
+                "spec.proxy.port",
+                format!(
+                    "{} must be between 1 and 65535 and not 9464 (the sidecar's metrics port)",
+                    proxy.port
+                ),
+            ));
+        }
+        if let Some(url) = proxy.upstream.as_deref()
+            && !url.starts_with("http://")
+        {
+            errors.push(FieldError::new(
+                "spec.proxy.upstream",
+                format!("{url:?} must start with http:// (the server is in the same pod)"),
+            ));
+        }
+    }
+
     let policy = &spec.policy;
     for (value, field) in [
         (

@@ -12,6 +12,16 @@ fn with_spec(spec: &str) -> String {
 fn bad_manifests_name_the_field_and_the_problem() {
     let cases: Vec<(String, &str)> = vec![
         (
+            with_spec("  proxy: {port: 8080}\n  models:\n    - {name: a}\n"),
+            "spec.proxy: needs a driver that loads models itself",
+        ),
+        (
+            with_spec(
+                "  driver: {kind: Ollama, url: \"http://127.0.0.1:11434\"}\n  proxy: {port: 9464, upstream: \"https://x\"}\n  models:\n    - {name: a}\n",
+            ),
+            "spec.proxy.port: 9464 must be between 1 and 65535 and not 9464",
+        ),
+        (
             with_spec("  models:\n    - {name: a, vram: 1Gi}\n    - {name: b, vram: 12Gx}\n"),
             r#"spec.models[1].vram: "12Gx" is not a quantity (e.g. 12Gi)"#,
         ),

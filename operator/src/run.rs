@@ -158,6 +158,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
                 log_filter: args.sidecar_log_level.clone(),
                 log_format: args.sidecar_log_format.as_str().to_owned(),
                 gpu_access: args.sidecar_gpu_access,
+                proxy: None,
             },
             metrics: metrics.clone(),
         };

@@ -118,6 +118,38 @@ pub struct ModelPoolSpec {
     /// (`--sidecar-gpu-access`, chart value `sidecar.gpuAccess`, itself `Auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuSpec>,
+
+    /// The serving proxy (docs/proxy.md): the injected sidecar listens on `port` (container
+    /// port `mp-proxy`) and forwards to the pod's inference server, admitting each request
+    /// that names a model under a lease on it. Point the pod's Service at this port. Needs a
+    /// driver that loads models itself (not `Sdk`). Absent: no proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxySpec>,
+}
+
+/// The serving proxy of a pool's pods.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxySpec {
+    /// The port the proxy listens on, in every pod of the pool (the Service's `targetPort`).
+    /// Must differ from the app's own ports and from the sidecar's metrics port, 9464.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// The inference server, `http://127.0.0.1:PORT`. Absent: the driver's `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// The most requests waiting for admission at once; more are answered 429. Absent: 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_queue: Option<u32>,
+    /// The largest request body, in bytes; larger ones are answered 413. Absent: 32 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_body_bytes: Option<u64>,
+    /// The most requests in flight per model; more wait their turn (up to the policy's
+    /// `acquireTimeout`). Absent or 0: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_concurrency: Option<u32>,
 }
 
 /// How the sidecar sees the app's GPU in a pod (see docs/gpu.md).

@@ -7,7 +7,7 @@
 //! pids. How the sidecar reads the app's GPU (the app's DRA claims, the node's GPUs, or only the
 //! app's own readings) is `gpu.rs`'s choice.
 
-use modelpool_crds::v1alpha1::GpuAccess;
+use modelpool_crds::v1alpha1::{GpuAccess, ProxySpec};
 
 use super::gpu::{self, GPU_READING_ANNOTATION};
 use k8s_openapi::{
@@ -31,6 +31,8 @@ pub const SOCKET_PATH: &str = "/var/run/modelpool/sidecar.sock";
 pub const INJECTED_ANNOTATION: &str = "modelpool.io/injected";
 /// The sidecar's metrics port.
 pub const METRICS_PORT: i32 = 9464;
+/// The name of the serving proxy's container port (a Service may target it by name).
+pub const PROXY_PORT_NAME: &str = "mp-proxy";
 
 /// How the sidecar container is built.
 #[derive(Clone, Debug)]
@@ -53,6 +55,8 @@ pub struct SidecarTemplate {
     pub log_format: String,
     /// How the sidecar reads the app's GPU (a pool's `spec.gpu.access` overrides it).
     pub gpu_access: GpuAccess,
+    /// The pool's serving proxy (`spec.proxy`), if it has one.
+    pub proxy: Option<ProxySpec>,
 }
 
 impl Default for SidecarTemplate {
@@ -67,6 +71,7 @@ impl Default for SidecarTemplate {
             log_filter: "info".into(),
             log_format: "json".into(),
             gpu_access: GpuAccess::Auto,
+            proxy: None,
         }
     }
 }
@@ -119,6 +124,27 @@ pub fn restricted_security_context() -> SecurityContext {
         }),
         ..SecurityContext::default()
     }
+}
+
+/// The sidecar's flags for a pool's `spec.proxy`.
+fn proxy_args(proxy: &ProxySpec) -> Vec<String> {
+    let mut args = vec![
+        "--proxy-listen".to_owned(),
+        format!("0.0.0.0:{}", proxy.port),
+    ];
+    if let Some(upstream) = &proxy.upstream {
+        args.extend(["--upstream".to_owned(), upstream.clone()]);
+    }
+    if let Some(n) = proxy.max_queue {
+        args.extend(["--proxy-max-queue".to_owned(), n.to_string()]);
+    }
+    if let Some(n) = proxy.max_body_bytes {
+        args.extend(["--proxy-body-limit".to_owned(), n.to_string()]);
+    }
+    if let Some(n) = proxy.model_concurrency {
+        args.extend(["--proxy-model-concurrency".to_owned(), n.to_string()]);
+    }
+    args
 }
 
 /// The pod with the sidecar injected. `pool` is the pool's name.
@@ -196,6 +222,7 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
             ]
             .into_iter()
             .chain(gpu.args.iter().cloned())
+            .chain(template.proxy.iter().flat_map(proxy_args))
             .collect(),
         ),
         env: Some(
@@ -222,11 +249,19 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
             .chain(gpu.env.iter().cloned())
             .collect(),
         ),
-        ports: Some(vec![ContainerPort {
-            name: Some("mp-metrics".into()),
-            container_port: METRICS_PORT,
-            ..ContainerPort::default()
-        }]),
+        ports: Some(
+            std::iter::once(ContainerPort {
+                name: Some("mp-metrics".into()),
+                container_port: METRICS_PORT,
+                ..ContainerPort::default()
+            })
+            .chain(template.proxy.iter().map(|proxy| ContainerPort {
+                name: Some(PROXY_PORT_NAME.into()),
+                container_port: proxy.port,
+                ..ContainerPort::default()
+            }))
+            .collect(),
+        ),
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/readyz".into()),
@@ -302,6 +337,55 @@ mod tests {
             });
         }
         pod
+    }
+
+    #[test]
+    fn a_pool_with_a_proxy_gets_its_flags_and_a_named_port() {
+        let template = SidecarTemplate {
+            proxy: Some(ProxySpec {
+                port: 8080,
+                upstream: Some("http://127.0.0.1:11434".into()),
+                max_queue: Some(64),
+                max_body_bytes: None,
+                model_concurrency: Some(2),
+            }),
+            ..SidecarTemplate::default()
+        };
+        let pod = inject(&app_pod(false), "video", &template);
+        let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let args = sidecar.args.as_ref().unwrap().join(" ");
+        assert!(
+            args.ends_with(
+                "--proxy-listen 0.0.0.0:8080 --upstream http://127.0.0.1:11434 --proxy-max-queue 64 --proxy-model-concurrency 2"
+            ),
+            "{args}"
+        );
+        let ports: Vec<(Option<&str>, i32)> = sidecar
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (Some("mp-metrics"), METRICS_PORT),
+                (Some(PROXY_PORT_NAME), 8080)
+            ]
+        );
+        // Without a proxy: neither.
+        let pod = inject(&app_pod(false), "video", &SidecarTemplate::default());
+        let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        assert!(
+            !sidecar
+                .args
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|a| a.contains("proxy"))
+        );
+        assert_eq!(sidecar.ports.as_ref().unwrap().len(), 1);
     }
 
     #[test]

@@ -89,14 +89,17 @@ async fn admit(state: &WebhookState, request: &AdmissionRequest<Pod>) -> Admissi
     let cached = state
         .pools
         .get(&ObjectRef::<ModelPool>::new(pool).within(&namespace))
-        .map(|p| p.spec.gpu.clone());
+        .map(|p| (p.spec.gpu.clone(), p.spec.proxy.clone()));
     let api: Api<ModelPool> = Api::namespaced(state.client.clone(), &namespace);
     let lookup = match cached {
-        Some(gpu) => Ok(Some(gpu)),
-        None => api.get_opt(pool).await.map(|p| p.map(|p| p.spec.gpu)),
+        Some(found) => Ok(Some(found)),
+        None => api
+            .get_opt(pool)
+            .await
+            .map(|p| p.map(|p| (p.spec.gpu, p.spec.proxy))),
     };
-    let pool_gpu = match lookup {
-        Ok(Some(gpu)) => gpu,
+    let (pool_gpu, pool_proxy) = match lookup {
+        Ok(Some(found)) => found,
         Ok(None) => {
             outcome("unknown_pool");
             tracing::warn!(pod = %pods_name, %namespace, %pool, "pod names an unknown pool; admitted without the sidecar");
@@ -119,6 +122,7 @@ async fn admit(state: &WebhookState, request: &AdmissionRequest<Pod>) -> Admissi
     if let Some(gpu) = pool_gpu {
         template.gpu_access = gpu.access;
     }
+    template.proxy = pool_proxy;
     if let Some(warning) = pod
         .spec
         .as_ref()
