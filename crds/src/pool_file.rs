@@ -36,7 +36,9 @@ pub enum PoolFileError {
         kind: &'static str,
     },
     /// Over [`MAX_POOL_FILE_BYTES`].
-    #[error("pool file {path} is over the limit of {MAX_POOL_FILE_BYTES} bytes (1 MiB); a pool of 64 models takes a few KiB")]
+    #[error(
+        "pool file {path} is over the limit of {MAX_POOL_FILE_BYTES} bytes (1 MiB); a pool of 64 models takes a few KiB"
+    )]
     TooLarge {
         /// The file.
         path: PathBuf,

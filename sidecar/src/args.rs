@@ -99,6 +99,12 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
 
+    /// Group (numeric gid) of the API socket, which gets mode 0660: the pod's containers share
+    /// it as a supplemental group (the webhook sets 65532 for both), so the app can connect
+    /// and nobody else can. Unset: the sidecar's own primary group.
+    #[arg(long, env = "MODELPOOL_SOCKET_GROUP")]
+    pub socket_group: Option<u32>,
+
     /// Also serve the API on this TCP address (loopback only, unless --api-token is set).
     #[arg(long, env = "MODELPOOL_LISTEN")]
     pub listen: Option<SocketAddr>,

@@ -106,6 +106,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let ServeArgs {
         pool: pool_path,
         socket,
+        socket_group,
         listen,
         api_token,
         metrics_listen,
@@ -204,8 +205,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let caps_api = api::limits::ApiLimits {
         max_sessions: max_sessions as usize,
     };
-    let unix = api::http::bind_unix(&socket)?;
-    let socket_watch = api::socket::SocketWatch::new(&socket);
+    let unix = api::http::bind_unix(&socket, socket_group)?;
+    let socket_watch = api::socket::SocketWatch::new(&socket, socket_group);
     let api_router = api::router_with(Arc::clone(&shared), caps_api);
     servers.push(listen::serve(
         unix,
@@ -223,7 +224,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         Duration::from_secs(1),
         stop_rx.clone(),
     );
-    tracing::info!(socket = %socket.display(), max_connections = caps[0], "API listening on the Unix socket");
+    tracing::info!(socket = %socket.display(), mode = "0660", group = socket_group, max_connections = caps[0], "API listening on the Unix socket");
     if let Some(addr) = listen {
         let tcp = api::http::bind_tcp(addr).await?;
         let router =

@@ -228,6 +228,15 @@ async fn operator_injects_aggregates_fails_over_and_drains() {
             .unwrap_or_else(|| panic!("{name} was not injected"));
         assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
         assert_eq!(spec.share_process_namespace, Some(true));
+        // Issue 15: the app reaches the socket through the pod's shared group, and the
+        // sidecar has a liveness probe (PodSecurity restricted admits both).
+        let groups = spec
+            .security_context
+            .as_ref()
+            .and_then(|s| s.supplemental_groups.clone())
+            .unwrap_or_default();
+        assert!(groups.contains(&65532), "supplementalGroups: {groups:?}");
+        assert!(sidecar.liveness_probe.is_some());
         let app_env = spec.containers[0].env.clone().unwrap_or_default();
         assert!(app_env.iter().any(|e| e.name == "MODELPOOL_SOCKET"));
     }

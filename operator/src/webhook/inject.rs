@@ -4,7 +4,10 @@
 //! Kubernetes 1.29+) so it is up before the app's first acquire and outlives it on shutdown.
 //! Every container gets the socket volume; app containers get `MODELPOOL_SOCKET`; the pod
 //! shares its process namespace so the sidecar can read the app's `/proc/PID` and map NVML
-//! pids. How the sidecar reads the app's GPU (the app's DRA claims, the node's GPUs, or only the
+//! pids. The socket is mode 0660 with group [`SOCKET_GROUP`], which the pod's
+//! `supplementalGroups` gives every container (an app running as uid 1000 otherwise got
+//! `Permission denied`). The sidecar has a liveness probe on `/healthz`, which fails when its
+//! socket is gone and cannot be bound again. How the sidecar reads the app's GPU (the app's DRA claims, the node's GPUs, or only the
 //! app's own readings) is `gpu.rs`'s choice.
 
 use modelpool_crds::v1alpha1::{GpuAccess, ProxySpec};
@@ -13,8 +16,8 @@ use super::gpu::{self, GPU_READING_ANNOTATION};
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-        HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile,
-        SecurityContext, Volume, VolumeMount,
+        HTTPGetAction, ObjectFieldSelector, Pod, PodSecurityContext, Probe, ResourceRequirements,
+        SeccompProfile, SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
@@ -33,6 +36,11 @@ pub const INJECTED_ANNOTATION: &str = "modelpool.io/injected";
 pub const METRICS_PORT: i32 = 9464;
 /// The name of the serving proxy's container port (a Service may target it by name).
 pub const PROXY_PORT_NAME: &str = "mp-proxy";
+/// The group that may use the API socket: the sidecar runs with it as its group and gives the
+/// socket mode 0660 and this group; the webhook adds it to the pod's `supplementalGroups`, so
+/// every container of the pod (whatever its uid) can connect, and no one outside the pod can
+/// (the socket lives in the pod's own emptyDir).
+pub const SOCKET_GROUP: i64 = 65532;
 
 /// How the sidecar container is built.
 #[derive(Clone, Debug)]
@@ -219,6 +227,8 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
                 SOCKET_PATH.into(),
                 "--metrics-listen".into(),
                 format!("0.0.0.0:{METRICS_PORT}"),
+                "--socket-group".into(),
+                SOCKET_GROUP.to_string(),
             ]
             .into_iter()
             .chain(gpu.args.iter().cloned())
@@ -271,9 +281,27 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
             period_seconds: Some(5),
             ..Probe::default()
         }),
+        // Restarts a sidecar whose socket is gone for good or that stopped answering. In
+        // cluster mode it waits up to 120 s for its pool before listening: the first probe
+        // comes after that.
+        liveness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(METRICS_PORT),
+                ..HTTPGetAction::default()
+            }),
+            initial_delay_seconds: Some(130),
+            period_seconds: Some(10),
+            timeout_seconds: Some(5),
+            failure_threshold: Some(3),
+            ..Probe::default()
+        }),
         resources: Some(resources),
         restart_policy: Some("Always".into()),
-        security_context: Some(restricted_security_context()),
+        security_context: Some(SecurityContext {
+            run_as_group: Some(SOCKET_GROUP),
+            ..restricted_security_context()
+        }),
         volume_mounts: Some(vec![socket_mount()]),
         ..Container::default()
     };
@@ -293,6 +321,15 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
         });
     }
     spec.share_process_namespace = Some(true);
+    // Every container joins the socket's group (the pod's own fsGroup, if any, is untouched:
+    // setting one would make the kubelet chown every volume, model volumes included).
+    let security = spec
+        .security_context
+        .get_or_insert_with(PodSecurityContext::default);
+    let groups = security.supplemental_groups.get_or_insert_with(Vec::new);
+    if !groups.contains(&SOCKET_GROUP) {
+        groups.push(SOCKET_GROUP);
+    }
     // The ServiceAccount admission plugin has run before the webhooks: the name is set.
     let service_account = spec
         .service_account_name
@@ -413,6 +450,27 @@ mod tests {
             ]
         );
         assert_eq!(spec.share_process_namespace, Some(true));
+        // Issue 15: the app (another uid) reaches the socket through the shared group.
+        let args = sidecar.args.as_ref().unwrap();
+        let at = args.iter().position(|a| a == "--socket-group").unwrap();
+        assert_eq!(args[at + 1], SOCKET_GROUP.to_string());
+        let security = sidecar.security_context.as_ref().unwrap();
+        assert_eq!(security.run_as_group, Some(SOCKET_GROUP));
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(
+            spec.security_context
+                .as_ref()
+                .unwrap()
+                .supplemental_groups
+                .as_deref(),
+            Some(&[SOCKET_GROUP][..])
+        );
+        // Issue 15: a liveness probe on /healthz (which fails when the socket is gone).
+        let liveness = sidecar.liveness_probe.as_ref().unwrap();
+        let get = liveness.http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some("/healthz"));
+        assert_eq!(get.port, IntOrString::Int(METRICS_PORT));
+        assert!(liveness.initial_delay_seconds.unwrap() > 120);
         let app = &spec.containers[0];
         assert!(
             app.env
@@ -524,6 +582,21 @@ mod tests {
         let limits = custom.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert_eq!(limits.get("cpu"), Some(&Quantity("200m".into())));
         assert_eq!(limits.get("memory"), Some(&Quantity("128Mi".into())));
+    }
+
+    /// A pod's own supplemental groups and fsGroup stay; the socket's group is added once.
+    #[test]
+    fn the_socket_group_joins_the_pods_own_groups() {
+        let mut pod = app_pod(false);
+        pod.spec.as_mut().unwrap().security_context = Some(PodSecurityContext {
+            fs_group: Some(2000),
+            supplemental_groups: Some(vec![44, SOCKET_GROUP]),
+            ..PodSecurityContext::default()
+        });
+        let pod = inject(&pod, "video", &SidecarTemplate::default());
+        let security = pod.spec.unwrap().security_context.unwrap();
+        assert_eq!(security.fs_group, Some(2000));
+        assert_eq!(security.supplemental_groups, Some(vec![44, SOCKET_GROUP]));
     }
 
     #[test]

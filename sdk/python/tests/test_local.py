@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -293,7 +294,7 @@ def test_local_mode_is_announced_once():
         "modelpool.MemoryManager(); modelpool.MemoryManager(); modelpool.get_memory_manager()\n"
     )
     env = dict(os.environ, MODELPOOL_SOCKET="/nonexistent/sidecar.sock", MODELPOOL_CONNECT_TIMEOUT="0",
-               PYTHONPATH=str(SDK / "src"))
+               MODELPOOL_REQUIRE_SIDECAR="0", PYTHONPATH=str(SDK / "src"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("managing memory in-process (local mode") == 1, out.stderr
@@ -410,12 +411,64 @@ def test_local_mode_without_a_sidecar_is_a_warning_with_the_reason():
         "modelpool.MemoryManager()\n"
     )
     env = dict(os.environ, MODELPOOL_SOCKET="/nonexistent/sidecar.sock", MODELPOOL_CONNECT_TIMEOUT="0",
-               PYTHONPATH=str(SDK / "src"))
-    env.pop("MODELPOOL_REQUIRE_SIDECAR", None)
+               MODELPOOL_REQUIRE_SIDECAR="0", PYTHONPATH=str(SDK / "src"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "No ModelPool sidecar answers at /nonexistent/sidecar.sock ($MODELPOOL_SOCKET; no such socket file)" in out.stderr
     assert "local mode" in out.stderr and "MODELPOOL_REQUIRE_SIDECAR=1" in out.stderr
+
+
+def test_an_injected_socket_that_does_not_answer_is_an_error_not_local_mode():
+    """Issue 15: the webhook injects MODELPOOL_SOCKET; when the sidecar there cannot be reached
+    the SDK ran in local mode, without any ceiling, after one warning. Now that is an error,
+    unless MODELPOOL_REQUIRE_SIDECAR=0 says local mode is fine."""
+    code = "import modelpool\nmodelpool.MemoryManager()\n"
+    env = dict(os.environ, MODELPOOL_SOCKET="/nonexistent/sidecar.sock", MODELPOOL_CONNECT_TIMEOUT="0.3",
+               PYTHONPATH=str(SDK / "src"))
+    env.pop("MODELPOOL_REQUIRE_SIDECAR", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0, out.stderr
+    assert "SidecarUnavailableError" in out.stderr, out.stderr
+    assert "$MODELPOOL_SOCKET is set" in out.stderr and "MODELPOOL_REQUIRE_SIDECAR=0" in out.stderr
+    assert "local mode (" not in out.stderr
+
+
+@pytest.mark.skipif(os.name != "posix" or not hasattr(os, "geteuid") or os.geteuid() != 0
+                    or shutil.which("setpriv") is None, reason="needs root and setpriv to run as another uid")
+def test_an_app_of_another_uid_without_the_socket_group_fails_closed_saying_why():
+    """Issue 15, with real uids: the sidecar's socket is mode 0660 with the pod's shared group;
+    an app running as uid 1000 without that group used to get Permission denied and fall back
+    to local mode with no ceiling. It must fail, naming the permission problem."""
+    import socket as socketlib
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="modelpool-uid-")
+    try:
+        os.chmod(work, 0o755)
+        shutil.copytree(SDK / "src" / "modelpool", os.path.join(work, "modelpool"))
+        for root, dirs, files in os.walk(work):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
+        path = os.path.join(work, "sidecar.sock")
+        server = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        server.bind(path)
+        server.listen(8)
+        os.chown(path, 65532, 65532)
+        os.chmod(path, 0o660)
+        code = "import modelpool\nmodelpool.MemoryManager()\n"
+        env = dict(os.environ, MODELPOOL_SOCKET=path, MODELPOOL_CONNECT_TIMEOUT="0.3", PYTHONPATH=work,
+                   HOME=work)
+        env.pop("MODELPOOL_REQUIRE_SIDECAR", None)
+        out = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-c", code],
+                             env=env, capture_output=True, text=True, timeout=120, cwd=work)
+        server.close()
+        assert out.returncode != 0, out.stderr
+        assert "permission denied on the socket" in out.stderr, out.stderr
+        assert "supplementalGroups" in out.stderr, out.stderr
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_a_waiting_acquire_logs_what_it_waits_for_and_behind_whom(caplog, monkeypatch):

@@ -274,6 +274,22 @@ pub enum ListenError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket's (or its new directory's) mode or group could not be set.
+    #[error(
+        "failed to give {path} mode {mode:o}{}: {source} (the sidecar must belong to the group: the webhook adds it to the pod's supplementalGroups)",
+        group.map(|g| format!(" and group {g}")).unwrap_or_default()
+    )]
+    SocketMode {
+        /// The socket or directory.
+        path: PathBuf,
+        /// The mode asked for.
+        mode: u32,
+        /// The group asked for.
+        group: Option<u32>,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another sidecar answers on the socket.
     #[error("socket {0} is in use by a running sidecar; stop it or choose another --socket")]
     SocketInUse(PathBuf),
@@ -288,13 +304,33 @@ pub enum ListenError {
     },
 }
 
-/// Binds the Unix socket, removing a stale socket file left by a previous run.
-pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ListenError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+/// Mode of the API socket: owner and group may connect, nobody else.
+pub const SOCKET_MODE: u32 = 0o660;
+/// Mode of a socket directory the sidecar creates: owner and group only.
+pub const SOCKET_DIR_MODE: u32 = 0o770;
+
+/// Binds the Unix socket, removing a stale socket file left by a previous run. The socket
+/// gets mode 0660 and, with `group`, that group (the pod's shared supplemental group), so the
+/// pod's other containers reach it and nobody else does; a directory the sidecar has to create
+/// for it gets 0770 and the same group. Before the mode is set, the umask's mode (0755 at most)
+/// applies, which lets no one else connect: there is no window where the socket is open wider.
+pub fn bind_unix(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixListener, ListenError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
         std::fs::create_dir_all(dir).map_err(|source| ListenError::SocketDir {
             path: dir.to_owned(),
             source,
         })?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(SOCKET_DIR_MODE))
+            .and_then(|()| std::os::unix::fs::chown(dir, None, group))
+            .map_err(|source| ListenError::SocketMode {
+                path: dir.to_owned(),
+                mode: SOCKET_DIR_MODE,
+                group,
+                source,
+            })?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -302,10 +338,19 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ListenError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    tokio::net::UnixListener::bind(path).map_err(|source| ListenError::Bind {
+    let listener = tokio::net::UnixListener::bind(path).map_err(|source| ListenError::Bind {
         what: path.display().to_string(),
         source,
-    })
+    })?;
+    std::os::unix::fs::chown(path, None, group)
+        .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)))
+        .map_err(|source| ListenError::SocketMode {
+            path: path.to_owned(),
+            mode: SOCKET_MODE,
+            group,
+            source,
+        })?;
+    Ok(listener)
 }
 
 /// Binds a TCP address.

@@ -20,6 +20,8 @@ use super::listen::{self, ConnMetrics, ListenLimits};
 #[derive(Debug)]
 pub struct SocketWatch {
     path: PathBuf,
+    /// The group it is given (`--socket-group`).
+    group: Option<u32>,
     /// The inode of the socket this sidecar bound last.
     inode: Mutex<u64>,
     /// Why the socket is unusable, while it is.
@@ -27,10 +29,11 @@ pub struct SocketWatch {
 }
 
 impl SocketWatch {
-    /// Watches `path`, which this sidecar has just bound.
-    pub fn new(path: &Path) -> Arc<Self> {
+    /// Watches `path`, which this sidecar has just bound with `group`.
+    pub fn new(path: &Path, group: Option<u32>) -> Arc<Self> {
         Arc::new(Self {
             path: path.to_owned(),
+            group,
             inode: Mutex::new(inode_of(path).unwrap_or(0)),
             problem: Mutex::new(None),
         })
@@ -81,7 +84,7 @@ pub fn spawn_watcher(
                 continue;
             }
             let path = watch.path.display().to_string();
-            match super::http::bind_unix(&watch.path) {
+            match super::http::bind_unix(&watch.path, watch.group) {
                 Ok(listener) => {
                     *lock(&watch.inode) = inode_of(&watch.path).unwrap_or(0);
                     let was = lock(&watch.problem).take();

@@ -49,7 +49,7 @@ from typing import (
 
 from . import memory
 from ._http import DEFAULT_SOCKET, SidecarHTTP
-from .errors import SidecarUnavailableError, UnknownModelError
+from .errors import SidecarError, SidecarUnavailableError, UnknownModelError
 from .local import Grant, LocalCoordinator
 from .pool import Pool, load_pool_file
 from .proxy import ModelProxy
@@ -223,6 +223,24 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _default_require(sidecar: Union[str, bool, None]) -> Tuple[bool, str]:
+    """Whether a missing sidecar is an error when ``require_sidecar`` is not given, and why.
+
+    ``$MODELPOOL_REQUIRE_SIDECAR`` decides when set (``1``/``true`` or ``0``/``false``).
+    Otherwise a ``$MODELPOOL_SOCKET`` naming a socket (the webhook injects it into every
+    governed pod) requires one: a governed app must never run without the pod's ceilings.
+    """
+    flag = os.environ.get("MODELPOOL_REQUIRE_SIDECAR", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return True, "MODELPOOL_REQUIRE_SIDECAR=1"
+    if flag in ("0", "false", "no", "off"):
+        return False, "MODELPOOL_REQUIRE_SIDECAR=0"
+    socket = os.environ.get("MODELPOOL_SOCKET")
+    if sidecar is None and socket is not None and socket.strip().lower() not in _OFF:
+        return True, "$MODELPOOL_SOCKET is set, as the webhook sets it in a governed pod; MODELPOOL_REQUIRE_SIDECAR=0 allows local mode"
+    return False, "MODELPOOL_REQUIRE_SIDECAR=1"
+
+
 class MemoryManager:
     """The seed's memory manager. Get the process-wide one with :func:`get_memory_manager`.
 
@@ -260,8 +278,9 @@ class MemoryManager:
         self._closed = False
         self._pool_executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._executor_lock = threading.Lock()
+        self._require_source = "require_sidecar=True"
         if require_sidecar is None:
-            require_sidecar = _env_flag("MODELPOOL_REQUIRE_SIDECAR")
+            require_sidecar, self._require_source = _default_require(sidecar)
         self._coordinator: Union[LocalCoordinator, SidecarCoordinator] = self._connect(
             sidecar, pool, app, require_sidecar
         )
@@ -294,7 +313,7 @@ class MemoryManager:
             else:
                 address = DEFAULT_SOCKET
         looked = sidecar is not False and address is not None and address.strip().lower() not in _OFF
-        required_by = "require_sidecar=True" if require and not _env_flag("MODELPOOL_REQUIRE_SIDECAR") else "MODELPOOL_REQUIRE_SIDECAR=1"
+        required_by = self._require_source
         if require and not looked:
             raise SidecarUnavailableError(
                 f"a ModelPool sidecar is required ({required_by}) but local mode was asked for "
@@ -307,14 +326,25 @@ class MemoryManager:
             wait = float(os.environ.get("MODELPOOL_CONNECT_TIMEOUT", "10" if explicit or require else "0"))
             deadline = time.monotonic() + wait
             is_tcp = address.startswith("http")
+            last_error: Optional[BaseException] = None
             while True:
-                if (is_tcp or os.path.exists(address)) and http.reachable():
-                    return SidecarCoordinator(self, http, app)
+                if is_tcp or os.path.exists(address):
+                    try:
+                        http.request("GET", "/v1/state", timeout=2.0)
+                        return SidecarCoordinator(self, http, app)
+                    except (SidecarUnavailableError, SidecarError) as error:
+                        last_error = error.__cause__ or error
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(0.2)
             if not is_tcp and not os.path.exists(address):
                 detail = "no such socket file"
+            elif isinstance(last_error, PermissionError):
+                detail = (
+                    "permission denied on the socket: it is mode 0660 with the pod's shared group "
+                    "(65532, which the webhook adds to the pod's supplementalGroups); run this "
+                    "process with that group"
+                )
             else:
                 detail = f"it did not answer GET /v1/state within {wait:g} s"
             why = f"no ModelPool sidecar answers at {address} ({source}; {detail})"
