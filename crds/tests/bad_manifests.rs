@@ -65,7 +65,11 @@ fn bad_manifests_name_the_field_and_the_problem() {
         ),
         (
             with_spec("  driver: {kind: Http, url: 'localhost:8000'}\n  models:\n    - {name: a}\n"),
-            r#"spec.driver.url: "localhost:8000" must start with http:// or https://"#,
+            r#"spec.driver.url: "localhost:8000" must start with http:// (the model server runs in the same pod"#,
+        ),
+        (
+            with_spec("  driver: {kind: KServeV2, url: 'https://127.0.0.1:8080'}\n  models:\n    - {name: a}\n"),
+            r#"spec.driver.url: "https://127.0.0.1:8080" must start with http://"#,
         ),
         (
             with_spec("  driver: {kind: Grpc}\n  models:\n    - {name: a}\n"),

@@ -83,7 +83,12 @@ fn each_cel_rule_refuses_its_bad_pool() {
         ),
         (
             json!({"driver": {"kind": "Http", "url": "ftp://x"}, "models": [{"name": "a"}]}),
-            "driver.url must start with http:// or https://",
+            "driver.url must start with http://",
+        ),
+        // Issue 15: the CRD accepted https://, which the sidecar refuses at start.
+        (
+            json!({"driver": {"kind": "Ollama", "url": "https://127.0.0.1:11434"}, "models": [{"name": "a"}]}),
+            "driver.url must start with http:// (the model server runs in the same pod",
         ),
         (
             json!({"policy": {"pressure": {"vramPercent": 0}}, "models": [{"name": "a"}]}),

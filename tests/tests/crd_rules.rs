@@ -59,7 +59,12 @@ async fn each_rule_refuses_its_bad_pool_with_its_message() {
         (
             "url",
             "  driver: {kind: Http, url: 'ftp://x'}\n  models:\n    - {name: a}\n",
-            "driver.url must start with http:// or https://",
+            "driver.url must start with http://",
+        ),
+        (
+            "https",
+            "  driver: {kind: Ollama, url: 'https://127.0.0.1:11434'}\n  models:\n    - {name: a}\n",
+            "the sidecar does not speak https",
         ),
         (
             "vrampct",

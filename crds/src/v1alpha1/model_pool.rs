@@ -238,9 +238,10 @@ pub struct Driver {
     #[serde(default)]
     pub kind: DriverKind,
     /// Base URL of the app's model API (required for `Http`, `KServeV2` and `Ollama`), e.g.
-    /// `http://127.0.0.1:8000`.
+    /// `http://127.0.0.1:8000`. Plain `http://` only: the server runs in the same pod (the
+    /// sidecar refuses `https://` at start, and so does this rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("driver.url must start with http:// or https://"))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://')").message("driver.url must start with http:// (the model server runs in the same pod; the sidecar does not speak https)"))]
     #[schemars(length(max = 512))]
     pub url: Option<String>,
     /// Server drivers: how the sidecar finds the server's processes, whose memory (the
