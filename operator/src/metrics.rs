@@ -33,6 +33,8 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Pods deleted because their memory was not reclaimed (`enforcement: Restart`).
     pub pod_restarts: prometheus::IntCounter,
+    /// Per pool, selected pods that run without the sidecar.
+    pub pods_without_sidecar: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -87,6 +89,13 @@ impl Metrics {
             "modelpool_operator_pod_restarts_total",
             "Pods deleted for their controller to recreate, because memory was not reclaimed after an unload (enforcement: Restart).",
         )?;
+        let pods_without_sidecar = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "modelpool_operator_pods_without_sidecar",
+                "Pods a ModelPool selects that run without the sidecar (admitted while the webhook was unreachable with failurePolicy Ignore, or before the pool existed): nothing limits them.",
+            ),
+            &["namespace", "pool"],
+        )?;
         // Every result exists from the start, so graphs and alerts see zeros, not gaps.
         for result in ["ok", "invalid", "write_status", "finalizer", "draining"] {
             reconciles.with_label_values(&[result]);
@@ -100,6 +109,7 @@ impl Metrics {
         registry.register(Box::new(admissions.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(pod_restarts.clone()))?;
+        registry.register(Box::new(pods_without_sidecar.clone()))?;
         Ok(Self {
             registry,
             reconciles,
@@ -111,6 +121,7 @@ impl Metrics {
             admissions,
             leader,
             pod_restarts,
+            pods_without_sidecar,
         })
     }
 

@@ -518,6 +518,51 @@ async fn restart_enforcement_deletes_a_pod_whose_memory_was_not_reclaimed() {
     // Nothing would bring a pod without a controller back: it stays.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(pods.get_opt("bare").await.expect("get").is_some());
+
+    // Issue 15: no webhook ran here, so these pods run without the sidecar. The pool names
+    // them in a condition, each gets a Warning Event, and the operator counts them.
+    let pools: Api<ModelPool> = Api::namespaced(client.clone(), &ns);
+    let condition = eventually(
+        "SidecarsInjected=False",
+        Duration::from_secs(60),
+        || async {
+            let status = pools.get("video").await.ok()?.status?;
+            let c = status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "SidecarsInjected")?;
+            (c.status == "False").then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(condition.reason, "PodsWithoutSidecar");
+    assert!(condition.message.contains("bare"), "{}", condition.message);
+    let events = cp.kubectl_ok([
+        "get",
+        "events",
+        "-n",
+        &ns,
+        "--field-selector",
+        "reason=PodsWithoutSidecar,involvedObject.kind=Pod",
+        "-o",
+        "jsonpath={.items[*].involvedObject.name}",
+    ]);
+    assert!(
+        events.contains("bare"),
+        "a Warning Event on the pod: {events:?}"
+    );
+    let metrics = eventually("the metric", Duration::from_secs(30), || async {
+        http_get(metrics_port, "/metrics")
+    })
+    .await;
+    let series =
+        format!("modelpool_operator_pods_without_sidecar{{namespace=\"{ns}\",pool=\"video\"}}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(&series) && !l.ends_with(" 0")),
+        "{series} in:\n{metrics}"
+    );
 }
 
 /// What the chart's sidecar values and `sidecar.rbac.autoBind` become, through the real

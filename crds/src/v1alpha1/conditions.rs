@@ -10,6 +10,8 @@ pub mod types {
     pub const CEILING_EXCEEDED: &str = "CeilingExceeded";
     /// Another pool in the namespace selects the same pods.
     pub const CONFLICT: &str = "Conflict";
+    /// Every pod the pool selects carries the sidecar (False: some run ungoverned).
+    pub const SIDECARS_INJECTED: &str = "SidecarsInjected";
 }
 
 /// Condition reasons (PascalCase, as the API conventions ask).
@@ -32,4 +34,9 @@ pub mod reasons {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// No overlap with other pools.
     pub const NO_CONFLICT: &str = "NoConflict";
+    /// Every selected pod carries the sidecar.
+    pub const ALL_PODS_INJECTED: &str = "AllPodsInjected";
+    /// Some selected pods run without the sidecar (admitted while the webhook was unreachable,
+    /// or before the pool existed): nothing limits them.
+    pub const PODS_WITHOUT_SIDECAR: &str = "PodsWithoutSidecar";
 }

@@ -35,7 +35,7 @@ use modelpool_crds::{
     ModelPool, POOL_LABEL,
     report::{PodReport, REPORT_ANNOTATION},
     v1alpha1::Enforcement,
-    v1alpha1::conditions::types,
+    v1alpha1::conditions::{reasons, types},
 };
 
 use crate::{FIELD_MANAGER, metrics::Metrics};
@@ -105,6 +105,8 @@ pub struct Context {
     pub sidecar_role: Option<String>,
     /// Per pool, the ServiceAccounts its RoleBinding was last written with.
     pub bound: Mutex<HashMap<String, Vec<String>>>,
+    /// Pods (by uid) already given a `PodsWithoutSidecar` Event.
+    pub warned_pods: Mutex<std::collections::HashSet<String>>,
 }
 
 fn pool_key(pool: &ModelPool) -> String {
@@ -122,6 +124,54 @@ fn pods_in(ctx: &Context, namespace: &str) -> Vec<Arc<PartialObjectMeta<Pod>>> {
         .into_iter()
         .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
         .collect()
+}
+
+/// Whether the webhook injected the sidecar into this pod.
+fn injected(meta: &ObjectMeta) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::webhook::inject::INJECTED_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
+/// A Warning Event on each pod the pool selects that runs without the sidecar, once per pod
+/// (by uid) in this process's life.
+async fn warn_pods_without_sidecar(pool: &ModelPool, pods: &[&ObjectMeta], ctx: &Context) {
+    for meta in pods {
+        let Some(uid) = meta.uid.clone() else {
+            continue;
+        };
+        let first = ctx
+            .warned_pods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.clone());
+        if !first {
+            continue;
+        }
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            uid: Some(uid),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reasons::PODS_WITHOUT_SIDECAR.into(),
+            note: Some(format!(
+                "pool {} selects this pod but it runs without the modelpool sidecar, so nothing limits its models (admitted while the webhook was unreachable, or before the pool existed); delete it to have it recreated with the sidecar",
+                pool.name_any()
+            )),
+            action: "Reconcile".into(),
+            secondary: Some(pool.object_ref(&())),
+        };
+        tracing::warn!(pod = ?meta.name, pool = %pool.name_any(), "a selected pod runs without the sidecar");
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, "failed to publish an event");
+        }
+    }
 }
 
 fn report_of(meta: &ObjectMeta) -> Option<Result<PodReport, String>> {
@@ -188,8 +238,22 @@ async fn apply(pool: &ModelPool, ctx: &Context) -> Result<Action, Error> {
                 .iter()
                 .find(|m| m.name.as_deref() == Some(pod_name))
                 .and_then(|m| report_of(m)),
+            injected: metas
+                .iter()
+                .find(|m| m.name.as_deref() == Some(pod_name))
+                .is_some_and(|m| injected(m)),
         })
         .collect();
+    let without: Vec<&ObjectMeta> = metas
+        .iter()
+        .copied()
+        .filter(|m| !injected(m) && m.name.as_ref().is_some_and(|n| selection.pods.contains(n)))
+        .collect();
+    ctx.metrics
+        .pods_without_sidecar
+        .with_label_values(&[namespace.as_str(), name.as_str()])
+        .set(i64::try_from(without.len()).unwrap_or(i64::MAX));
+    warn_pods_without_sidecar(pool, &without, ctx).await;
     let new_status = status::compute(&status::Inputs {
         pool,
         selection: &selection,
@@ -351,6 +415,7 @@ async fn publish_transitions(
         (types::CEILING_EXCEEDED, "True"),
         (types::CONFLICT, "True"),
         (types::DEGRADED, "True"),
+        (types::SIDECARS_INJECTED, "False"),
     ] {
         let Some(now) = status::find(Some(new), type_) else {
             continue;
@@ -390,6 +455,11 @@ async fn drain(pool: &ModelPool, ctx: &Context) -> Result<Action, Error> {
     let namespace = pool
         .namespace()
         .ok_or(Error::MissingObjectKey(".metadata.namespace"))?;
+    // A pool going away governs nothing any more: its series goes too.
+    let _ = ctx
+        .metrics
+        .pods_without_sidecar
+        .remove_label_values(&[namespace.as_str(), pool.name_any().as_str()]);
     let pods = pods_in(ctx, &namespace);
     let metas: Vec<&ObjectMeta> = pods.iter().map(|p| &p.metadata).collect();
     let selection = select::select(pool, std::iter::empty(), &metas);
@@ -549,6 +619,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings) {
         resync,
         sidecar_role: sidecar_cluster_role,
         bound: Mutex::new(HashMap::new()),
+        warned_pods: Mutex::new(std::collections::HashSet::new()),
     });
     let reset = ctx.clone();
     controller

@@ -25,6 +25,26 @@ pub struct PodView {
     pub name: String,
     /// Its sidecar's report: none yet, unreadable, or read.
     pub report: Option<Result<PodReport, String>>,
+    /// Whether the webhook injected the sidecar (`modelpool.io/injected`): a pod admitted
+    /// while the webhook was unreachable (`failurePolicy: Ignore`) runs without it.
+    pub injected: bool,
+}
+
+/// Most pod names a condition message lists.
+const MAX_NAMED: usize = 10;
+
+/// `names` joined, at most [`MAX_NAMED`] of them, then how many more.
+fn named(names: &[&str]) -> String {
+    let mut text = names
+        .iter()
+        .take(MAX_NAMED)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > MAX_NAMED {
+        text.push_str(&format!(" and {} more", names.len() - MAX_NAMED));
+    }
+    text
 }
 
 /// Everything `compute` needs.
@@ -192,6 +212,32 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
         },
     ));
 
+    let without: Vec<&str> = inputs
+        .pods
+        .iter()
+        .filter(|p| !p.injected)
+        .map(|p| p.name.as_str())
+        .collect();
+    let ungoverned = !without.is_empty();
+    conditions.push(condition(
+        types::SIDECARS_INJECTED,
+        !ungoverned,
+        if ungoverned {
+            reasons::PODS_WITHOUT_SIDECAR
+        } else {
+            reasons::ALL_PODS_INJECTED
+        },
+        if ungoverned {
+            format!(
+                "{} of {matched} selected pods run without the sidecar, so nothing limits them (admitted while the webhook was unreachable, or before the pool existed): {}; delete them to have them recreated with it, or set the chart's webhook.failurePolicy: Fail",
+                without.len(),
+                named(&without)
+            )
+        } else {
+            "every selected pod carries the sidecar".to_owned()
+        },
+    ));
+
     // Keep lastTransitionTime where the status did not change.
     for condition in &mut conditions {
         condition.observed_generation = generation;
@@ -286,14 +332,17 @@ mod tests {
             PodView {
                 name: "a".into(),
                 report: report(&["t2v"], 1 << 30),
+                injected: true,
             },
             PodView {
                 name: "b".into(),
                 report: report(&["t2v", "upscale"], 2 << 30),
+                injected: true,
             },
             PodView {
                 name: "c".into(),
                 report: None,
+                injected: true,
             },
         ];
         let status = compute(&Inputs {
@@ -321,6 +370,63 @@ mod tests {
             ("False", "PodsNotReporting")
         );
         assert_eq!(ready.observed_generation, Some(3));
+    }
+
+    /// Issue 15: a pod the pool selects but the webhook never saw (admitted with
+    /// `failurePolicy: Ignore` while the operator was down) runs without any ceiling; the pool
+    /// says so, naming it.
+    #[test]
+    fn pods_without_the_sidecar_are_named_in_a_condition() {
+        let pool = pool();
+        let selection = Selection {
+            pods: vec!["a".into(), "stray".into()],
+            conflicts_with: vec![],
+        };
+        let mut pods = vec![
+            PodView {
+                name: "a".into(),
+                report: report(&["t2v"], 1 << 30),
+                injected: true,
+            },
+            PodView {
+                name: "stray".into(),
+                report: None,
+                injected: false,
+            },
+        ];
+        let condition = |pods: &[PodView]| {
+            let status = compute(&Inputs {
+                pool: &pool,
+                selection: &selection,
+                pods,
+                now: now(100),
+                invalid: None,
+            });
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == types::SIDECARS_INJECTED)
+                .unwrap()
+        };
+        let ungoverned = condition(&pods);
+        assert_eq!(
+            (ungoverned.status.as_str(), ungoverned.reason.as_str()),
+            ("False", reasons::PODS_WITHOUT_SIDECAR)
+        );
+        assert!(
+            ungoverned.message.contains("1 of 2 selected pods")
+                && ungoverned.message.contains("stray")
+                && ungoverned.message.contains("failurePolicy: Fail"),
+            "{}",
+            ungoverned.message
+        );
+        pods[1].injected = true;
+        let governed = condition(&pods);
+        assert_eq!(
+            (governed.status.as_str(), governed.reason.as_str()),
+            ("True", reasons::ALL_PODS_INJECTED)
+        );
+        assert_eq!(named(&["p"; 12]), "p, p, p, p, p, p, p, p, p, p and 2 more");
     }
 
     #[test]
