@@ -638,7 +638,7 @@ impl Engine {
             return out;
         }
         let need = self.need_of(index);
-        if let Some(message) = self.never_fits(index, need) {
+        if let Some(message) = self.never_fits(session, index, need) {
             let refusal = self.refusal(RefusalReason::ExceedsCeiling, need, message);
             self.refuse(request, session, model.to_owned(), refusal, &mut out);
             return out;
@@ -1093,7 +1093,10 @@ impl Engine {
 
     /// `Some(reason)` when the model can never fit: above a ceiling, or above what pinned
     /// instances leave of it.
-    fn never_fits(&self, model: usize, need: Footprint) -> Option<String> {
+    /// Why `model` can never fit for `session`: its need is above a ceiling less what pinned
+    /// models hold, the session's own instance of it excepted (that one is a `use`, not room
+    /// to find).
+    fn never_fits(&self, session: SessionId, model: usize, need: Footprint) -> Option<String> {
         let name = &self.config.models[model].name;
         for resource in Resource::ALL {
             let Some(limit) = self.config.limits.get(resource) else {
@@ -1102,7 +1105,7 @@ impl Engine {
             let pinned: u64 = self
                 .instances
                 .iter()
-                .filter(|(key, _)| self.config.models[key.1].pinned)
+                .filter(|(key, _)| **key != (session, model) && self.config.models[key.1].pinned)
                 .map(|(_, i)| i.held.get(resource))
                 .sum();
             if need.get(resource) > limit.saturating_sub(pinned) {
@@ -1357,7 +1360,7 @@ impl Engine {
                 None => {}
             }
             let need = self.need_of(waiting.model);
-            if let Some(message) = self.never_fits(waiting.model, need) {
+            if let Some(message) = self.never_fits(waiting.session, waiting.model, need) {
                 self.queue.remove(index);
                 let refusal = self.refusal(RefusalReason::ExceedsCeiling, need, message);
                 let model = self.config.models[waiting.model].name.clone();

@@ -242,6 +242,26 @@ fn pinned_models_stay_and_shrink_the_room() {
 }
 
 #[test]
+fn a_loaded_pinned_model_above_half_the_ceiling_is_used_again() {
+    // upscale (12 GiB RAM) pinned under 16 GiB: its own instance is not room it must fit
+    // beside (it was refused with "needs 12 GiB above the ceiling less 12 GiB pinned").
+    let mut config = seed_pool(Mode::Aggressive);
+    config.models[1].pinned = true;
+    let mut engine = Engine::new(config);
+    let lease = load(&mut engine, secs(0), 1, APP, "upscale");
+    engine.release(secs(1), lease);
+    let out = engine.acquire(secs(2), RequestId(2), APP, "upscale");
+    assert!(refusal(&out).is_none(), "{out:?}");
+    assert_eq!(granted(&out)[0].1, Action::Use);
+    // Another session's copy would need room of its own: refused with the numbers.
+    let out = engine.acquire(secs(3), RequestId(3), OTHER, "upscale");
+    assert_eq!(
+        refusal(&out).expect("refused").reason,
+        RefusalReason::ExceedsCeiling
+    );
+}
+
+#[test]
 fn queue_is_fifo_within_a_priority_and_priority_goes_first() {
     let mut config = seed_pool(Mode::Aggressive);
     config.models[0].priority = 100; // t2v
