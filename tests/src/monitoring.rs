@@ -205,6 +205,11 @@ impl Sidecar {
     /// Writes `pool_yaml` to `dir/<name>.yaml` and starts a sidecar enforcing it; returns once
     /// `/readyz` answers. Short tick and reclaim timeout so a test sees results quickly.
     pub fn start(dir: &Path, name: &str, pool_yaml: &str) -> Result<Sidecar> {
+        Self::start_with(dir, name, pool_yaml, &[])
+    }
+
+    /// [`Sidecar::start`] with `extra` flags.
+    pub fn start_with(dir: &Path, name: &str, pool_yaml: &str, extra: &[&str]) -> Result<Sidecar> {
         let pool = dir.join(format!("{name}.yaml"));
         fs::write(&pool, pool_yaml)?;
         let socket = dir.join(format!("{name}.sock"));
@@ -218,6 +223,7 @@ impl Sidecar {
             .arg(metrics.to_string())
             .args(["--tick-ms", "200", "--reclaim-timeout-ms", "5000"])
             .args(["--heartbeat-ms", "1000", "--no-nvml"])
+            .args(extra)
             .env("RUST_LOG", "info");
         let mut process = Process::spawn(
             &format!("sidecar {name}"),

@@ -294,6 +294,93 @@ fn label_values(query: &str) -> Option<(String, String)> {
     Some((selector.trim().to_owned(), label.trim().to_owned()))
 }
 
+const PROXIED_POOL: &str = "\
+apiVersion: modelpool.io/v1alpha1
+kind: ModelPool
+metadata:
+  name: e2e-proxied
+  namespace: e2e
+spec:
+  driver: {kind: Http, url: \"http://UPSTREAM\"}
+  limits: {ram: 100Mi}
+  policy:
+    mode: Cache
+    idleTTL: 10m
+    acquireTimeout: 2s
+  models:
+    - {name: p, ram: 64Mi, pinned: true}
+    - {name: big, ram: 64Mi}
+";
+
+/// A plain HTTP/1.1 server on loopback answering every request `200 {}` (keep-alive): the
+/// proxied pool's inference server and its Http driver's app.
+fn start_plain_server() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let Ok(mut writer) = stream.try_clone() else {
+                    return;
+                };
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let header = header.trim_end().to_ascii_lowercase();
+                        if header.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = header.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err()
+                        || writer
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// POSTs a JSON body (HTTP/1.0, one request per connection); the status.
+fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in {text:?}"))?;
+    Ok((status, text))
+}
+
 const AGGRESSIVE_POOL: &str = "\
 apiVersion: modelpool.io/v1alpha1
 kind: ModelPool
@@ -391,6 +478,19 @@ fn every_dashboard_and_alert_query_returns_data() {
     let (mut operator, operator_metrics) = start_operator(dir);
     let mut aggressive = Sidecar::start(dir, "aggressive", AGGRESSIVE_POOL).expect("sidecar");
     let mut cache = Sidecar::start(dir, "cache", CACHE_POOL).expect("sidecar");
+    // A pool behind the serving proxy, in front of a plain server that is also its Http
+    // driver's app.
+    let upstream = start_plain_server();
+    let proxy_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("an address");
+    let mut proxied = Sidecar::start_with(
+        dir,
+        "proxied",
+        &PROXIED_POOL.replace("UPSTREAM", &upstream.to_string()),
+        &["--proxy-listen", &proxy_addr.to_string()],
+    )
+    .expect("sidecar");
 
     let sidecar_target = |s: &Sidecar, pod: &str| Target {
         job: "modelpool-sidecar".into(),
@@ -403,6 +503,7 @@ fn every_dashboard_and_alert_query_returns_data() {
     let targets = [
         sidecar_target(&aggressive, "aggressive-0"),
         sidecar_target(&cache, "cache-0"),
+        sidecar_target(&proxied, "proxied-0"),
         Target {
             job: "modelpool-operator".into(),
             addr: operator_metrics,
@@ -420,7 +521,7 @@ fn every_dashboard_and_alert_query_returns_data() {
         Duration::from_millis(500),
         || {
             let t = prometheus.targets()?;
-            Ok((t.len() == 3 && t.iter().all(|(_, h, _)| h == "up")).then_some(()))
+            Ok((t.len() == 4 && t.iter().all(|(_, h, _)| h == "up")).then_some(()))
         },
     )
     .unwrap_or_else(|e| panic!("{e}\n{:?}", prometheus.targets()));
@@ -477,6 +578,28 @@ fn every_dashboard_and_alert_query_returns_data() {
         cached.release(&lease).expect("release");
     }
 
+    // The proxied pool: requests that load the pinned model and are served, then requests for a
+    // model that can never fit beside it (503, the refusals the proxy alert counts).
+    for (model, status) in [
+        ("p", 200),
+        ("p", 200),
+        ("big", 503),
+        ("big", 503),
+        ("big", 503),
+    ] {
+        let got = post_json(
+            proxy_addr,
+            "/v1/completions",
+            &format!(r#"{{"model": "{model}", "prompt": "hi"}}"#),
+        )
+        .expect("a proxied request");
+        assert_eq!(
+            got.0, status,
+            "POST /v1/completions for {model} through the proxy: {}",
+            got.1
+        );
+    }
+
     // Everything the dashboard and the rules ask for, evaluated until it all returns data
     // (a few scrapes after the workload) or the time runs out.
     let d = dashboard();
@@ -512,6 +635,7 @@ fn every_dashboard_and_alert_query_returns_data() {
         || {
             aggressive.process.check_running()?;
             cache.process.check_running()?;
+            proxied.process.check_running()?;
             operator.check_running()?;
             failures.clear();
             for (what, expr, need_data) in &checks {
@@ -554,8 +678,12 @@ fn every_dashboard_and_alert_query_returns_data() {
             .collect();
         let expected: BTreeSet<String> = match variable {
             "namespace" => ["e2e"].map(String::from).into(),
-            "pool" => ["e2e-aggressive", "e2e-cache"].map(String::from).into(),
-            _ => ["aggressive-0", "cache-0"].map(String::from).into(),
+            "pool" => ["e2e-aggressive", "e2e-cache", "e2e-proxied"]
+                .map(String::from)
+                .into(),
+            _ => ["aggressive-0", "cache-0", "proxied-0"]
+                .map(String::from)
+                .into(),
         };
         assert_eq!(values, expected, "the ${variable} variable's values");
     }
