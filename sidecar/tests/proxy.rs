@@ -475,6 +475,37 @@ fn refusals_speak_the_clients_protocol() {
         sidecar.metric("modelpool_proxy_requests_total{model=\"\",outcome=\"unknown_model\"}"),
         Some(3.0)
     );
+
+    // A body naming its model twice (a Go server reads the last, without regard to case): 400,
+    // whether the second key comes with the first or in a later write of the body.
+    let r = client
+        .post("/api/generate", &json!({"model": "a", "MODEL": "b"}))
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("second top-level")
+    );
+    let first = br#"{"model": "a", "prompt": "#;
+    let second = br#""x", "Model": "b"}"#;
+    let exchange = Exchange::open(
+        port,
+        "/v1/completions",
+        &format!("content-length: {}\r\n", first.len() + second.len()),
+        &[first, second],
+    );
+    assert_eq!(exchange.status, 400);
+    sidecar.wait_until("no lease left", |s| leases(s, "a") == 0);
+    assert!(
+        !upstream
+            .paths()
+            .iter()
+            .any(|p| p.ends_with("/completions") || p.ends_with("/generate")),
+        "a refused request reached the server: {:?}",
+        upstream.paths()
+    );
 }
 
 /// The upstream down: 502 in the client's protocol, and no lease left behind.

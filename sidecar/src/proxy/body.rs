@@ -17,7 +17,10 @@ use axum::body::Body;
 use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::metrics::{Outcome, ProxyMetrics};
+use super::{
+    detect::{ModelScan, Scan},
+    metrics::{Outcome, ProxyMetrics},
+};
 use crate::shell::Shared;
 
 /// A body error.
@@ -28,30 +31,53 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("the request body is over the proxy's limit of {0} bytes")]
 pub struct OverLimit(pub u64);
 
+/// The body named its model twice.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NamedTwice(pub String);
+
+/// Why a request body was cut off on its way upstream.
+#[derive(Debug, Default)]
+pub struct CutOff {
+    /// Over the limit (answer 413).
+    pub over: AtomicBool,
+    /// A second `"model"` key (answer 400).
+    pub twice: AtomicBool,
+}
+
 /// A request body going upstream.
 pub struct UpstreamBody {
     prefix: Option<Bytes>,
     rest: Option<Body>,
     sent: u64,
     limit: Option<u64>,
-    over: Arc<AtomicBool>,
+    /// The scan that found the model, kept on the rest of the body for a second `"model"`.
+    scan: Option<ModelScan>,
+    cut: Arc<CutOff>,
 }
 
 impl UpstreamBody {
-    /// `prefix` (already read), then what `rest` still brings; at most `limit` bytes in all.
-    pub fn new(prefix: Bytes, rest: Option<Body>, limit: Option<u64>) -> Self {
+    /// `prefix` (already read), then what `rest` still brings; at most `limit` bytes in all;
+    /// `scan` (if any) watches the rest for a second model key.
+    pub fn new(
+        prefix: Bytes,
+        rest: Option<Body>,
+        limit: Option<u64>,
+        scan: Option<ModelScan>,
+    ) -> Self {
         Self {
             sent: 0,
             prefix: (!prefix.is_empty()).then_some(prefix),
             rest,
             limit,
-            over: Arc::new(AtomicBool::new(false)),
+            scan,
+            cut: Arc::new(CutOff::default()),
         }
     }
 
-    /// Set once the body went over the limit (the upstream call then fails: answer 413).
-    pub fn over_flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.over)
+    /// Why the body was cut off, once it was (the upstream call then fails).
+    pub fn cut_off(&self) -> Arc<CutOff> {
+        Arc::clone(&self.cut)
     }
 }
 
@@ -78,9 +104,16 @@ impl HttpBody for UpstreamBody {
                     if let Some(limit) = this.limit
                         && this.sent > limit
                     {
-                        this.over.store(true, Ordering::Relaxed);
+                        this.cut.over.store(true, Ordering::Relaxed);
                         this.rest = None;
                         return Poll::Ready(Some(Err(Box::new(OverLimit(limit)))));
+                    }
+                    if let Some(scan) = this.scan.as_mut()
+                        && let Scan::Invalid(why) = scan.feed(data)
+                    {
+                        this.cut.twice.store(true, Ordering::Relaxed);
+                        this.rest = None;
+                        return Poll::Ready(Some(Err(Box::new(NamedTwice(why)))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -121,6 +121,8 @@ pub struct ModelScan {
     /// The raw bytes (quotes included) of a depth-1 string being read: a key, or the model.
     capture: Option<Vec<u8>>,
     capturing_key: bool,
+    /// The model was found: the scan goes on only to catch a second `"model"` key.
+    found: bool,
     done: Option<Scan>,
 }
 
@@ -130,24 +132,40 @@ impl ModelScan {
         Self::default()
     }
 
-    /// Feeds the next bytes of the body.
+    /// Feeds the next bytes of the body. Once the model is found the scan goes on over the
+    /// rest of the body (the chunk it was found in, and what later calls feed): a second
+    /// top-level `"model"` key turns it `Invalid`, since a server that reads the last one
+    /// (Go's encoding/json, which also matches keys without regard to case) would serve
+    /// another model than the one leased. Later calls answer `More` while all is well.
     pub fn feed(&mut self, chunk: &[u8]) -> Scan {
         if let Some(done) = &self.done {
             return done.clone();
         }
+        let mut found = None;
         for &b in chunk {
-            if let Some(outcome) = self.step(b) {
-                self.done = Some(outcome.clone());
-                return outcome;
+            match self.step(b) {
+                None => {}
+                Some(Scan::Found(model)) => {
+                    self.found = true;
+                    found = Some(Scan::Found(model));
+                }
+                Some(Scan::NoModel) if self.found => {}
+                Some(outcome) => {
+                    self.done = Some(outcome.clone());
+                    return outcome;
+                }
             }
         }
-        Scan::More
+        found.unwrap_or(Scan::More)
     }
 
     /// The body ended.
     pub fn finish(&mut self) -> Scan {
         if let Some(done) = &self.done {
             return done.clone();
+        }
+        if self.found {
+            return Scan::More;
         }
         if self.started {
             Scan::Invalid("the JSON body ends before its object closes".to_owned())
@@ -175,7 +193,13 @@ impl ModelScan {
                         ));
                     };
                     if self.capturing_key {
-                        self.model_key = text == "model";
+                        self.model_key = text.eq_ignore_ascii_case("model");
+                        if self.model_key && self.found && self.depth == 1 {
+                            return Some(Scan::Invalid(
+                                "the body names \"model\" twice (keys compared without regard to case)"
+                                    .to_owned(),
+                            ));
+                        }
                     } else {
                         return Some(Scan::Found(text));
                     }
@@ -318,6 +342,31 @@ mod tests {
             };
             assert_eq!(outcome, Scan::Found("tiny".to_owned()), "split at {split}");
         }
+    }
+
+    #[test]
+    fn a_second_model_key_is_refused_in_any_chunk() {
+        let body =
+            br#"{"model": "small", "messages": [{"model": "nested is fine"}], "MODEL": "big"}"#;
+        for split in 1..body.len() {
+            let mut scan = ModelScan::new();
+            let mut outcomes = vec![scan.feed(&body[..split]), scan.feed(&body[split..])];
+            outcomes.push(scan.finish());
+            assert!(
+                outcomes
+                    .iter()
+                    .any(|o| matches!(o, Scan::Invalid(why) if why.contains("twice"))),
+                "split at {split}: {outcomes:?}"
+            );
+        }
+        // One model key, then the rest of the body: all well to the end.
+        let mut scan = ModelScan::new();
+        assert_eq!(
+            scan.feed(br#"{"Model": "a", "#),
+            Scan::Found("a".to_owned())
+        );
+        assert_eq!(scan.feed(br#""prompt": "model"}"#), Scan::More);
+        assert_eq!(scan.finish(), Scan::More);
     }
 
     #[test]

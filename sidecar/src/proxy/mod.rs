@@ -290,7 +290,7 @@ impl Proxy {
     async fn pass(&self, request: Request) -> Response {
         let protocol = Protocol::of_path(request.uri().path());
         let (parts, body) = request.into_parts();
-        let upstream_body = UpstreamBody::new(Bytes::new(), Some(body), None);
+        let upstream_body = UpstreamBody::new(Bytes::new(), Some(body), None, None);
         match self.send(&parts, upstream_body).await {
             Ok(response) => {
                 self.metrics.count("", Outcome::Passthrough);
@@ -363,8 +363,8 @@ impl Proxy {
         if content_length(&parts.headers).is_some_and(|length| length > limit) {
             return Err((String::new(), Outcome::TooLarge, too_large(limit)));
         }
-        let (model, prefix, rest) = match named {
-            Named::Path(_, name) => (name, Bytes::new(), Some(body)),
+        let (model, prefix, rest, scan) = match named {
+            Named::Path(_, name) => (name, Bytes::new(), Some(body), None),
             Named::Body(_) => read_model(body, limit).await?,
         };
         let model = match model.strip_suffix(":latest") {
@@ -475,8 +475,8 @@ impl Proxy {
             outcome: None,
         };
 
-        let upstream_body = UpstreamBody::new(prefix, rest, Some(limit));
-        let over = upstream_body.over_flag();
+        let upstream_body = UpstreamBody::new(prefix, rest, Some(limit), scan);
+        let cut = upstream_body.cut_off();
         let overhead_until = Instant::now();
         let sent = self.send(&parts, upstream_body);
         self.metrics.overhead.observe(
@@ -494,8 +494,10 @@ impl Proxy {
                 Ok(response)
             }
             Err(error) => {
-                let (outcome, reply) = if over.load(Ordering::Relaxed) {
+                let (outcome, reply) = if cut.over.load(Ordering::Relaxed) {
                     (Outcome::TooLarge, too_large(limit))
+                } else if cut.twice.load(Ordering::Relaxed) {
+                    (Outcome::BadRequest, named_twice())
                 } else {
                     (
                         Outcome::UpstreamError,
@@ -646,11 +648,23 @@ impl Drop for QueueSlot<'_> {
     }
 }
 
-/// Reads a body as far as its top-level `"model"`: the name, the bytes read, and the rest.
+fn named_twice() -> ProxyError {
+    ProxyError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        "the request must name its model once: the body has a second top-level \"model\" key (compared without regard to case, as Go servers read keys)",
+    )
+}
+
+/// What [`read_model`] read: the name, the bytes read, the rest, and the scan (kept on the
+/// rest for a second model key).
+type ModelRead = (String, Bytes, Option<Body>, Option<ModelScan>);
+
+/// Reads a body as far as its top-level `"model"`.
 async fn read_model(
     mut body: Body,
     limit: u64,
-) -> Result<(String, Bytes, Option<Body>), (String, Outcome, ProxyError)> {
+) -> Result<ModelRead, (String, Outcome, ProxyError)> {
     let bad = |why: String| {
         (
             String::new(),
@@ -683,8 +697,11 @@ async fn read_model(
         read.extend_from_slice(&data);
         match scan.feed(&data) {
             Scan::More => {}
-            Scan::Found(model) => return Ok((model, Bytes::from(read), Some(body))),
+            Scan::Found(model) => return Ok((model, Bytes::from(read), Some(body), Some(scan))),
             Scan::NoModel => return Err(bad("it names no model".to_owned())),
+            Scan::Invalid(why) if why.contains("twice") => {
+                return Err((String::new(), Outcome::BadRequest, named_twice()));
+            }
             Scan::Invalid(why) => return Err(bad(why)),
         }
     }
