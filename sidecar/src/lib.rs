@@ -397,8 +397,14 @@ async fn tick_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = interval.tick() => shared.tick(),
+            _ = interval.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        // Off the runtime's thread: the readings are blocking system calls (NVML can take
+        // milliseconds) and the API must not wait behind them.
+        let shared = Arc::clone(&shared);
+        if let Err(error) = tokio::task::spawn_blocking(move || shared.tick()).await {
+            tracing::error!(%error, "tick failed");
         }
     }
 }

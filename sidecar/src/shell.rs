@@ -715,7 +715,14 @@ impl Shared {
             Err(_) => Err(format!("no answer to the poll within {limit:?}")),
         };
         let up = view.is_ok();
-        let tree = self.processes.as_ref().and_then(ServerProcesses::read);
+        // A walk of /proc: off the runtime's thread.
+        let this = Arc::clone(self);
+        let tree = tokio::task::spawn_blocking(move || {
+            this.processes.as_ref().and_then(ServerProcesses::read)
+        })
+        .await
+        .ok()
+        .flatten();
         // The gauge first: once /readyz (the core's view) says down, a scrape says so too.
         self.metrics
             .server_up

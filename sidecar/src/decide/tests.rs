@@ -1659,3 +1659,79 @@ proptest! {
 fn as_json(answer: impl serde::Serialize) -> serde_json::Value {
     serde_json::to_value(answer).unwrap()
 }
+
+// ---- server drivers ----
+
+fn server_view(loaded: &[&str]) -> ServerPoll {
+    let models = loaded
+        .iter()
+        .map(|m| {
+            (
+                (*m).to_owned(),
+                crate::driver::ServerModel {
+                    loaded: true,
+                    reason: None,
+                    reported: Sizes::default(),
+                },
+            )
+        })
+        .collect();
+    ServerPoll {
+        view: Ok(crate::driver::ServerView { models }),
+        tree: None,
+    }
+}
+
+/// Found by CI: a model loaded on the server behind the sidecar's back that does not fit was
+/// asked out, and the next poll, which still listed it (the unload in flight, or MLServer's
+/// index lagging its unload), asked and counted it a second time. It is asked once, and again
+/// only if the server still lists it REFUSED_UNLOAD_RETRY later.
+#[test]
+fn a_model_loaded_behind_our_back_that_does_not_fit_is_asked_out_once() {
+    let mut rig = Rig {
+        core: core_with(
+            pool_with("Cache", Some(100), &[("a", 60, true), ("big", 80, false)]),
+            true,
+        ),
+        ..Rig::new("Cache", None, &[])
+    };
+    rig.core.enable_server(true);
+    let count = |rig: &Rig| {
+        rig.core
+            .metrics
+            .unloads
+            .with_label_values(&["big", "ceiling"])
+            .get()
+    };
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a"]), &mut rig.fx);
+    assert_eq!(rig.state("a").unwrap().0, InstanceState::Loaded, "adopted");
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a", "big"]), &mut rig.fx);
+    let fx = rig.take();
+    assert_eq!(fx.unloads.len(), 1, "{:?}", fx.unloads);
+    assert_eq!(
+        (fx.unloads[0].model.as_str(), fx.unloads[0].reason),
+        ("big", UnloadReason::Ceiling)
+    );
+    assert_eq!(count(&rig), 1);
+    // Still listed one poll later: neither asked nor counted again.
+    rig.advance(ms(200));
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a", "big"]), &mut rig.fx);
+    assert!(rig.take().unloads.is_empty());
+    assert_eq!(count(&rig), 1);
+    // Still there after the retry time: the server ignored it, ask again.
+    rig.advance(super::server::REFUSED_UNLOAD_RETRY);
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a", "big"]), &mut rig.fx);
+    assert_eq!(rig.take().unloads.len(), 1);
+    assert_eq!(count(&rig), 2);
+    // Gone, then loaded again behind our back: a new refusal at once.
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a"]), &mut rig.fx);
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a", "big"]), &mut rig.fx);
+    assert_eq!(rig.take().unloads.len(), 1);
+    assert_eq!(count(&rig), 3);
+}
