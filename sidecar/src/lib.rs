@@ -103,6 +103,8 @@ fn make_driver(
 /// Runs the sidecar until SIGTERM/SIGINT, then shuts down gracefully.
 pub async fn run(args: ServeArgs) -> Result<(), Error> {
     args.validate()?;
+    // Listening from the start: a stop signal during start-up is acted on once serving.
+    let mut signals = StopSignals::new().map_err(Error::Signal)?;
     let ServeArgs {
         pool: pool_path,
         socket,
@@ -312,7 +314,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         (None, None) => {}
     }
 
-    wait_for_signal().await.map_err(Error::Signal)?;
+    SERVING.store(true, Ordering::SeqCst);
+    signals.recv().await;
     tracing::info!(
         "stop signal received: admitting nothing new, asking apps to unload idle models"
     );
@@ -498,6 +501,12 @@ pub fn spawn_shutdown_watchdog(limit: Duration) {
             };
             runtime.block_on(async {
                 if wait_for_signal().await.is_ok() {
+                    if !SERVING.load(Ordering::SeqCst) {
+                        // Still starting (cluster mode waits up to 120 s for its pool):
+                        // nothing is admitted yet, so stop now, as before the watchdog.
+                        tracing::info!("stop signal during start-up: exiting");
+                        std::process::exit(0);
+                    }
                     tokio::time::sleep(limit).await;
                 } else {
                     std::future::pending::<()>().await;
@@ -514,13 +523,35 @@ pub fn spawn_shutdown_watchdog(limit: Duration) {
     }
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, listened to from the moment this is made (one that arrives during
+/// start-up is not lost).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    StopSignals::new()?.recv().await;
     Ok(())
 }
+
+/// Whether the sidecar is serving (start-up done): a stop signal before that ends the process
+/// at once (nothing to hand back yet), after it the graceful shutdown runs.
+static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
