@@ -342,6 +342,19 @@ struct Instance {
     phase_since: Duration,
 }
 
+/// What was learned of one model's size, kept across sidecar restarts (the sidecar persists
+/// it; [`Engine::restore_learned`] takes it back).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LearnedSize {
+    /// The declared size it was learned under: a pool edit that changes it starts over.
+    pub declared: Footprint,
+    /// The largest size a load of it measured.
+    pub peak: Footprint,
+    /// Smoothed seconds a load took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_seconds: Option<f64>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Learned {
     measured: Option<Footprint>,
@@ -433,7 +446,16 @@ impl Engine {
                 config.models.iter().position(|m| m.name == model.name)
             };
             if let Some(new_index) = listed {
-                learned[new_index] = old_learned[old_index].clone();
+                learned[new_index] = if config.models[new_index].declared == model.declared {
+                    old_learned[old_index].clone()
+                } else {
+                    // The model changed (its declared size did): what was measured of the
+                    // old one no longer says anything; its demand still does.
+                    Learned {
+                        demand: old_learned[old_index].demand,
+                        ..Learned::default()
+                    }
+                };
                 remap.insert(old_index, new_index);
             } else if self.instances.keys().any(|key| key.1 == old_index) {
                 let mut kept = model.clone();
@@ -524,12 +546,57 @@ impl Engine {
         self.model_index(model).map(|i| self.need_of(i))
     }
 
+    /// The larger of the declared size and the largest any load measured (not the last:
+    /// a model that measured small once may measure large again).
     fn need_of(&self, model: usize) -> Footprint {
         let declared = self.config.models[model].declared;
-        match self.learned[model].measured {
-            Some(measured) => declared.max(beyond_noise(measured, declared)),
+        let learned = &self.learned[model];
+        match learned.measured {
+            Some(_) => declared.max(beyond_noise(learned.peak, declared)),
             None => declared,
         }
+    }
+
+    /// What was learned of each listed model that has been measured, to persist.
+    pub fn learned_sizes(&self) -> BTreeMap<String, LearnedSize> {
+        self.config
+            .models
+            .iter()
+            .zip(&self.learned)
+            .zip(&self.retired)
+            .filter(|((_, learned), retired)| learned.measured.is_some() && !**retired)
+            .map(|((model, learned), _)| {
+                (
+                    model.name.clone(),
+                    LearnedSize {
+                        declared: model.declared,
+                        peak: learned.peak,
+                        load_seconds: learned.load_seconds,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Takes back sizes learned before a restart, for the listed models whose declared size
+    /// is still the one they were learned under and that have measured nothing since.
+    /// Returns the models restored.
+    pub fn restore_learned(&mut self, sizes: &BTreeMap<String, LearnedSize>) -> Vec<String> {
+        let mut restored = Vec::new();
+        for (index, model) in self.config.models.iter().enumerate() {
+            let Some(size) = sizes.get(&model.name) else {
+                continue;
+            };
+            let learned = &mut self.learned[index];
+            if size.declared != model.declared || learned.measured.is_some() {
+                continue;
+            }
+            learned.measured = Some(size.peak);
+            learned.peak = size.peak;
+            learned.load_seconds = size.load_seconds.filter(|s| s.is_finite() && *s >= 0.0);
+            restored.push(model.name.clone());
+        }
+        restored
     }
 
     fn load_seconds(&self, model: usize) -> f64 {

@@ -18,7 +18,7 @@ mod footprint;
 
 pub use config::{EvictionPolicy, Mode, ModelConfig, PoolConfig};
 pub use engine::{
-    Action, CheckResult, Counters, Engine, Holder, InstanceState, InstanceView, LeaseId, Output,
-    Readings, Refusal, RefusalReason, RequestId, SessionId, UnloadReason,
+    Action, CheckResult, Counters, Engine, Holder, InstanceState, InstanceView, LearnedSize,
+    LeaseId, Output, Readings, Refusal, RefusalReason, RequestId, SessionId, UnloadReason,
 };
 pub use footprint::{Footprint, Limits, Pair, Resource, Sizes, human_bytes};

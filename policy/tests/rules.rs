@@ -750,3 +750,76 @@ fn a_request_for_a_loaded_copy_passes_a_head_that_waits_for_leases() {
     assert_eq!(granted(&out).len(), 1, "{out:?}");
     assert_eq!(granted(&out)[0].1, Action::Use);
 }
+
+/// Admission uses the largest size a load measured, not the last; what was learned is handed
+/// out to persist and taken back after a restart, unless the pool changed the model's
+/// declared size meanwhile.
+#[test]
+fn learned_peaks_are_used_persisted_and_restored() {
+    let pool = || {
+        let mut config = PoolConfig::new(
+            Limits {
+                vram: None,
+                ram: Some(20 * GIB),
+            },
+            vec![
+                ModelConfig::new("x", 0, 8 * GIB),
+                ModelConfig::new("y", 0, 8 * GIB),
+            ],
+        );
+        config.mode = Mode::Aggressive;
+        config
+    };
+    let mut engine = Engine::new(pool());
+    for (request, ram) in [(1, 14 * GIB), (2, 10 * GIB)] {
+        let out = engine.acquire(secs(request), RequestId(request), APP, "x");
+        let lease = granted(&out)[0].2;
+        engine.loaded(
+            secs(request),
+            APP,
+            "x",
+            Some(Footprint::new(0, ram)),
+            Some(3.0),
+        );
+        let out = engine.release(secs(request), lease);
+        assert_eq!(unloads(&out).len(), 1, "Aggressive: unloaded at release");
+        engine.unloaded(secs(request), APP, "x");
+        engine.reclaimed(secs(request), APP, "x");
+    }
+    assert_eq!(
+        engine.need("x"),
+        Some(Footprint::new(0, 14 * GIB)),
+        "the peak, not the last 10"
+    );
+    let learned = engine.learned_sizes();
+    assert_eq!(learned.len(), 1, "only measured models: {learned:?}");
+    assert_eq!(learned["x"].peak, Footprint::new(0, 14 * GIB));
+    assert_eq!(learned["x"].declared, Footprint::new(0, 8 * GIB));
+    assert_eq!(learned["x"].load_seconds, Some(3.0));
+
+    // A restarted sidecar's engine without the learned sizes admits x beside y on the declared
+    // 8 + 8 GiB; with them, x needs 14 and 14 + 8 > 20: it waits.
+    for (restore, admitted) in [(false, true), (true, false)] {
+        let mut fresh = Engine::new(pool());
+        if restore {
+            assert_eq!(fresh.restore_learned(&learned), vec!["x".to_owned()]);
+        }
+        load(&mut fresh, secs(0), 1, OTHER, "y");
+        let out = fresh.acquire(secs(1), RequestId(2), APP, "x");
+        assert_eq!(
+            !granted(&out).is_empty(),
+            admitted,
+            "restored: {restore}: {out:?}"
+        );
+    }
+
+    // The pool changed the model (another declared size): nothing restored, and an edit of
+    // a live engine starts the model over too.
+    let mut edited = pool();
+    edited.models[0].declared.ram = 9 * GIB;
+    let mut other = Engine::new(edited.clone());
+    assert!(other.restore_learned(&learned).is_empty());
+    engine.update_config(secs(5), edited);
+    assert_eq!(engine.need("x"), Some(Footprint::new(0, 9 * GIB)));
+    assert!(engine.learned_sizes().is_empty());
+}

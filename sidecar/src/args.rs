@@ -78,6 +78,12 @@ pub struct ServeArgs {
     )]
     pub pool: Option<PathBuf>,
 
+    /// Standalone: where the sizes learned by measuring loads are kept, so that a restarted
+    /// sidecar admits with them (default `.<pool file>.learned.json` beside the pool file;
+    /// `none`: keep nothing).
+    #[arg(long, env = "MODELPOOL_LEARNED_FILE", requires = "pool")]
+    pub learned_file: Option<PathBuf>,
+
     /// Cluster mode: the ModelPool to follow, by name, in the pod's namespace (the webhook
     /// sets it). The sidecar reads the pool from the API and reports on its own pod.
     #[arg(long, env = "MODELPOOL_POOL_NAME")]

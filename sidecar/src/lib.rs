@@ -17,6 +17,7 @@ pub mod client;
 pub mod cluster;
 pub mod decide;
 pub mod driver;
+pub mod learned;
 pub mod measure;
 pub mod metrics;
 pub mod pool;
@@ -107,6 +108,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let mut signals = StopSignals::new().map_err(Error::Signal)?;
     let ServeArgs {
         pool: pool_path,
+        learned_file,
         socket,
         socket_group,
         listen,
@@ -141,6 +143,13 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         heartbeat: args.heartbeat(),
         tick: args.tick(),
         reclaim_timeout: args.reclaim_timeout(),
+        // Standalone only: in cluster mode the pool file is not ours to write beside.
+        learned_file: match (&learned_file, &pool_path) {
+            (Some(path), _) if path.as_os_str() == "none" => None,
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(pool)) => Some(learned::beside(pool)),
+            (None, None) => None,
+        },
     };
 
     // Standalone: the pool is a file. Cluster mode: it is read from the API by name.
@@ -181,7 +190,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         models = loaded.info.models.len(),
         "pool loaded"
     );
-    let shared = Shared::new(loaded, driver, hub, meter, metrics, settings);
+    let shared = Shared::new(loaded, driver, hub, meter, metrics, settings.clone());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers: Vec<JoinHandle<()>> = Vec::new();

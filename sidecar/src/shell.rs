@@ -37,7 +37,7 @@ use crate::{
 use modelpool_policy::human_bytes;
 
 /// Timing knobs from the flags.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Settings {
     /// Heartbeat interval asked of sessions.
     pub heartbeat: Duration,
@@ -45,6 +45,8 @@ pub struct Settings {
     pub tick: Duration,
     /// Reclaim timeout (also given to the engine).
     pub reclaim_timeout: Duration,
+    /// Where learned sizes are kept across restarts (`crate::learned`), if anywhere.
+    pub learned_file: Option<std::path::PathBuf>,
 }
 
 /// The core's clock: time since the sidecar started.
@@ -127,6 +129,9 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Set when the pool is being deleted (cluster mode): unload everything, admit nothing.
     draining: AtomicBool,
+    /// The learned sizes last written to `settings.learned_file` (`None` once a write
+    /// failed: not retried, said once).
+    learned_written: Mutex<Option<BTreeMap<String, modelpool_policy::LearnedSize>>>,
     /// Ticks so far: every session's process is read once per heartbeat interval, the
     /// processes with an unload waiting for its proof on every tick.
     ticks: AtomicU64,
@@ -193,6 +198,21 @@ impl Shared {
             })
         });
         let mut core = Core::new(pool, config, metrics.clone(), first_session, measured);
+        let mut learned_written = BTreeMap::new();
+        if let Some(path) = &settings.learned_file {
+            match crate::learned::read(path) {
+                Ok(sizes) => {
+                    let restored = core.restore_learned(&sizes);
+                    if !restored.is_empty() {
+                        tracing::info!(file = %path.display(), ?restored, "sizes learned before the restart restored");
+                    }
+                    learned_written = sizes;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "starting without the sizes learned before");
+                }
+            }
+        }
         if driver.observes() {
             core.enable_server(driver.single_server());
             metrics.server_up.with_label_values(&[driver.kind()]).set(0);
@@ -213,6 +233,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             ticks: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            learned_written: Mutex::new(Some(learned_written)),
             changed: watch::Sender::new(0),
         })
     }
@@ -798,6 +819,35 @@ impl Shared {
         );
         if !fx.is_empty() {
             self.run(fx);
+        }
+        self.persist_learned();
+    }
+
+    /// Writes the learned sizes when they changed (the tick runs on the blocking pool).
+    fn persist_learned(&self) {
+        let Some(path) = &self.settings.learned_file else {
+            return;
+        };
+        let mut written = self
+            .learned_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(last) = written.as_mut() else {
+            return;
+        };
+        let now = self.lock().learned_sizes();
+        // Kept: entries of models the pool no longer lists, for when it lists them again.
+        let mut merged = last.clone();
+        merged.extend(now);
+        if merged == *last {
+            return;
+        }
+        match crate::learned::write(path, &merged) {
+            Ok(()) => *last = merged,
+            Err(error) => {
+                tracing::warn!(%error, "learned sizes will not survive a restart");
+                *written = None;
+            }
         }
     }
 

@@ -441,3 +441,59 @@ fn a_pool_filled_to_its_ceiling_by_real_loads_stays_within_it() {
         0.0
     );
 }
+
+/// Sizes learned by measuring loads survive a restart (standalone: the learned file beside
+/// the pool file, here given with `--learned-file`): a model declared at 10 MiB that measured
+/// 40 MiB is refused by the restarted sidecar under a 35 MiB ceiling, with the learned size.
+/// Without the file the restarted sidecar would admit it on its declared 10 MiB.
+#[test]
+fn a_restarted_sidecar_admits_with_the_sizes_it_learned_before() {
+    let keep = tempfile::tempdir().unwrap();
+    let learned = keep.path().join("learned.json");
+    let flag = learned.to_str().unwrap();
+    let yaml = pool(
+        "learn",
+        "{ram: 35Mi}",
+        &format!("{{mode: Aggressive, {NO_PRESSURE}}}"),
+        &["{name: a, ram: 10Mi}"],
+    );
+    {
+        let sidecar = Sidecar::start(&yaml, &["--learned-file", flag]);
+        let mut hog = Hog::start(&sidecar);
+        let lease = hog.acquire("a", 40, "load");
+        assert!(hog.release(&lease), "Aggressive: unloaded at release");
+        hog.wait_unloaded("a");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let written = std::fs::read(&learned)
+                .ok()
+                .and_then(|bytes| modelpool_sidecar::learned::parse(&bytes).ok());
+            if written.is_some_and(|m| m.get("a").is_some_and(|a| a.peak.ram >= 39 * MIB)) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the learned file never held a's 40 MiB"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    let sidecar = Sidecar::start(&yaml, &["--learned-file", flag]);
+    sidecar.wait_log(
+        |l| {
+            l.contains("sizes learned before the restart restored")
+                .then_some(())
+        },
+        "the restore to be logged",
+    );
+    let mut hog = Hog::start(&sidecar);
+    let reply = hog.send("acquire a 40");
+    assert_eq!(reply["status"], 409, "{reply}");
+    assert_eq!(reply["body"]["reason"], "exceeds_ceiling", "{reply}");
+    let need = reply["body"]["need_bytes"]["ram"].as_u64().unwrap();
+    assert!(
+        need >= 39 * MIB,
+        "the learned size, not the declared 10 MiB: {reply}"
+    );
+}

@@ -326,6 +326,19 @@ impl Core {
         &self.pool
     }
 
+    /// What was learned of each measured model's size, to persist.
+    pub fn learned_sizes(&self) -> BTreeMap<String, modelpool_policy::LearnedSize> {
+        self.engine.learned_sizes()
+    }
+
+    /// Takes back sizes learned before a restart ([`Engine::restore_learned`]).
+    pub fn restore_learned(
+        &mut self,
+        sizes: &BTreeMap<String, modelpool_policy::LearnedSize>,
+    ) -> Vec<String> {
+        self.engine.restore_learned(sizes)
+    }
+
     /// The engine (read-only: views and checks).
     pub fn engine(&self) -> &Engine {
         &self.engine
