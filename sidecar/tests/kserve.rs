@@ -173,13 +173,25 @@ impl Drop for MlServer {
 }
 
 fn sidecar_for(server: &MlServer, limits: &str, policy: &str, models: &[&str]) -> Sidecar {
+    sidecar_with(server, limits, policy, models, &[])
+}
+
+fn sidecar_with(
+    server: &MlServer,
+    limits: &str,
+    policy: &str,
+    models: &[&str],
+    extra: &[&str],
+) -> Sidecar {
     let models: String = models.iter().map(|m| format!("  - {m}\n")).collect();
     let yaml = format!(
         "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata: {{name: kserve}}\nspec:\n  driver: {{kind: KServeV2, url: \"{}\", processMatch: \"{}\"}}\n  limits: {limits}\n  policy: {policy}\n  models:\n{models}",
         server.url(),
         server.process_match()
     );
-    let sidecar = Sidecar::start(&yaml, &["--heartbeat-ms", "600000", "--tick-ms", "200"]);
+    let mut args = vec!["--heartbeat-ms", "600000", "--tick-ms", "200"];
+    args.extend_from_slice(extra);
+    let sidecar = Sidecar::start(&yaml, &args);
     sidecar.wait_state("the sidecar to find and poll the server", |s| {
         s["server"]["up"] == true && s["server"]["pid"] == server.pid()
     });
@@ -341,5 +353,87 @@ fn kserve_server_killed_and_restarted() {
             .unwrap()
             .status
             == 200
+    );
+}
+
+/// The serving proxy in front of MLServer: unmodified KServe v2 infer requests to models that
+/// are not loaded get them loaded through the repository API and answered (the hog model
+/// answers how many bytes it holds), and two models that do not fit together are served one
+/// after the other, neither the ledger nor MLServer ever holding both.
+#[test]
+fn proxied_infer_requests_load_their_model_and_take_turns() {
+    let server = MlServer::start(&[("a", 64), ("b", 64)]);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let sidecar = sidecar_with(
+        &server,
+        "{ram: 100Mi}",
+        &format!("{{mode: Cache, idleTTL: 10m, acquireTimeout: 2m, {NO_PRESSURE}}}"),
+        &["{name: a, ram: 64Mi}", "{name: b, ram: 64Mi}"],
+        &["--proxy-listen", &listen],
+    );
+    let proxy = Client::tcp(listen).with_timeout(Duration::from_secs(40));
+    let infer =
+        json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]});
+    for model in ["a", "b", "a"] {
+        let r = proxy
+            .post(&format!("/v2/models/{model}/infer"), &infer)
+            .unwrap_or_else(|error| {
+                panic!(
+                    "infer {model}: {error}\nstate: {}\nsidecar logs:\n{}",
+                    sidecar.state(),
+                    sidecar.logs().join("\n")
+                )
+            });
+        assert_eq!(
+            r.status,
+            200,
+            "infer {model}: {}\n{}",
+            r.text(),
+            server.log()
+        );
+        let answer = r.json();
+        assert_eq!(answer["model_name"], model, "{answer}");
+        assert_eq!(
+            answer["outputs"][0]["data"][0],
+            (64u64 << 20).to_string(),
+            "{answer}"
+        );
+        // Only the model just served is loaded, in the ledger and in MLServer. Two polls of the
+        // server first: an unload is proven against the tree's RSS read while the model was
+        // held, and a model evicted before any poll saw it loaded is never seen reclaimed
+        // (MemoryNotReclaimed; reported to the decision core's owner, not fixed here).
+        let polls = sidecar.state()["server"]["polls"].as_u64().unwrap();
+        let state = sidecar.wait_state("two polls with the model loaded", |s| {
+            s["server"]["polls"].as_u64().unwrap() >= polls + 2
+        });
+        assert_eq!(states(&state), loaded(&[model]), "{state}");
+        assert!(held_ram(&state) <= 100 * MIB);
+        let index = server
+            .client()
+            .post("/v2/repository/index", &json!({}))
+            .unwrap()
+            .json();
+        let ready: Vec<&str> = index
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] == "READY")
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(ready, [model], "{index}");
+    }
+    assert_eq!(
+        sidecar.metric("modelpool_proxy_requests_total{model=\"a\",outcome=\"ok\"}"),
+        Some(2.0)
+    );
+    // A model MLServer's repository has but the pool does not list: 404 in KServe's shape.
+    let r = proxy.post("/v2/models/c/infer", &infer).unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not in the pool")
     );
 }

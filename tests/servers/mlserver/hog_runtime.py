@@ -8,6 +8,7 @@ The file sits next to each model-settings.json (MLServer imports it from the mod
 
 from mlserver import MLModel
 from mlserver.codecs import StringCodec
+from mlserver.types import InferenceResponse
 
 
 class Hog(MLModel):
@@ -24,4 +25,9 @@ class Hog(MLModel):
         return True
 
     async def predict(self, payload):
-        return StringCodec.encode_response(self.name, [str(len(self._block or b""))])
+        # The bytes it holds, as one string output (what the proxy test checks).
+        held = str(len(self._block or b""))
+        return InferenceResponse(
+            model_name=self.name,
+            outputs=[StringCodec.encode_output("held", [held], use_bytes=False)],
+        )
