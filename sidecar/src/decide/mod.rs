@@ -760,6 +760,20 @@ impl Core {
             .engine
             .loaded(now, holder, model, measured, Some(seconds));
         self.apply(now, out, fx);
+        // The level its unload must fall from is at least the server's last reading (taken
+        // before this load) plus what it holds: a model loaded and unloaded between two polls
+        // of the server was never seen held, and its reclaim could not be proven (found by
+        // the proxy's MLServer test).
+        if let (Some(levels), Some(held)) = (
+            self.levels(holder).filter(|_| holder == APP_HOLDER),
+            self.engine.instance(now, holder, model).map(|v| v.held),
+        ) && let Some(track) = self.tracks.get_mut(&(holder, model.to_owned()))
+        {
+            track.hold_reference(Sizes::new(
+                levels.vram.map(|v| v.saturating_add(held.vram)),
+                levels.ram.map(|r| r.saturating_add(held.ram)),
+            ));
+        }
         self.metrics.loads.with_label_values(&[model, "ok"]).inc();
         self.metrics
             .load_duration

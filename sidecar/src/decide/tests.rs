@@ -1735,3 +1735,56 @@ fn a_model_loaded_behind_our_back_that_does_not_fit_is_asked_out_once() {
     assert_eq!(rig.take().unloads.len(), 1);
     assert_eq!(count(&rig), 3);
 }
+
+/// Found by the proxy's MLServer test: a model the server driver loaded and unloaded between
+/// two polls of the server was never seen held, so the level its unload had to fall from was
+/// the one before its load, and its memory was never seen back (MemoryNotReclaimed, bytes
+/// lost). The reference is now at least the last reading plus what the model holds.
+#[test]
+fn a_server_model_unloaded_before_any_poll_saw_it_is_still_seen_reclaimed() {
+    let mut rig = Rig {
+        core: core_with(pool_with("Aggressive", None, &[("a", 60, false)]), true),
+        ..Rig::new("Aggressive", None, &[])
+    };
+    rig.core.enable_server(true);
+    let poll = |rss: u64, loaded: &[&str]| {
+        let mut poll = server_view(loaded);
+        poll.tree = Some(crate::measure::tree::TreeReading {
+            root: 42,
+            started: 1,
+            pids: vec![42],
+            rss_bytes: rss,
+            found_by: "port",
+        });
+        poll
+    };
+    rig.core
+        .reconcile_server(rig.now, poll(100 * MIB, &[]), &mut rig.fx);
+    let s = rig.open(7, &["a"]);
+    let (lease, action, generation) = rig.grant(&s, "a");
+    assert_eq!(action, Action::Load);
+    rig.core.driver_loaded(
+        rig.now,
+        APP_HOLDER,
+        "a",
+        generation,
+        Sizes::default(),
+        0.1,
+        &mut rig.fx,
+    );
+    // Released (Aggressive: unloaded) before any poll saw the server at 160 MiB.
+    rig.release(&s, &lease);
+    assert!(rig.take().unloads.iter().any(|u| u.model == "a"));
+    rig.core
+        .driver_unloaded(rig.now, APP_HOLDER, "a", generation, &mut rig.fx);
+    assert_eq!(rig.state("a").unwrap().0, InstanceState::Reclaiming);
+    // The server is back at its level before the load: the memory is seen back.
+    rig.advance(ms(100));
+    rig.core
+        .reconcile_server(rig.now, poll(100 * MIB, &[]), &mut rig.fx);
+    assert!(rig.state("a").is_none(), "{:?}", rig.state("a"));
+    assert_eq!(
+        rig.core.metrics.reclaims.with_label_values(&["proc"]).get(),
+        1
+    );
+}
