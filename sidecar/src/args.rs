@@ -205,6 +205,14 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_PROXY_MODEL_CONCURRENCY", default_value_t = 0)]
     pub proxy_model_concurrency: u32,
 
+    /// Serving proxy: the most client connections open at once, counted apart from the API's.
+    /// At the cap a new connection closes the oldest one with no request under way (idle
+    /// keep-alive, or a head still arriving); when every one is answering, the new one gets
+    /// 503. Lowered to fit the open-file limit (each proxied request also holds a connection
+    /// to the server).
+    #[arg(long, env = "MODELPOOL_PROXY_MAX_CONNECTIONS", default_value_t = crate::proxy::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub proxy_max_connections: u32,
+
     /// Do not use NVML (GPU readings then come only from the apps' heartbeats).
     #[arg(long, env = "MODELPOOL_NO_NVML")]
     pub no_nvml: bool,

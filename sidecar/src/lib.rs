@@ -138,6 +138,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         proxy_body_limit,
         proxy_max_queue,
         proxy_model_concurrency,
+        proxy_max_connections,
     } = args.clone();
     let settings = Settings {
         heartbeat: args.heartbeat(),
@@ -199,13 +200,22 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     if listen.is_some() {
         caps.push(max_connections as usize);
     }
+    // A proxied request holds two descriptors: the client's connection and the server's.
+    let proxy_cap = proxy_listen.map(|_| {
+        caps.push(2 * proxy_max_connections as usize);
+        caps.len() - 1
+    });
     if let Some(fd_limit) = listen::fit_to_fd_limit(&mut caps) {
         tracing::warn!(
             fd_limit,
             api = caps[0],
             ops = caps[1],
+            proxy = proxy_cap.map(|i| (caps[i] / 2).max(1)),
             "the open-file limit cannot hold every listener's connection cap: caps lowered to fit"
         );
+    }
+    if let Some(i) = proxy_cap {
+        caps[i] = (caps[i] / 2).max(1);
     }
     let limits = |max_connections: usize| listen::ListenLimits {
         max_connections,
@@ -260,6 +270,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
             body_limit: proxy_body_limit,
             max_queue: proxy_max_queue,
             model_concurrency: proxy_model_concurrency,
+            body_timeout: Duration::from_millis(body_timeout_ms),
         };
         let upstream = config.upstream.clone();
         let proxy = proxy::Proxy::new(Arc::clone(&shared), config)?;
@@ -270,14 +281,21 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         let tcp = axum::serve::ListenerExt::tap_io(tcp, |stream| {
             let _ = stream.set_nodelay(true);
         });
-        servers.push(serve_plain(
+        let cap = proxy_cap.map_or(proxy_max_connections as usize, |i| caps[i]);
+        servers.push(listen::serve_worded(
             tcp,
             proxy::router(Arc::clone(&proxy)),
+            limits(cap),
+            conn_metrics.clone(),
             stop_rx.clone(),
             "proxy",
+            listen::Wording {
+                cap_flag: "--proxy-max-connections",
+                body: proxy::reply::http_layer_body,
+            },
         ));
         proxy_task = Some(tokio::spawn(proxy.heartbeat_loop(stop_rx.clone())));
-        tracing::info!(%addr, upstream, "serving proxy listening");
+        tracing::info!(%addr, upstream, max_connections = cap, "serving proxy listening");
     }
     let ops = api::http::bind_tcp(metrics_listen).await?;
     let ops_addr = ops.local_addr().map_or(metrics_listen, |a| a);
@@ -378,30 +396,6 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let _ = std::fs::remove_file(&socket);
     tracing::info!("sidecar stopped");
     Ok(())
-}
-
-/// Serves a router with axum's defaults (the serving proxy, which speaks its clients'
-/// protocols; the API and ops listeners go through [`listen::serve`] and its limits).
-fn serve_plain<L>(
-    listener: L,
-    router: axum::Router,
-    mut stop: watch::Receiver<bool>,
-    name: &'static str,
-) -> JoinHandle<()>
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    tokio::spawn(async move {
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(error) = result {
-            tracing::error!(%error, server = name, "server failed");
-        }
-    })
 }
 
 async fn tick_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {

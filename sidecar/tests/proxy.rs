@@ -775,3 +775,177 @@ fn models_that_do_not_fit_together_are_served_one_after_the_other() {
         Some(2.0)
     );
 }
+
+/// Sends `bytes` to the proxy and reads until the server closes (or `wait` passes).
+fn raw_exchange(port: u16, bytes: &[u8], wait: Duration) -> Vec<u8> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let _ = stream.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    out
+}
+
+/// Status and JSON body of the answer in `raw`.
+fn raw_answer(raw: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer in {text:?}"));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let json = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("body of {head:?} is not JSON ({e}): {body:?}"));
+    (status, json)
+}
+
+/// Issue 15's listener limits on the proxy's port: with `--header-timeout 1s --body-timeout
+/// 1s` and a cap of 8 connections, a streamed answer that lasts longer than both arrives
+/// whole while 40 idle and slow-head connections pile up beyond the cap (they close each
+/// other; the stream's connection, busy, is never the one closed), and a fresh client of the
+/// proxy and of the API socket are answered throughout. A head that comes too slowly, a body
+/// that stalls, an over-long target and a ninth connection when all eight are answering are
+/// refused in the client's protocol (Ollama's shape on `/api/...`, OpenAI's otherwise).
+#[test]
+fn proxy_listener_limits_cut_slow_clients_not_long_streams() {
+    let upstream = Upstream::start();
+    let pool = pool_yaml(
+        &upstream.url(),
+        "{ram: 1Gi}",
+        CACHE,
+        &["{name: a, ram: 64Mi}"],
+    );
+    let (sidecar, port) = proxy_sidecar(
+        &pool,
+        &upstream.url(),
+        &[
+            "--header-timeout",
+            "1s",
+            "--body-timeout",
+            "1s",
+            "--proxy-max-connections",
+            "8",
+        ],
+    );
+    let request = br#"{"model": "a", "prompt": "hi", "stream": true}"#;
+    let length = format!("content-length: {}\r\n", request.len());
+
+    // A stream under way, then a flood of idle and slow connections beyond the cap.
+    let started = Instant::now();
+    let mut stream = Exchange::open(port, "/v1/completions", &length, &[request]);
+    assert_eq!(stream.status, 200);
+    assert_eq!(stream.next_chunk().as_deref(), Some("data: first\n\n"));
+    let mut flood = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        if i % 2 == 0 {
+            let _ = s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n");
+        }
+        flood.push(s);
+    }
+    // A fresh client is answered on the proxy (a passthrough) and on the API socket.
+    let r = proxy_client(port).get("/health").unwrap();
+    assert_eq!((r.status, r.text()), (200, "upstream ok".to_owned()));
+    assert_eq!(sidecar.get("/v1/state").status, 200);
+    assert!(
+        sidecar
+            .metric("modelpool_http_timeouts_total{kind=\"evicted\",listener=\"proxy\"}")
+            .unwrap()
+            >= 30.0,
+        "the flood did not reach the cap"
+    );
+    // The stream outlives both timeouts, then ends whole.
+    while started.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(stream.next_chunk().as_deref(), Some("data: tick\n\n"));
+    }
+    upstream.gate.store(true, Ordering::Relaxed);
+    let mut last = None;
+    while let Some(chunk) = stream.next_chunk() {
+        last = Some(chunk);
+    }
+    assert_eq!(last.as_deref(), Some("data: [DONE]\n\n"));
+    drop(flood);
+    sidecar.wait_until("the stream's lease released", |s| leases(s, "a") == 0);
+
+    // Eight streams answering: a ninth connection is refused, in OpenAI's shape (no request
+    // read yet), naming the flag.
+    upstream.gate.store(false, Ordering::Relaxed);
+    let streams: Vec<Exchange> = (0..8)
+        .map(|_| Exchange::open(port, "/v1/completions", &length, &[request]))
+        .collect();
+    assert!(streams.iter().all(|s| s.status == 200));
+    let (status, body) = raw_answer(&raw_exchange(port, b"", PATIENCE));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--proxy-max-connections"), "{message}");
+    upstream.gate.store(true, Ordering::Relaxed);
+    for mut s in streams {
+        while s.next_chunk().is_some() {}
+    }
+    sidecar.wait_until("the eight leases released", |s| leases(s, "a") == 0);
+
+    // Half a head, then silence: 408 after the header timeout, in the path's protocol.
+    let took = Instant::now();
+    let raw = raw_exchange(
+        port,
+        b"POST /api/generate HTTP/1.1\r\nHost: x\r\n",
+        PATIENCE,
+    );
+    let (status, body) = raw_answer(&raw);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (408, Some("request_timeout")),
+        "{body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("--header-timeout"),
+        "{body}"
+    );
+    assert!(took.elapsed() < PATIENCE);
+    // A body that stalls before its model name: 408, and no lease was taken.
+    let raw = raw_exchange(
+        port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"messages\": [",
+        PATIENCE,
+    );
+    let (status, body) = raw_answer(&raw);
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--body-timeout")
+    );
+    // A body that stalls after its model name: cut off upstream, 408 too, lease released.
+    let raw = raw_exchange(
+        port,
+        b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\": \"a\", \"prompt\": \"",
+        PATIENCE,
+    );
+    let (status, body) = raw_answer(&raw);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (408, Some("request_timeout")),
+        "{body}"
+    );
+    assert_eq!(
+        sidecar.metric("modelpool_proxy_requests_total{model=\"a\",outcome=\"client_timeout\"}"),
+        Some(1.0)
+    );
+    assert_eq!(leases(&sidecar, "a"), 0);
+    // An over-long target on an Ollama path: 414 in Ollama's shape.
+    let mut long = b"GET /api/show?".to_vec();
+    long.extend(std::iter::repeat_n(b'a', 9000));
+    long.extend(b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let (status, body) = raw_answer(&raw_exchange(port, &long, PATIENCE));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (414, Some("uri_too_long")),
+        "{body}"
+    );
+    // Idle connections are closed by the server (else this read waits for all of PATIENCE).
+    let took = Instant::now();
+    assert!(raw_exchange(port, b"", PATIENCE).is_empty());
+    assert!(took.elapsed() < PATIENCE);
+}

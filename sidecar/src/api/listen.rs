@@ -156,6 +156,35 @@ fn trim_heap() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn trim_heap() {}
 
+/// How a listener words the answers it writes itself, outside its router's handlers (the
+/// 503 at the cap, the 408 of a late head, hyper's 400/414/431): the API's error body on the
+/// API and ops listeners, the serving proxy's in its clients' protocols.
+#[derive(Debug, Clone, Copy)]
+pub struct Wording {
+    /// The flag that sets the listener's connection cap, named in the 503.
+    pub cap_flag: &'static str,
+    /// The JSON body of an error, given the request's path when it is known.
+    pub body: fn(&ApiError, Option<&str>) -> serde_json::Value,
+}
+
+impl Wording {
+    /// The API's: `{"error": code, "message": ..., extra...}`.
+    pub fn api(cap_flag: &'static str) -> Self {
+        Self {
+            cap_flag,
+            body: api_body,
+        }
+    }
+}
+
+fn api_body(error: &ApiError, _path: Option<&str>) -> serde_json::Value {
+    let mut body = serde_json::Map::new();
+    body.insert("error".into(), error.code.into());
+    body.insert("message".into(), error.message.clone().into());
+    body.extend(error.extra.clone());
+    serde_json::Value::Object(body)
+}
+
 /// The body timeout, as a request extension read by [`super::http::JsonBody`].
 #[derive(Debug, Clone, Copy)]
 pub struct BodyTimeout(pub Duration);
@@ -217,19 +246,49 @@ impl Open {
 /// (idle keep-alive, or a head still arriving) and takes its place; only when every
 /// connection is answering a request is the new one refused (503 `too_many_connections`).
 pub fn serve<L>(
-    mut listener: L,
+    listener: L,
     router: Router,
     limits: ListenLimits,
     metrics: ConnMetrics,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     name: &'static str,
 ) -> JoinHandle<()>
 where
     L: Listener,
     L::Io: Refusable,
 {
+    let cap_flag = if name == "ops" {
+        "--metrics-max-connections"
+    } else {
+        "--max-connections"
+    };
+    serve_worded(
+        listener,
+        router,
+        limits,
+        metrics,
+        stop,
+        name,
+        Wording::api(cap_flag),
+    )
+}
+
+/// [`serve`], with the answers the listener writes itself worded by `wording`.
+pub fn serve_worded<L>(
+    mut listener: L,
+    router: Router,
+    limits: ListenLimits,
+    metrics: ConnMetrics,
+    mut stop: watch::Receiver<bool>,
+    name: &'static str,
+    wording: Wording,
+) -> JoinHandle<()>
+where
+    L: Listener,
+    L::Io: Refusable,
+{
     let router = router
-        .layer(axum::middleware::from_fn(check_uri))
+        .layer(axum::middleware::from_fn_with_state(wording, check_uri))
         .layer(axum::Extension(BodyTimeout(limits.body_timeout)));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let open_conns = Arc::new(Mutex::new(Open::default()));
@@ -265,7 +324,7 @@ where
             };
             let Some(permit) = permit else {
                 refused.inc();
-                refuse(&io, name, limits.max_connections);
+                refuse(&io, name, limits.max_connections, &wording);
                 drop(io);
                 CLOSED.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -279,7 +338,7 @@ where
             connections.spawn(async move {
                 open.inc();
                 tokio::select! {
-                    () = connection(io, router, &tracked.busy, limits, stop, name, &timeouts) => {}
+                    () = connection(io, router, &tracked.busy, limits, stop, name, &timeouts, wording) => {}
                     () = tracked.close.notified() => {}
                 }
                 lock(&open_conns).conns.remove(&id);
@@ -307,7 +366,8 @@ fn lock(open: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Counts a connection's requests under way (from the head parsed to the answer built).
+/// Counts a connection's requests under way (from the head parsed to the answer's body sent:
+/// a streamed answer keeps its connection busy, never closed as idle at the cap).
 struct BusyGuard(Arc<AtomicUsize>);
 
 impl BusyGuard {
@@ -331,37 +391,70 @@ struct Counted {
 }
 
 impl hyper::service::Service<Request<hyper::body::Incoming>> for Counted {
-    type Response = Response;
+    type Response = Response<BusyBody>;
     type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn call(&self, req: Request<hyper::body::Incoming>) -> Self::Future {
         let guard = BusyGuard::new(&self.busy);
         let answer = self.inner.call(req);
         Box::pin(async move {
-            let answer = answer.await;
-            drop(guard);
-            answer
+            let answer = answer.await?;
+            Ok(answer.map(|inner| BusyBody {
+                inner,
+                guard: Some(guard),
+            }))
         })
+    }
+}
+
+/// An answer's body, keeping its connection counted busy until its last frame.
+struct BusyBody {
+    inner: axum::body::Body,
+    guard: Option<BusyGuard>,
+}
+
+impl hyper::body::Body for BusyBody {
+    type Data = hyper::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
 /// Writes the 503 for a connection over the cap without waiting (the answer is far smaller
 /// than a socket's send buffer; if it does not fit, the client sees the connection close).
-fn refuse<T: Refusable>(io: &T, name: &str, max: usize) {
+fn refuse<T: Refusable>(io: &T, name: &str, max: usize, wording: &Wording) {
     let error = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "too_many_connections",
         format!(
             "the {name} listener already has {max} open connections, its limit ({}); close idle connections or try again shortly",
-            if name == "ops" {
-                "--metrics-max-connections"
-            } else {
-                "--max-connections"
-            }
+            wording.cap_flag
         ),
     );
-    let _ = io.try_write_now(&raw_response(&error, &[("retry-after", "1")]));
+    let _ = io.try_write_now(&raw_response(
+        &error,
+        wording,
+        None,
+        &[("retry-after", "1")],
+    ));
 }
 
 /// A socket that can be written without waiting.
@@ -382,6 +475,7 @@ impl Refusable for tokio::net::UnixStream {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one call site: the accept loop
 async fn connection<T>(
     io: T,
     router: Router,
@@ -390,10 +484,11 @@ async fn connection<T>(
     mut stop: watch::Receiver<bool>,
     name: &'static str,
     timeouts: &IntCounterVec,
+    wording: Wording,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = TokioIo::new(GuardedIo::new(io, limits.body_timeout));
+    let io = TokioIo::new(GuardedIo::new(io, limits.body_timeout, wording));
     let service = Counted {
         inner: hyper_util::service::TowerToHyperService::new(router),
         busy: Arc::clone(busy),
@@ -435,8 +530,13 @@ async fn connection<T>(
                 limits.header_timeout.as_millis()
             ),
         );
+        // The path, when the request line arrived whole.
+        let path = std::str::from_utf8(&parts.read_buf)
+            .ok()
+            .and_then(|head| head.split_once("\r\n"))
+            .and_then(|(line, _)| line.split(' ').nth(1));
+        let response = raw_response(&error, &wording, path, &[]);
         let mut io = parts.io.into_inner();
-        let response = raw_response(&error, &[]);
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             use tokio::io::AsyncWriteExt;
             io.write_all(&response).await?;
@@ -479,26 +579,35 @@ impl SourceIo for hyper::Error {
 }
 
 /// Rejects a request target over [`MAX_URI_BYTES`] with 414 `uri_too_long`.
-async fn check_uri(req: Request, next: Next) -> Response {
+async fn check_uri(
+    axum::extract::State(wording): axum::extract::State<Wording>,
+    req: Request,
+    next: Next,
+) -> Response {
     let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
     if len > MAX_URI_BYTES {
-        return ApiError::new(
+        let error = ApiError::new(
             StatusCode::URI_TOO_LONG,
             "uri_too_long",
             format!("the request target is {len} bytes, over the limit of {MAX_URI_BYTES} bytes"),
+        );
+        return (
+            error.status,
+            axum::Json((wording.body)(&error, Some(req.uri().path()))),
         )
-        .into_response();
+            .into_response();
     }
     next.run(req).await
 }
 
 /// An error as raw HTTP/1.1 bytes (for answers written outside hyper), closing the connection.
-fn raw_response(error: &ApiError, extra: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = serde_json::Map::new();
-    body.insert("error".into(), error.code.into());
-    body.insert("message".into(), error.message.clone().into());
-    body.extend(error.extra.clone());
-    let body = serde_json::Value::Object(body).to_string();
+fn raw_response(
+    error: &ApiError,
+    wording: &Wording,
+    path: Option<&str>,
+    extra: &[(&str, &str)],
+) -> Vec<u8> {
+    let body = (wording.body)(error, path).to_string();
     let mut out = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
         error.status.as_u16(),
@@ -557,16 +666,18 @@ fn bare_parse_error(buf: &[u8]) -> Option<ApiError> {
 struct GuardedIo<T> {
     inner: T,
     stall: Duration,
+    wording: Wording,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A replacement answer being written, and how many bytes of hyper's to report once done.
     replacing: Option<(Vec<u8>, usize, usize)>,
 }
 
 impl<T> GuardedIo<T> {
-    fn new(inner: T, stall: Duration) -> Self {
+    fn new(inner: T, stall: Duration, wording: Wording) -> Self {
         Self {
             inner,
             stall,
+            wording,
             timer: None,
             replacing: None,
         }
@@ -610,7 +721,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         if this.replacing.is_none()
             && let Some(error) = bare_parse_error(buf)
         {
-            this.replacing = Some((raw_response(&error, &[]), 0, buf.len()));
+            this.replacing = Some((raw_response(&error, &this.wording, None, &[]), 0, buf.len()));
         }
         if let Some((bytes, written, claimed)) = &mut this.replacing {
             while *written < bytes.len() {
@@ -681,7 +792,12 @@ mod tests {
         assert_eq!(bare_parse_error(bare).unwrap().code, "bad_request");
         let bare = b"HTTP/1.1 414 URI Too Long\r\ncontent-length: 0\r\n\r\n";
         assert_eq!(bare_parse_error(bare).unwrap().code, "uri_too_long");
-        let ours = raw_response(&ApiError::bad_request("field \"pid\""), &[]);
+        let ours = raw_response(
+            &ApiError::bad_request("field \"pid\""),
+            &Wording::api("--max-connections"),
+            None,
+            &[],
+        );
         assert!(bare_parse_error(&ours).is_none());
         // A 204 or an empty 200 of the API's is left alone.
         assert!(bare_parse_error(b"HTTP/1.1 204 No Content\r\n\r\n").is_none());
@@ -698,7 +814,11 @@ mod tests {
     async fn a_write_nobody_reads_times_out() {
         use tokio::io::AsyncWriteExt;
         let (near, _far) = tokio::io::duplex(64);
-        let mut io = GuardedIo::new(near, Duration::from_millis(50));
+        let mut io = GuardedIo::new(
+            near,
+            Duration::from_millis(50),
+            Wording::api("--max-connections"),
+        );
         let error = io.write_all(&[0u8; 4096]).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(error.to_string().contains("50 ms"), "{error}");
@@ -726,6 +846,8 @@ mod tests {
                 "too_many_connections",
                 "full",
             ),
+            &Wording::api("--max-connections"),
+            None,
             &[("retry-after", "1")],
         );
         let text = String::from_utf8(bytes).unwrap();

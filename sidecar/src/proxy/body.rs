@@ -5,12 +5,14 @@
 //!   [`LeaseGuard`] until its last frame, an upstream error, or its drop (the client went away).
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use axum::body::Body;
@@ -43,7 +45,14 @@ pub struct CutOff {
     pub over: AtomicBool,
     /// A second `"model"` key (answer 400).
     pub twice: AtomicBool,
+    /// No progress within the idle timeout (answer 408).
+    pub slow: AtomicBool,
 }
+
+/// The request body made no progress in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body made no progress for {} ms", .0.as_millis())]
+pub struct TooSlow(pub Duration);
 
 /// A request body going upstream.
 pub struct UpstreamBody {
@@ -54,6 +63,10 @@ pub struct UpstreamBody {
     /// The scan that found the model, kept on the rest of the body for a second `"model"`.
     scan: Option<ModelScan>,
     cut: Arc<CutOff>,
+    /// Longest wait for the next part of the body, and its timer (armed while waiting).
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    rearm: bool,
 }
 
 impl UpstreamBody {
@@ -72,7 +85,16 @@ impl UpstreamBody {
             limit,
             scan,
             cut: Arc::new(CutOff::default()),
+            idle: None,
+            timer: None,
+            rearm: false,
         }
+    }
+
+    /// Cuts the body off (an error upstream) when the client sends nothing of it for `idle`.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = Some(idle);
+        self
     }
 
     /// Why the body was cut off, once it was (the upstream call then fails).
@@ -99,6 +121,8 @@ impl HttpBody for UpstreamBody {
         };
         match Pin::new(rest).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                // The wait for the next part starts when it is asked for.
+                this.rearm = true;
                 if let Some(data) = frame.data_ref() {
                     this.sent += data.len() as u64;
                     if let Some(limit) = this.limit
@@ -121,9 +145,27 @@ impl HttpBody for UpstreamBody {
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Box::new(error)))),
             Poll::Ready(None) => {
                 this.rest = None;
+                this.timer = None;
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let Some(idle) = this.idle else {
+                    return Poll::Pending;
+                };
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if std::mem::take(&mut this.rearm) {
+                    timer.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    this.cut.slow.store(true, Ordering::Relaxed);
+                    this.rest = None;
+                    this.timer = None;
+                    return Poll::Ready(Some(Err(Box::new(TooSlow(idle)))));
+                }
+                Poll::Pending
+            }
         }
     }
 

@@ -23,6 +23,8 @@ pub enum Outcome {
     TooLarge,
     /// The body names no model, or not as a string (400).
     BadRequest,
+    /// The request body did not arrive in time (408).
+    ClientTimeout,
     /// The admission queue is full (429).
     QueueFull,
     /// No room within the acquire timeout (503).
@@ -46,6 +48,7 @@ impl Outcome {
             Self::UnknownModel => "unknown_model",
             Self::TooLarge => "too_large",
             Self::BadRequest => "bad_request",
+            Self::ClientTimeout => "client_timeout",
             Self::QueueFull => "queue_full",
             Self::Timeout => "timeout",
             Self::ExceedsCeiling => "exceeds_ceiling",
@@ -101,7 +104,7 @@ impl ProxyMetrics {
             requests: reg!(IntCounterVec::new(
                 Opts::new(
                     "modelpool_proxy_requests_total",
-                    "Requests through the serving proxy, by model and outcome (ok, passthrough, client_gone, upstream_error, unknown_model, too_large, bad_request, queue_full, timeout, exceeds_ceiling, load_failed, shutting_down)."
+                    "Requests through the serving proxy, by model and outcome (ok, passthrough, client_gone, upstream_error, unknown_model, too_large, bad_request, client_timeout, queue_full, timeout, exceeds_ceiling, load_failed, shutting_down)."
                 ),
                 &["model", "outcome"]
             )),

@@ -64,6 +64,8 @@ use crate::{
 
 /// Default request body limit: 32 MiB (chat requests with images run to a few MiB).
 pub const DEFAULT_BODY_LIMIT: u64 = 32 << 20;
+/// Default most client connections open at once on the proxy's port.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// Default most requests waiting for admission at once.
 pub const DEFAULT_MAX_QUEUE: usize = 1024;
 /// `Retry-After` of a 429 (queue full), in seconds.
@@ -84,6 +86,9 @@ pub struct ProxyConfig {
     pub max_queue: usize,
     /// Most requests in flight per model (0: no limit); more wait their turn in the queue.
     pub model_concurrency: u32,
+    /// A request body must bring its model name within this long, and then make progress at
+    /// least this often (else 408); the answer streams for as long as it takes.
+    pub body_timeout: Duration,
 }
 
 /// Why the proxy cannot start.
@@ -290,7 +295,8 @@ impl Proxy {
     async fn pass(&self, request: Request) -> Response {
         let protocol = Protocol::of_path(request.uri().path());
         let (parts, body) = request.into_parts();
-        let upstream_body = UpstreamBody::new(Bytes::new(), Some(body), None, None);
+        let upstream_body = UpstreamBody::new(Bytes::new(), Some(body), None, None)
+            .idle_timeout(self.config.body_timeout);
         match self.send(&parts, upstream_body).await {
             Ok(response) => {
                 self.metrics.count("", Outcome::Passthrough);
@@ -365,7 +371,18 @@ impl Proxy {
         }
         let (model, prefix, rest, scan) = match named {
             Named::Path(_, name) => (name, Bytes::new(), Some(body), None),
-            Named::Body(_) => read_model(body, limit).await?,
+            Named::Body(_) => {
+                let timeout = self.config.body_timeout;
+                tokio::time::timeout(timeout, read_model(body, limit))
+                    .await
+                    .map_err(|_| {
+                        (
+                            String::new(),
+                            Outcome::ClientTimeout,
+                            body_too_slow(timeout),
+                        )
+                    })??
+            }
         };
         let model = match model.strip_suffix(":latest") {
             Some(short) if self.ollama_names => short.to_owned(),
@@ -475,7 +492,8 @@ impl Proxy {
             outcome: None,
         };
 
-        let upstream_body = UpstreamBody::new(prefix, rest, Some(limit), scan);
+        let upstream_body = UpstreamBody::new(prefix, rest, Some(limit), scan)
+            .idle_timeout(self.config.body_timeout);
         let cut = upstream_body.cut_off();
         let overhead_until = Instant::now();
         let sent = self.send(&parts, upstream_body);
@@ -498,6 +516,11 @@ impl Proxy {
                     (Outcome::TooLarge, too_large(limit))
                 } else if cut.twice.load(Ordering::Relaxed) {
                     (Outcome::BadRequest, named_twice())
+                } else if cut.slow.load(Ordering::Relaxed) {
+                    (
+                        Outcome::ClientTimeout,
+                        body_too_slow(self.config.body_timeout),
+                    )
                 } else {
                     (
                         Outcome::UpstreamError,
@@ -603,6 +626,18 @@ enum SendError {
 fn stopping(message: &str) -> ProxyError {
     ProxyError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
         .retry_after(RETRY_NO_ROOM_S)
+}
+
+fn body_too_slow(timeout: Duration) -> ProxyError {
+    ProxyError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body did not arrive in time: its model name within {} ms, then some of the rest at least every {} ms (--body-timeout)",
+            timeout.as_millis(),
+            timeout.as_millis()
+        ),
+    )
 }
 
 fn too_large(limit: u64) -> ProxyError {

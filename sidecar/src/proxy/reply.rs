@@ -10,6 +10,7 @@ use axum::{
 use serde_json::{Map, Value, json};
 
 use super::detect::Protocol;
+use crate::api::http::ApiError;
 
 /// An error the proxy answers itself.
 #[derive(Debug, Clone)]
@@ -52,7 +53,26 @@ impl ProxyError {
 
     /// The response, in `protocol`'s error shape.
     pub fn into_response(self, protocol: Protocol) -> Response {
-        let body = match protocol {
+        let status = self.status;
+        let retry_after = self.retry_after;
+        let mut response = json_response(status, &self.into_body(protocol));
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still come: this connection is done.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    /// The body, in `protocol`'s error shape.
+    pub fn into_body(self, protocol: Protocol) -> Value {
+        match protocol {
             Protocol::OpenAi => {
                 let kind = match self.status.as_u16() {
                     429 => "rate_limit_error",
@@ -79,15 +99,17 @@ impl ProxyError {
                 body.extend(self.extra);
                 Value::Object(body)
             }
-        };
-        let mut response = json_response(self.status, &body);
-        if let Some(seconds) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        response
     }
+}
+
+/// The body of an error the proxy's listener writes itself (the 503 at its connection cap, the
+/// 408 of a late head, a malformed request's 400/431, a 414), in the protocol of the request's
+/// path; OpenAI's shape when the path is not known (the request line never arrived whole).
+pub fn http_layer_body(error: &ApiError, path: Option<&str>) -> Value {
+    let mut reply = ProxyError::new(error.status, error.code, error.message.clone());
+    reply.extra = error.extra.clone();
+    reply.into_body(Protocol::of_path(path.unwrap_or("/")))
 }
 
 /// A JSON response.
