@@ -17,6 +17,7 @@ pub mod client;
 pub mod cluster;
 pub mod decide;
 pub mod driver;
+pub mod exposition;
 pub mod learned;
 pub mod measure;
 pub mod metrics;

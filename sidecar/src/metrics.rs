@@ -206,12 +206,14 @@ impl Metrics {
     /// events.
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut text = gauges.render();
-        let mut buffer = Vec::new();
-        let encoder = TextEncoder::new();
-        if let Err(error) = encoder.encode(&self.registry.gather(), &mut buffer) {
-            tracing::error!(%error, "failed to encode metrics");
+        let families = self.registry.gather();
+        if !crate::exposition::encode(&families, &mut text) {
+            let mut buffer = Vec::new();
+            if let Err(error) = TextEncoder::new().encode(&families, &mut buffer) {
+                tracing::error!(%error, "failed to encode metrics");
+            }
+            text.push_str(&String::from_utf8_lossy(&buffer));
         }
-        text.push_str(&String::from_utf8_lossy(&buffer));
         text
     }
 }
@@ -284,7 +286,8 @@ fn family(out: &mut String, name: &str, help: &str) {
 impl Gauges {
     /// The text exposition of the levels.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(256 + self.models.len() * 400);
+        // Room for the event families rendered after the levels too (about 1.2 KB a model).
+        let mut out = String::with_capacity(16 * 1024 + self.models.len() * 1600);
         let (pool, namespace, mode) = &self.pool;
         family(
             &mut out,

@@ -15,7 +15,7 @@ use std::{
 
 use axum::{
     Extension, Json, Router,
-    extract::{DefaultBodyLimit, Path, RawQuery, State},
+    extract::{Path, RawQuery, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::{delete, get, post},
@@ -23,7 +23,7 @@ use axum::{
 use modelpool_policy::{Action, Footprint, Limits, Refusal, RefusalReason};
 use serde_json::json;
 
-use self::http::{ApiError, BODY_LIMIT, JsonBody, empty, query_u64};
+use self::http::{ApiError, JsonBody, empty, query_u64};
 use crate::{
     decide::{LookupError, lease_name, session_name},
     shell::{AcquireAnswer, Shared},
@@ -75,7 +75,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
 /// The `/v1` router with `caps` (`--max-sessions`).
 pub fn router_with(shared: Arc<Shared>, caps: limits::ApiLimits) -> Router {
     Router::new()
-        .route("/v1/sessions", post(open_session))
+        // The caps reach only the handler that needs them: an extension layer on the whole
+        // router would cost every acquire and release a request extension.
+        .route("/v1/sessions", post(open_session).layer(Extension(caps)))
         .route("/v1/sessions/{session}", delete(close_session))
         .route("/v1/sessions/{session}/heartbeat", post(heartbeat))
         .route("/v1/sessions/{session}/commands", get(commands))
@@ -88,8 +90,6 @@ pub fn router_with(shared: Arc<Shared>, caps: limits::ApiLimits) -> Router {
         .route("/v1/check", get(check))
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(Extension(caps))
         .with_state(shared)
 }
 
