@@ -16,12 +16,13 @@ use std::{
 };
 
 use axum::body::Body;
-use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
     detect::{ModelScan, Scan},
     metrics::{Outcome, ProxyMetrics},
+    upstream::DrivenBody,
 };
 use crate::shell::Shared;
 
@@ -229,13 +230,13 @@ impl Drop for LeaseGuard {
 
 /// The upstream's answer, holding the request's lease until it ends.
 pub struct LeasedBody {
-    inner: Incoming,
+    inner: DrivenBody,
     guard: Option<LeaseGuard>,
 }
 
 impl LeasedBody {
     /// `inner`, releasing `guard` when it ends.
-    pub fn new(inner: Incoming, guard: LeaseGuard) -> Self {
+    pub fn new(inner: DrivenBody, guard: LeaseGuard) -> Self {
         Self {
             inner,
             guard: Some(guard),

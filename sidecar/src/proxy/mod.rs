@@ -20,6 +20,7 @@ pub mod body;
 pub mod detect;
 pub mod metrics;
 pub mod reply;
+pub mod upstream;
 
 use std::{
     collections::HashMap,
@@ -40,10 +41,6 @@ use axum::{
 };
 use http_body_util::BodyExt;
 use hyper::body::Bytes;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use modelpool_crds::v1alpha1::DriverKind;
 use modelpool_policy::RefusalReason;
 use serde_json::json;
@@ -121,11 +118,9 @@ pub enum SetupError {
 }
 
 struct Upstream {
-    scheme: axum::http::uri::Scheme,
-    authority: axum::http::uri::Authority,
     prefix: String,
     host: HeaderValue,
-    client: Client<HttpConnector, UpstreamBody>,
+    pool: Arc<upstream::Pool>,
 }
 
 impl Upstream {
@@ -142,27 +137,27 @@ impl Upstream {
         }
         let authority = uri.authority().cloned().ok_or_else(|| bad("has no host"))?;
         let host = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("has a bad host"))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let addr = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
         Ok(Self {
-            scheme: axum::http::uri::Scheme::HTTP,
-            authority,
             prefix: uri.path().trim_end_matches('/').to_owned(),
             host,
-            client,
+            pool: upstream::Pool::new(addr),
         })
     }
 
+    /// The request target upstream, in origin form (the URL's path prefix, then the path).
     fn uri(&self, original: &Uri) -> Result<Uri, axum::http::Error> {
-        let path = original.path_and_query().map_or("/", |p| p.as_str());
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{path}", self.prefix))
-            .build()
+        let Some(path) = original.path_and_query() else {
+            return Ok(Uri::from_static("/"));
+        };
+        if self.prefix.is_empty() {
+            return Ok(Uri::from(path.clone()));
+        }
+        Ok(Uri::try_from(format!("{}{path}", self.prefix))?)
     }
 }
 
@@ -314,7 +309,7 @@ impl Proxy {
         &self,
         parts: &axum::http::request::Parts,
         body: UpstreamBody,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, SendError> {
+    ) -> Result<hyper::Response<upstream::DrivenBody>, SendError> {
         let uri = self
             .upstream
             .uri(&parts.uri)
@@ -329,8 +324,8 @@ impl Proxy {
         copy_headers(&parts.headers, headers);
         headers.insert(header::HOST, self.upstream.host.clone());
         self.upstream
-            .client
-            .request(request)
+            .pool
+            .send(request)
             .await
             .map_err(SendError::Upstream)
     }
@@ -620,7 +615,7 @@ enum SendError {
     #[error("bad upstream request: {0}")]
     Build(String),
     #[error("{0}")]
-    Upstream(#[from] hyper_util::client::legacy::Error),
+    Upstream(#[from] upstream::UpstreamError),
 }
 
 fn stopping(message: &str) -> ProxyError {
