@@ -403,10 +403,9 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Counted {
         if let Some(error) = uri_too_long(&req).or_else(|| too_many_headers(&req)) {
             let body = (self.wording.body)(&error, Some(req.uri().path()));
             let answer = (error.status, axum::Json(body)).into_response();
-            return Box::pin(std::future::ready(Ok(answer.map(|inner| BusyBody {
-                inner,
-                guard: None,
-            }))));
+            return Box::pin(std::future::ready(Ok(
+                answer.map(|inner| BusyBody { inner, guard: None })
+            )));
         }
         req.extensions_mut().insert(self.body_timeout);
         let guard = BusyGuard::new(&self.busy);
