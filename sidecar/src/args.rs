@@ -188,7 +188,8 @@ pub struct ServeArgs {
     pub proxy_listen: Option<SocketAddr>,
 
     /// Serving proxy: the inference server, `http://127.0.0.1:PORT` (default: the pool's
-    /// driver url).
+    /// driver url). `Vllm` pools: requests naming a model go to that model's server
+    /// (`driver.servers`), the rest here (default: the first server listed).
     #[arg(long, env = "MODELPOOL_UPSTREAM")]
     pub upstream: Option<String>,
 

@@ -182,6 +182,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     let driver = make_driver(loaded.driver, &loaded.info, &hub, driver_timeout)?;
     let driver_kind = loaded.driver;
     let driver_url = loaded.info.driver_url.clone();
+    let driver_servers = loaded.info.driver_servers.clone();
     let metrics = Metrics::new()?;
     let meter = Arc::new(SystemMeter::init(!no_nvml, cuda_fallback));
     tracing::info!(
@@ -265,8 +266,11 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
     if let Some(listen) = proxy_listen {
         let config = proxy::ProxyConfig {
             listen,
+            // Vllm pools have no driver url: requests naming a model go to that model's
+            // server, the rest to the first one listed.
             upstream: upstream
                 .or(driver_url)
+                .or_else(|| driver_servers.values().next().cloned())
                 .ok_or(proxy::SetupError::NoUpstream)?,
             body_limit: proxy_body_limit,
             max_queue: proxy_max_queue,

@@ -125,13 +125,25 @@ impl Drop for Standins {
 }
 
 fn sidecar_for(standins: &Standins, limits: &str, policy: &str, models: &[&str]) -> Sidecar {
+    sidecar_with(standins, limits, policy, models, &[])
+}
+
+fn sidecar_with(
+    standins: &Standins,
+    limits: &str,
+    policy: &str,
+    models: &[&str],
+    extra: &[&str],
+) -> Sidecar {
     let models: String = models.iter().map(|m| format!("  - {m}\n")).collect();
     let yaml = format!(
         "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata: {{name: vllm}}\nspec:\n  driver: {{kind: Vllm, sleepLevel: 2, servers: {}, processMatch: \"{}\"}}\n  limits: {limits}\n  policy: {policy}\n  models:\n{models}",
         standins.servers_yaml(),
         standins.process_match()
     );
-    let sidecar = Sidecar::start(&yaml, &["--heartbeat-ms", "600000", "--tick-ms", "200"]);
+    let mut args = vec!["--heartbeat-ms", "600000", "--tick-ms", "200"];
+    args.extend_from_slice(extra);
+    let sidecar = Sidecar::start(&yaml, &args);
     sidecar.wait_state("the sidecar to poll the servers", |s| {
         s["server"]["up"] == true && s["server"]["pid"].is_u64()
     });
@@ -255,4 +267,61 @@ fn vllm_servers_killed_and_restarted() {
     let state = sidecar.state();
     assert_eq!(states(&state), loaded(&["a", "b"]));
     assert_eq!(held_ram(&state), 128 * MIB);
+}
+
+/// The serving proxy in front of a `Vllm` pool (one server per model, no driver url, no
+/// `--upstream`): an unmodified OpenAI request naming a model goes to that model's server,
+/// woken through the pool first (the stand-in answers 404 for a model not its own and 503
+/// asleep, so a request sent to the wrong server, or before the wake-up, fails); two models that
+/// do not fit together take turns (the first put to sleep to wake the second).
+#[test]
+fn proxied_requests_go_to_their_models_vllm_server() {
+    let standins = Standins::start(&[("a", 64), ("b", 64)]);
+    for model in ["a", "b"] {
+        standins.post(model, "/sleep?level=2");
+    }
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let sidecar = sidecar_with(
+        &standins,
+        "{ram: 100Mi}",
+        &format!("{{mode: Cache, idleTTL: 10m, acquireTimeout: 10s, {NO_PRESSURE}}}"),
+        &["{name: a, ram: 64Mi}", "{name: b, ram: 64Mi}"],
+        &["--proxy-listen", &listen],
+    );
+    sidecar.wait_log(
+        |line| line.contains("serving proxy listening").then_some(()),
+        "the proxy listener",
+    );
+    let proxy = Client::tcp(listen).with_timeout(Duration::from_secs(30));
+    for (model, other) in [("a", "b"), ("b", "a")] {
+        let r = proxy
+            .post(
+                "/v1/completions",
+                &serde_json::json!({"model": model, "prompt": "hi"}),
+            )
+            .unwrap();
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        assert_eq!(r.json()["model"], model, "{}", r.text());
+        assert_eq!(r.json()["choices"][0]["text"], format!("hi from {model}"));
+        assert!(!standins.sleeping(model));
+        assert!(
+            standins.sleeping(other),
+            "{other} should sleep to make room"
+        );
+        let state = sidecar.state();
+        assert_eq!(states(&state), loaded(&[model]), "{state}");
+    }
+    // A request naming no model goes to the first server listed; /v1/models is the pool's.
+    let r = proxy.get("/health").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = proxy.get("/v1/models").unwrap();
+    let models = r.json();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
 }

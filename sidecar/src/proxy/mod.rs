@@ -118,6 +118,7 @@ pub enum SetupError {
 }
 
 struct Upstream {
+    url: String,
     prefix: String,
     host: HeaderValue,
     pool: Arc<upstream::Pool>,
@@ -143,6 +144,7 @@ impl Upstream {
             authority.port_u16().unwrap_or(80)
         );
         Ok(Self {
+            url: url.to_owned(),
             prefix: uri.path().trim_end_matches('/').to_owned(),
             host,
             pool: upstream::Pool::new(addr),
@@ -164,7 +166,9 @@ impl Upstream {
 /// The proxy: shared by its handlers.
 pub struct Proxy {
     shared: Arc<Shared>,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
+    /// `Vllm` pools: each model's own server (`driver.servers`), by URL, made on first use.
+    servers: Option<Mutex<HashMap<String, Arc<Upstream>>>>,
     config: ProxyConfig,
     session: RwLock<String>,
     queued: AtomicUsize,
@@ -205,8 +209,9 @@ impl Proxy {
         tracing::info!(session, upstream = config.upstream, "proxy session opened");
         Ok(Arc::new(Self {
             ollama_names: driver == DriverKind::Ollama,
+            servers: (driver == DriverKind::Vllm).then(|| Mutex::new(HashMap::new())),
             shared,
-            upstream,
+            upstream: Arc::new(upstream),
             config,
             session: RwLock::new(session),
             queued: AtomicUsize::new(0),
@@ -258,14 +263,33 @@ impl Proxy {
             .with_core(|core| core.pool().models.iter().map(|m| m.name.clone()).collect())
     }
 
-    /// Whether the pool lists `model`, and the leases held now (one lock).
-    fn in_pool(&self, model: &str) -> (bool, usize) {
+    /// Whether the pool lists `model`, the leases held now, and (`Vllm` pools) the URL of
+    /// the model's own server (one lock).
+    fn in_pool(&self, model: &str) -> (bool, usize, Option<String>) {
+        let vllm = self.servers.is_some();
         self.shared.with_core(|core| {
+            let pool = core.pool();
             (
-                core.pool().models.iter().any(|m| m.name == model),
+                pool.models.iter().any(|m| m.name == model),
                 core.leases().len(),
+                vllm.then(|| pool.driver_servers.get(model).cloned())
+                    .flatten(),
             )
         })
+    }
+
+    /// Where a request for a model goes: its own server in a `Vllm` pool, else the upstream.
+    fn upstream_for(&self, server: Option<String>) -> Result<Arc<Upstream>, SetupError> {
+        let (Some(servers), Some(url)) = (&self.servers, server) else {
+            return Ok(Arc::clone(&self.upstream));
+        };
+        let mut servers = servers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(upstream) = servers.get(&url) {
+            return Ok(Arc::clone(upstream));
+        }
+        let upstream = Arc::new(Upstream::new(&url)?);
+        servers.insert(url, Arc::clone(&upstream));
+        Ok(upstream)
     }
 
     fn acquire_timeout(&self) -> Duration {
@@ -292,7 +316,7 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let upstream_body = UpstreamBody::new(Bytes::new(), Some(body), None, None)
             .idle_timeout(self.config.body_timeout);
-        match self.send(&parts, upstream_body).await {
+        match self.send(&self.upstream, &parts, upstream_body).await {
             Ok(response) => {
                 self.metrics.count("", Outcome::Passthrough);
                 let (parts, body) = response.into_parts();
@@ -300,18 +324,18 @@ impl Proxy {
             }
             Err(error) => {
                 self.metrics.count("", Outcome::UpstreamError);
-                upstream_down(&self.config.upstream, &error).into_response(protocol)
+                upstream_down(&self.upstream.url, &error).into_response(protocol)
             }
         }
     }
 
     async fn send(
         &self,
+        upstream: &Upstream,
         parts: &axum::http::request::Parts,
         body: UpstreamBody,
     ) -> Result<hyper::Response<upstream::DrivenBody>, SendError> {
-        let uri = self
-            .upstream
+        let uri = upstream
             .uri(&parts.uri)
             .map_err(|e| SendError::Build(e.to_string()))?;
         let mut request = hyper::Request::builder()
@@ -322,8 +346,8 @@ impl Proxy {
             .map_err(|e| SendError::Build(e.to_string()))?;
         let headers = request.headers_mut();
         copy_headers(&parts.headers, headers);
-        headers.insert(header::HOST, self.upstream.host.clone());
-        self.upstream
+        headers.insert(header::HOST, upstream.host.clone());
+        upstream
             .pool
             .send(request)
             .await
@@ -383,7 +407,7 @@ impl Proxy {
             Some(short) if self.ollama_names => short.to_owned(),
             _ => model,
         };
-        let (known, held) = self.in_pool(&model);
+        let (known, held, server) = self.in_pool(&model);
         if !known {
             let names = self.model_names();
             return Err((
@@ -491,7 +515,21 @@ impl Proxy {
             .idle_timeout(self.config.body_timeout);
         let cut = upstream_body.cut_off();
         let overhead_until = Instant::now();
-        let sent = self.send(&parts, upstream_body);
+        let upstream = match self.upstream_for(server) {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                guard.outcome = Some(Outcome::UpstreamError);
+                drop(guard);
+                return Ok(ProxyError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_unavailable",
+                    format!("model {model:?}: its server in driver.servers is unusable: {error}"),
+                )
+                .with("model", json!(model))
+                .into_response(protocol));
+            }
+        };
+        let sent = self.send(&upstream, &parts, upstream_body);
         self.metrics.overhead.observe(
             overhead_until
                 .saturating_duration_since(arrived)
@@ -519,7 +557,7 @@ impl Proxy {
                 } else {
                     (
                         Outcome::UpstreamError,
-                        upstream_down(&self.config.upstream, &error).with("model", json!(model)),
+                        upstream_down(&upstream.url, &error).with("model", json!(model)),
                     )
                 };
                 // Counted by the guard, which releases the lease now.

@@ -10,6 +10,11 @@ the server runs with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1:
     GET  /is_sleeping       200, {"is_sleeping": bool}
     GET  /health            200
     GET  /v1/models         200, {"object": "list", "data": [{"id": MODEL, ...}]}
+    POST /v1/completions, /v1/chat/completions
+                            200, an OpenAI completion naming MODEL (text "hi from MODEL"); a body
+                            naming another model gets vLLM's 404 NotFoundError; asleep, 503
+                            (a stand-in's choice: the serving proxy's test checks that requests
+                            reach the right server, awake).
 
 It starts awake, as vLLM does, holding --mib MiB of "weights" (written, so resident).
 A real-vLLM check of the driver belongs in the GPU script.
@@ -66,9 +71,24 @@ def handler(state: State):
         def do_POST(self):
             url = urlparse(self.path)
             length = int(self.headers.get("content-length") or 0)
-            if length:
-                self.rfile.read(length)
-            if url.path == "/sleep":
+            raw = self.rfile.read(length) if length else b""
+            if url.path in ("/v1/completions", "/v1/chat/completions"):
+                try:
+                    named = json.loads(raw or b"{}").get("model")
+                except ValueError:
+                    named = None
+                if named != state.model:
+                    self.reply(404, {"object": "error", "message": f"The model `{named}` does not exist.",
+                                     "type": "NotFoundError", "param": None, "code": 404})
+                    return
+                with state.lock:
+                    asleep = state.sleeping
+                if asleep:
+                    self.reply(503, {"detail": f"{state.model} is sleeping"})
+                    return
+                self.reply(200, {"id": "cmpl-standin", "object": "text_completion", "model": state.model,
+                                 "choices": [{"index": 0, "text": f"hi from {state.model}", "finish_reason": "stop"}]})
+            elif url.path == "/sleep":
                 level = int(parse_qs(url.query).get("level", ["1"])[0])
                 if level not in (1, 2):
                     self.reply(400, {"detail": f"level {level}: must be 1 or 2"})
