@@ -171,7 +171,7 @@ impl Metrics {
                 open: reg!(IntGaugeVec::new(
                     Opts::new(
                         "modelpool_http_connections",
-                        "Open connections, by listener (api: the Unix socket, api_tcp: --listen, ops: --metrics-listen)."
+                        "Open connections, by listener (api: the Unix socket, api_tcp: --listen, ops: --metrics-listen, proxy: --proxy-listen)."
                     ),
                     &["listener"]
                 )),
