@@ -37,6 +37,9 @@ use super::body::UpstreamBody;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most idle connections kept.
 pub const MAX_IDLE: usize = 256;
+/// Largest read buffer of a connection (hyper's default grows to about 400 KiB): a large answer
+/// is read in more pieces, and a thousand connections stay within 64 MiB.
+pub const MAX_READ_BUFFER: usize = 64 * 1024;
 
 type Conn = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
 
@@ -147,6 +150,7 @@ impl Pool {
         // Streams are many small writes: without TCP_NODELAY each waits for a delayed ACK.
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::Builder::new()
+            .max_buf_size(MAX_READ_BUFFER)
             .handshake(TokioIo::new(stream))
             .await?;
         Ok(Link {
@@ -351,6 +355,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// An answer far larger than the read buffer arrives whole (in pieces).
+    #[tokio::test]
+    async fn a_large_answer_passes_the_bounded_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let size = 16 * MAX_READ_BUFFER + 7;
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = stream.read(&mut head).await;
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n").into_bytes();
+            answer.extend(std::iter::repeat_n(b'x', size));
+            stream.write_all(&answer).await.unwrap();
+        });
+        let pool = Pool::new(addr);
+        assert_eq!(get(&pool).await.len(), size);
     }
 
     #[tokio::test]
