@@ -353,6 +353,7 @@ impl Ours {
                 priority: m.priority,
                 pinned: m.pinned,
                 load_seconds: Some(m.load_s),
+                sized: true,
             })
             .collect();
         let mut config = PoolConfig::new(w.limits, models);

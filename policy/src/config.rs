@@ -24,6 +24,30 @@ pub enum EvictionPolicy {
     CostAware,
 }
 
+/// What admission does with a model of unknown size: nothing declared, no readable estimate
+/// of its weights, and never measured (`spec.policy.unsizedModels`). Once a load of it has
+/// been measured, its learned size is used like any other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnsizedModels {
+    /// Admit it only alone: until measured it counts as needing the whole ceiling, so every
+    /// idle model is evicted first and nothing else is admitted beside it (the default: the
+    /// model works, and the ceiling holds whatever it turns out to need).
+    #[default]
+    Alone,
+    /// Refuse every acquire of it, saying why.
+    Refuse,
+}
+
+impl UnsizedModels {
+    /// The CRD's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alone => "Alone",
+            Self::Refuse => "Refuse",
+        }
+    }
+}
+
 /// One model of the pool.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -37,6 +61,9 @@ pub struct ModelConfig {
     pub pinned: bool,
     /// Reload cost hint, used until a load is measured.
     pub load_seconds: Option<f64>,
+    /// Whether `declared` says anything: a size was declared or estimated from the weights.
+    /// False: the size is unknown until a load is measured (see [`UnsizedModels`]).
+    pub sized: bool,
 }
 
 /// The pool as the engine sees it.
@@ -61,6 +88,8 @@ pub struct PoolConfig {
     pub evict_over_ceiling: bool,
     /// Per-pod ceilings.
     pub limits: Limits,
+    /// What admission does with models of unknown size.
+    pub unsized_models: UnsizedModels,
     /// The models.
     pub models: Vec<ModelConfig>,
 }
@@ -78,6 +107,7 @@ impl PoolConfig {
             reclaim_timeout: Duration::from_secs(10),
             evict_over_ceiling: true,
             limits,
+            unsized_models: UnsizedModels::Alone,
             models,
         }
     }
@@ -92,6 +122,7 @@ impl ModelConfig {
             priority: 0,
             pinned: false,
             load_seconds: None,
+            sized: true,
         }
     }
 }

@@ -105,6 +105,9 @@ pub enum RefusalReason {
     UnknownModel,
     /// The sidecar is stopping.
     ShuttingDown,
+    /// The model's size is unknown (nothing declared, no estimate, never measured) and the
+    /// pool refuses such models (`unsizedModels: Refuse`).
+    Unsized,
 }
 
 impl RefusalReason {
@@ -115,6 +118,7 @@ impl RefusalReason {
             Self::Timeout => "timeout",
             Self::UnknownModel => "unknown_model",
             Self::ShuttingDown => "shutting_down",
+            Self::Unsized => "unsized",
         }
     }
 }
@@ -553,8 +557,19 @@ impl Engine {
         let learned = &self.learned[model];
         match learned.measured {
             Some(_) => declared.max(beyond_noise(learned.peak, declared)),
+            // Unknown size: it needs the whole ceiling, so it is admitted only alone (the
+            // `Refuse` rule never lets it this far).
+            None if self.size_unknown(model) => Footprint::new(
+                self.config.limits.vram.unwrap_or(0),
+                self.config.limits.ram.unwrap_or(0),
+            ),
             None => declared,
         }
+    }
+
+    /// Whether the model's size is unknown: nothing declared or estimated, never measured.
+    fn size_unknown(&self, model: usize) -> bool {
+        !self.config.models[model].sized && self.learned[model].measured.is_none()
     }
 
     /// What was learned of each listed model that has been measured, to persist.
@@ -700,6 +715,20 @@ impl Engine {
                 RefusalReason::ShuttingDown,
                 self.need_of(index),
                 "the sidecar is shutting down".to_owned(),
+            );
+            self.refuse(request, session, model.to_owned(), refusal, &mut out);
+            return out;
+        }
+        if self.size_unknown(index) && self.config.unsized_models == crate::UnsizedModels::Refuse {
+            let refusal = self.refusal(
+                RefusalReason::Unsized,
+                Footprint::default(),
+                format!(
+                    "model {model:?} has no known size (no vram or ram declared, no readable \
+                     estimate of its weights, never measured) and the pool refuses such models \
+                     (spec.policy.unsizedModels: Refuse); declare its vram/ram, or set \
+                     unsizedModels: Alone to load it alone once and learn its size"
+                ),
             );
             self.refuse(request, session, model.to_owned(), refusal, &mut out);
             return out;
@@ -1066,9 +1095,10 @@ impl Engine {
             let need = self.need_of(waiting.model);
             let model = self.config.models[waiting.model].name.clone();
             let message = format!(
-                "model {model:?} waited {:.1} s (acquireTimeout) for room: {}",
+                "model {model:?} waited {:.1} s (acquireTimeout) for room: {}{}",
                 now.saturating_sub(waiting.since).as_secs_f64(),
-                self.room_sentence(need)
+                self.room_sentence(need),
+                self.unsized_note(waiting.model),
             );
             let refusal = self.refusal(RefusalReason::Timeout, need, message);
             self.refuse(waiting.request, waiting.session, model, refusal, &mut out);
@@ -1142,9 +1172,16 @@ impl Engine {
 
     fn fits(&self, need: Footprint) -> bool {
         let held = self.held();
-        Resource::ALL
-            .into_iter()
-            .all(|r| self.room(r, held).is_none_or(|room| need.get(r) <= room))
+        Resource::ALL.into_iter().all(|r| {
+            // Nothing is loaded while the ledger is over a ceiling (a model grew past what it
+            // declared), not even a model whose learned size is zero.
+            let over = self
+                .config
+                .limits
+                .get(r)
+                .is_some_and(|limit| held.get(r) > limit);
+            !over && self.room(r, held).is_none_or(|room| need.get(r) <= room)
+        })
     }
 
     fn reclaimable(&self) -> Footprint {
@@ -1177,18 +1214,30 @@ impl Engine {
                 .sum();
             if need.get(resource) > limit.saturating_sub(pinned) {
                 return Some(format!(
-                    "model {name:?} needs {} of {resource}, above the ceiling of {}{}",
+                    "model {name:?} needs {} of {resource}, above the ceiling of {}{}{}",
                     human_bytes(need.get(resource)),
                     human_bytes(limit),
                     if pinned > 0 {
                         format!(" less {} held by pinned models", human_bytes(pinned))
                     } else {
                         String::new()
-                    }
+                    },
+                    self.unsized_note(model),
                 ));
             }
         }
         None
+    }
+
+    /// For refusals: why an unsized model needs the whole ceiling.
+    fn unsized_note(&self, model: usize) -> &'static str {
+        if self.size_unknown(model) {
+            " (its size is unknown: nothing declared, no readable estimate, never measured; \
+             until a load is measured it needs the whole ceiling and is admitted only alone, \
+             spec.policy.unsizedModels: Alone)"
+        } else {
+            ""
+        }
     }
 
     fn holders(&self) -> Vec<Holder> {

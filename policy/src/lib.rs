@@ -16,7 +16,7 @@ mod engine;
 mod eviction;
 mod footprint;
 
-pub use config::{EvictionPolicy, Mode, ModelConfig, PoolConfig};
+pub use config::{EvictionPolicy, Mode, ModelConfig, PoolConfig, UnsizedModels};
 pub use engine::{
     Action, CheckResult, Counters, Engine, Holder, InstanceState, InstanceView, LearnedSize,
     LeaseId, Output, Readings, Refusal, RefusalReason, RequestId, SessionId, UnloadReason,

@@ -69,6 +69,8 @@ fn pool() -> impl Strategy<Value = PoolConfig> {
         -1..2i32,
         prop::bool::weighted(0.15),
         prop::option::of(0.5..30.0f64),
+        // Some models of unknown size (nothing declared): admitted alone until measured.
+        prop::bool::weighted(0.85),
     );
     (
         prop::collection::vec(model, 5),
@@ -82,12 +84,17 @@ fn pool() -> impl Strategy<Value = PoolConfig> {
                 .into_iter()
                 .enumerate()
                 .map(
-                    |(i, (vram, ram, priority, pinned, load_seconds))| ModelConfig {
+                    |(i, (vram, ram, priority, pinned, load_seconds, sized))| ModelConfig {
                         name: format!("m{i}"),
-                        declared: Footprint::new(vram * 100 * MIB, ram * 100 * MIB),
+                        declared: if sized {
+                            Footprint::new(vram * 100 * MIB, ram * 100 * MIB)
+                        } else {
+                            Footprint::default()
+                        },
                         priority,
                         pinned,
                         load_seconds,
+                        sized,
                     },
                 )
                 .collect();

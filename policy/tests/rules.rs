@@ -823,3 +823,109 @@ fn learned_peaks_are_used_persisted_and_restored() {
     assert_eq!(engine.need("x"), Some(Footprint::new(0, 9 * GIB)));
     assert!(engine.learned_sizes().is_empty());
 }
+
+/// A pool with one model of unknown size ("mystery": nothing declared, no estimate) beside
+/// two declared ones, ceilings 20 GiB VRAM and 16 GiB RAM.
+fn unsized_pool(rule: UnsizedModels) -> PoolConfig {
+    let mut config = seed_pool(Mode::Cache);
+    config.models.push(ModelConfig {
+        sized: false,
+        ..ModelConfig::new("mystery", 0, 0)
+    });
+    config.unsized_models = rule;
+    config
+}
+
+#[test]
+fn a_model_of_unknown_size_is_admitted_only_alone_until_measured() {
+    let mut engine = Engine::new(unsized_pool(UnsizedModels::Alone));
+    assert_eq!(
+        engine.need("mystery"),
+        Some(Footprint::new(20 * GIB, 16 * GIB)),
+        "unknown: the whole ceiling"
+    );
+    // An idle model is evicted to make room, and the acquire waits for its reclaim.
+    let t2v = load(&mut engine, secs(0), 1, APP, "t2v");
+    engine.release(secs(1), t2v);
+    let out = engine.acquire(secs(2), RequestId(2), APP, "mystery");
+    assert!(granted(&out).is_empty(), "{out:?}");
+    assert_eq!(unloads(&out), [("t2v".to_owned(), UnloadReason::Evicted)]);
+    let out = finish_unload(&mut engine, secs(3), APP, "t2v");
+    let (_, action, mystery) = granted(&out)[0];
+    assert_eq!(action, Action::Load);
+    // Loaded without a measurement: still unknown, so nothing is admitted beside it; the
+    // waiting acquire is refused at its timeout with the reason in its message.
+    engine.loaded(secs(4), APP, "mystery", None, None);
+    assert_eq!(engine.held(), Footprint::new(20 * GIB, 16 * GIB));
+    let out = engine.acquire(secs(5), RequestId(3), OTHER, "upscale");
+    assert!(granted(&out).is_empty(), "{out:?}");
+    let out = engine.tick(secs(70), Readings::default());
+    let refused = refusal(&out).expect("refused at the acquire timeout");
+    assert_eq!(refused.reason, RefusalReason::Timeout);
+    assert!(
+        refused.message.contains("waited") && refused.message.contains("mystery"),
+        "{}",
+        refused.message
+    );
+    // The session reloads it with a measurement: from then on its learned size counts, and
+    // a declared model fits beside it.
+    engine.release(secs(71), mystery);
+    let (out, _) = engine.cleanup(secs(72), true);
+    assert_eq!(unloads(&out).len(), 1, "{out:?}");
+    finish_unload(&mut engine, secs(72), APP, "mystery");
+    let out = engine.acquire(secs(73), RequestId(4), APP, "mystery");
+    let (_, action, _) = granted(&out)[0];
+    assert_eq!(action, Action::Load);
+    engine.loaded(
+        secs(74),
+        APP,
+        "mystery",
+        Some(Footprint::new(3 * GIB, GIB)),
+        Some(2.0),
+    );
+    assert_eq!(engine.need("mystery"), Some(Footprint::new(3 * GIB, GIB)));
+    let out = engine.acquire(secs(75), RequestId(5), OTHER, "upscale");
+    assert_eq!(granted(&out)[0].1, Action::Load, "{out:?}");
+    assert!(engine.learned_sizes().contains_key("mystery"));
+}
+
+#[test]
+fn a_pool_that_refuses_unknown_sizes_says_why_and_what_to_declare() {
+    let mut engine = Engine::new(unsized_pool(UnsizedModels::Refuse));
+    let out = engine.acquire(secs(0), RequestId(1), APP, "mystery");
+    let refused = refusal(&out).expect("refused");
+    assert_eq!(refused.reason, RefusalReason::Unsized);
+    assert_eq!(refused.reason.as_str(), "unsized");
+    for words in [
+        "mystery",
+        "no known size",
+        "unsizedModels: Refuse",
+        "vram/ram",
+    ] {
+        assert!(
+            refused.message.contains(words),
+            "{words}: {}",
+            refused.message
+        );
+    }
+    assert!(engine.held() == Footprint::default());
+    // Declared models are unaffected.
+    load(&mut engine, secs(1), 2, APP, "t2v");
+    // A size learned before a restart makes it known.
+    let mut learned = std::collections::BTreeMap::new();
+    learned.insert(
+        "mystery".to_owned(),
+        LearnedSize {
+            declared: Footprint::default(),
+            peak: Footprint::new(GIB, GIB),
+            load_seconds: Some(1.0),
+        },
+    );
+    let mut restarted = Engine::new(unsized_pool(UnsizedModels::Refuse));
+    assert_eq!(
+        restarted.restore_learned(&learned),
+        vec!["mystery".to_owned()]
+    );
+    let out = restarted.acquire(secs(0), RequestId(1), APP, "mystery");
+    assert_eq!(granted(&out)[0].1, Action::Load, "{out:?}");
+}

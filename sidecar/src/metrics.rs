@@ -118,7 +118,7 @@ impl Metrics {
             acquires_refused: reg!(IntCounterVec::new(
                 Opts::new(
                     "modelpool_acquires_refused_total",
-                    "Acquires refused, by reason (exceeds_ceiling, timeout, unknown_model, load_failed, shutting_down)."
+                    "Acquires refused, by reason (exceeds_ceiling, timeout, unknown_model, load_failed, shutting_down, unsized)."
                 ),
                 &["reason"]
             )),

@@ -10,7 +10,7 @@ use std::{
 
 use modelpool_crds::{
     ModelPool, PoolFileError,
-    v1alpha1::{DriverKind, Enforcement, Eviction, Mode},
+    v1alpha1::{DriverKind, Enforcement, Eviction, Mode, UnsizedModels},
 };
 use modelpool_policy::{EvictionPolicy, Footprint, Limits, ModelConfig, PoolConfig};
 use serde::Serialize;
@@ -126,6 +126,7 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
             bytes(|| format!("spec.models[{index}].vram"), model.vram.as_ref())?.unwrap_or(0);
         let mut ram =
             bytes(|| format!("spec.models[{index}].ram"), model.ram.as_ref())?.unwrap_or(0);
+        let mut sized = model.vram.is_some() || model.ram.is_some();
         // Nothing declared: estimate from the weights' header, charged to VRAM when the pool
         // has a VRAM ceiling (a GPU app) and to RAM otherwise; measurement corrects it later.
         if model.vram.is_none()
@@ -139,6 +140,7 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
             ) {
                 Ok(estimate) => {
                     let bytes = estimate.total_bytes();
+                    sized = true;
                     if limits.vram.is_some() {
                         vram = bytes;
                     } else {
@@ -156,9 +158,21 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
                     );
                 }
                 Err(error) => {
-                    tracing::warn!(model = model.name, %error, "no footprint declared and none could be estimated: admission counts it as 0 until measured")
+                    tracing::warn!(model = model.name, %error, "no footprint declared and none could be estimated")
                 }
             }
+        }
+        if !sized {
+            tracing::warn!(
+                model = model.name,
+                rule = spec.policy.unsized_models.as_str(),
+                "the model's size is unknown (no vram/ram declared, nothing to estimate from): \
+                 spec.policy.unsizedModels {} applies until a load of it is measured",
+                match spec.policy.unsized_models {
+                    UnsizedModels::Alone => "Alone: it is loaded only with nothing else beside it",
+                    UnsizedModels::Refuse => "Refuse: acquires of it are refused",
+                }
+            );
         }
         models.push(ModelConfig {
             name: model.name.clone(),
@@ -166,6 +180,7 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
             priority: model.priority,
             pinned: model.pinned,
             load_seconds: model.load_seconds,
+            sized,
         });
         infos.push(ModelInfo {
             name: model.name.clone(),
@@ -192,6 +207,10 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
         reclaim_timeout,
         evict_over_ceiling: policy.enforcement != Enforcement::Advisory,
         limits,
+        unsized_models: match policy.unsized_models {
+            UnsizedModels::Alone => modelpool_policy::UnsizedModels::Alone,
+            UnsizedModels::Refuse => modelpool_policy::UnsizedModels::Refuse,
+        },
         models,
     };
     let info = PoolInfo {

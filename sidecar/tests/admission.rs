@@ -497,3 +497,69 @@ fn a_restarted_sidecar_admits_with_the_sizes_it_learned_before() {
         "the learned size, not the declared 10 MiB: {reply}"
     );
 }
+
+/// A model with no size (nothing declared, no source) is admitted only alone until a load of
+/// it is measured (`unsizedModels: Alone`, the default): the idle model beside it is evicted
+/// first, nothing is admitted beside it while it is unmeasured; once measured, its measured
+/// size counts. With `unsizedModels: Refuse` its acquire is refused, saying what to declare.
+#[test]
+fn a_model_of_unknown_size_loads_alone_or_is_refused() {
+    let sidecar = Sidecar::start(
+        &pool(
+            "unsized",
+            "{ram: 300Mi}",
+            &format!("{{mode: Cache, idleTTL: 10m, {NO_PRESSURE}}}"),
+            &["{name: a, ram: 100Mi}", "{name: mystery}"],
+        ),
+        &[],
+    );
+    let mut hog = Hog::start(&sidecar);
+    let a = hog.acquire("a", 100, "load");
+    hog.release(&a);
+    // Unknown: it needs the whole 300 MiB, so the idle a is evicted before it loads (it
+    // really takes 80 MiB, which the sidecar measures).
+    let mystery = hog.acquire("mystery", 80, "load");
+    assert_eq!(hog.wait_unloaded("a")["reason"], "evicted");
+    hog.release(&mystery);
+    // Measured now: a (100 MiB) fits beside it (80 MiB) under 300 MiB.
+    let state = sidecar.state();
+    assert_near(
+        &state["held_bytes"]["ram"],
+        80 * MIB,
+        "held after the measured load",
+    );
+    let a = hog.acquire("a", 100, "load");
+    assert!(!hog.saw_unload("mystery"), "measured: loaded beside a");
+    hog.release(&a);
+
+    let refusing = Sidecar::start(
+        &pool(
+            "unsized-refuse",
+            "{ram: 300Mi}",
+            &format!("{{mode: Cache, unsizedModels: Refuse, {NO_PRESSURE}}}"),
+            &["{name: a, ram: 100Mi}", "{name: mystery}"],
+        ),
+        &[],
+    );
+    let mut hog = Hog::start(&refusing);
+    let reply = hog.send("acquire mystery 80");
+    assert_eq!(reply["status"], 409, "{reply}");
+    assert_eq!(reply["body"]["reason"], "unsized", "{reply}");
+    let message = reply["body"]["message"].as_str().unwrap();
+    for needle in [
+        "\"mystery\"",
+        "no known size",
+        "unsizedModels: Refuse",
+        "vram/ram",
+    ] {
+        assert!(
+            message.contains(needle),
+            "{needle:?} missing from {message:?}"
+        );
+    }
+    assert_eq!(
+        refusing.metric("modelpool_acquires_refused_total{reason=\"unsized\"}"),
+        Some(1.0)
+    );
+    hog.acquire("a", 100, "load");
+}

@@ -330,6 +330,11 @@ pub struct Policy {
     /// What happens when measured usage exceeds a ceiling.
     #[serde(default)]
     pub enforcement: Enforcement,
+    /// What admission does with a model whose size is unknown (no `vram`/`ram`, no readable
+    /// `source` to estimate from, never measured): `Alone` (default) loads it only with
+    /// nothing else loaded beside it until a load is measured; `Refuse` refuses it.
+    #[serde(default)]
+    pub unsized_models: UnsizedModels,
 }
 
 impl Default for Policy {
@@ -341,6 +346,7 @@ impl Default for Policy {
             pressure: Pressure::default(),
             acquire_timeout: default_acquire_timeout(),
             enforcement: Enforcement::default(),
+            unsized_models: UnsizedModels::default(),
         }
     }
 }
@@ -470,6 +476,27 @@ impl Enforcement {
             Self::Advisory => "Advisory",
             Self::Evict => "Evict",
             Self::Restart => "Restart",
+        }
+    }
+}
+
+/// What admission does with a model of unknown size (`policy.unsizedModels`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum UnsizedModels {
+    /// Until a load of it is measured, it counts as needing the whole ceiling: idle models are
+    /// evicted first and nothing else is loaded beside it.
+    #[default]
+    Alone,
+    /// Every acquire of it is refused (reason `unsized`), naming what to declare.
+    Refuse,
+}
+
+impl UnsizedModels {
+    /// The spelling of the manifest (and of serde).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alone => "Alone",
+            Self::Refuse => "Refuse",
         }
     }
 }

@@ -330,7 +330,7 @@ pub struct Holder {
 pub struct RefusalDetails {
     /// Always `refuse`.
     pub decision: Decision,
-    /// `exceeds_ceiling`, `timeout`, `unknown_model`, `load_failed`, `shutting_down`.
+    /// `exceeds_ceiling`, `timeout`, `unknown_model`, `load_failed`, `shutting_down`, `unsized`.
     pub reason: String,
     /// The model.
     pub model: String,

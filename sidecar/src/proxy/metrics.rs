@@ -31,6 +31,8 @@ pub enum Outcome {
     Timeout,
     /// The model can never fit under the ceiling (503).
     ExceedsCeiling,
+    /// The model's size is unknown and the pool refuses such models (503).
+    Unsized,
     /// The driver's load failed, or the server does not answer (502).
     LoadFailed,
     /// The sidecar is stopping (503).
@@ -52,6 +54,7 @@ impl Outcome {
             Self::QueueFull => "queue_full",
             Self::Timeout => "timeout",
             Self::ExceedsCeiling => "exceeds_ceiling",
+            Self::Unsized => "unsized",
             Self::LoadFailed => "load_failed",
             Self::ShuttingDown => "shutting_down",
         }
@@ -61,7 +64,11 @@ impl Outcome {
     pub fn is_refusal(self) -> bool {
         matches!(
             self,
-            Self::QueueFull | Self::Timeout | Self::ExceedsCeiling | Self::ShuttingDown
+            Self::QueueFull
+                | Self::Timeout
+                | Self::ExceedsCeiling
+                | Self::Unsized
+                | Self::ShuttingDown
         )
     }
 }

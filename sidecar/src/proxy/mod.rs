@@ -603,6 +603,12 @@ impl Proxy {
                         Outcome::ExceedsCeiling,
                         None,
                     ),
+                    RefusalReason::Unsized => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unsized",
+                        Outcome::Unsized,
+                        None,
+                    ),
                     RefusalReason::Timeout => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "timeout",

@@ -16,7 +16,7 @@ class UnknownModelError(ModelPoolError, ValueError):
 class AcquireRefusedError(ModelPoolError, RuntimeError):
     """The sidecar (or the in-process policy) refused to let a model load.
 
-    ``reason`` is one of ``exceeds_ceiling``, ``timeout``, ``unknown_model``, ``load_failed``,
+    ``reason`` is one of ``exceeds_ceiling``, ``timeout``, ``unknown_model``, ``unsized``, ``load_failed``,
     ``shutting_down``; the byte figures are those that made the decision, when known.
     """
 
