@@ -29,7 +29,7 @@ pub mod support;
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
+use std::fs;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -150,16 +150,43 @@ impl std::fmt::Debug for ControlPlane {
     }
 }
 
-/// The processes to stop and the folder to remove when the test process exits.
+/// The processes to stop and the folder to remove when the test process exits, and how each
+/// process was started (to start it again after [`ControlPlane::kill9`]).
 struct Cleanup {
     children: Vec<Child>,
+    recipes: Vec<(u32, Recipe)>,
     dir: Option<PathBuf>,
 }
 
 static CLEANUP: Mutex<Cleanup> = Mutex::new(Cleanup {
     children: Vec::new(),
+    recipes: Vec::new(),
     dir: None,
 });
+
+/// How a control-plane process was started: the same command line, data and log again.
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    program: OsString,
+    args: Vec<OsString>,
+    log: PathBuf,
+}
+
+impl Recipe {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        cmd
+    }
+
+    /// The program's file name (`etcd`, `kube-apiserver`).
+    pub fn name(&self) -> String {
+        Path::new(&self.program)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
 
 impl ControlPlane {
     /// The control plane of this test process: started by the first caller (which
@@ -196,6 +223,54 @@ impl ControlPlane {
             Ok(cp) => cp,
             Err(e) => panic!("the test control plane did not start: {e}"),
         }
+    }
+
+    /// Kills `component` (`etcd` or `kube-apiserver`) with SIGKILL, as a crash would, and
+    /// returns how to start it again ([`start_again`](Self::start_again)). Its data stays.
+    pub fn kill9(&self, component: &str) -> Result<Recipe> {
+        let mut cleanup = CLEANUP
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cleanup lock poisoned"))?;
+        let (pid, recipe) = cleanup
+            .recipes
+            .iter()
+            .find(|(_, r)| r.name() == component)
+            .cloned()
+            .with_context(|| format!("no running {component} in this control plane"))?;
+        let index = cleanup
+            .children
+            .iter()
+            .position(|c| c.id() == pid)
+            .with_context(|| format!("{component} (pid {pid}) is not a child"))?;
+        let mut child = cleanup.children.remove(index);
+        cleanup.recipes.retain(|(p, _)| *p != pid);
+        let killed = child.kill();
+        child.wait()?;
+        killed.with_context(|| format!("kill -9 {component}"))?;
+        Ok(recipe)
+    }
+
+    /// Starts a process killed by [`kill9`](Self::kill9) again, with the same command line and
+    /// data (from a thread that lives as long as the process, as at the first start).
+    pub fn start_again(&self, recipe: &Recipe) -> Result<()> {
+        let recipe = recipe.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("modelpool-{}", recipe.name()))
+            .spawn(move || {
+                let _ = tx.send(spawn(recipe.command(), &recipe.log).map_err(|e| format!("{e:#}")));
+                loop {
+                    std::thread::park();
+                }
+            })?;
+        rx.recv()
+            .map_err(|_| anyhow::anyhow!("the restarting thread died"))?
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Waits until the apiserver answers `/readyz` with `ok` (after [`start_again`]).
+    pub async fn wait_ready(&self) -> Result<()> {
+        wait_ready(&self.config, &self.dir).await
     }
 
     /// A new client for this control plane, authenticated as a cluster admin
@@ -573,7 +648,8 @@ fn wait_for_port(port: u16, what: &str, log: &Path) -> Result<()> {
 
 /// Starts `cmd` with its output in `log`, to be killed at exit (or if we die).
 fn spawn(mut cmd: Command, log: &Path) -> Result<()> {
-    let out = File::create(log)?;
+    // Appended: a process started again after kill9 keeps the log of its first life.
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
@@ -581,11 +657,16 @@ fn spawn(mut cmd: Command, log: &Path) -> Result<()> {
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    CLEANUP
+    let recipe = Recipe {
+        program: cmd.get_program().to_owned(),
+        args: cmd.get_args().map(OsStr::to_owned).collect(),
+        log: log.to_owned(),
+    };
+    let mut cleanup = CLEANUP
         .lock()
-        .map_err(|_| anyhow::anyhow!("cleanup lock poisoned"))?
-        .children
-        .push(child);
+        .map_err(|_| anyhow::anyhow!("cleanup lock poisoned"))?;
+    cleanup.recipes.push((child.id(), recipe));
+    cleanup.children.push(child);
     Ok(())
 }
 

