@@ -698,6 +698,52 @@ fn cost_aware_keeps_a_model_asked_for_often_over_a_newer_one_asked_for_once() {
 }
 
 #[test]
+fn cost_aware_keeps_a_model_asked_for_often_through_a_lull_longer_than_its_gaps() {
+    // burst is asked for 10 times 2 s apart, then not for 580 s (a lull far longer than its
+    // gaps); once is asked for once, in the lull. When new needs room, both have been idle
+    // longer than their recent gaps. Lru evicts burst (used longer ago); CostAware counts
+    // burst's whole history (one request every 600 / 9 = 67 s) and evicts once. (Before the
+    // long-run gap, `since` alone decided here and burst went: `bursty` in BENCHMARKS.md.)
+    let models = vec![
+        ModelConfig {
+            load_seconds: Some(5.0),
+            ..ModelConfig::new("burst", 8 * GIB, 0)
+        },
+        ModelConfig {
+            load_seconds: Some(5.0),
+            ..ModelConfig::new("once", 8 * GIB, 0)
+        },
+        ModelConfig::new("new", 8 * GIB, 0),
+    ];
+    for (policy, victim) in [
+        (EvictionPolicy::Lru, "burst"),
+        (EvictionPolicy::CostAware, "once"),
+    ] {
+        let mut config = PoolConfig::new(
+            Limits {
+                vram: Some(16 * GIB),
+                ram: None,
+            },
+            models.clone(),
+        );
+        config.mode = Mode::Cache;
+        config.idle_ttl = secs(3600);
+        config.eviction = policy;
+        let mut engine = Engine::new(config);
+        let lease = load(&mut engine, secs(0), 1, APP, "burst");
+        engine.release(secs(1), lease);
+        for n in 1..10u64 {
+            let out = engine.acquire(secs(2 * n), RequestId(1 + n), APP, "burst");
+            engine.release(secs(2 * n + 1), granted(&out)[0].2);
+        }
+        let lease = load(&mut engine, secs(500), 20, APP, "once");
+        engine.release(secs(501), lease);
+        let out = engine.acquire(secs(600), RequestId(21), APP, "new");
+        assert_eq!(unloads(&out)[0].0, victim, "{policy:?}");
+    }
+}
+
+#[test]
 fn cost_aware_evicts_the_one_model_that_frees_the_shortfall_not_every_small_one() {
     // 16 GiB RAM ceiling, full with big (10 GiB) and three smalls (2 GiB each); an 8 GiB RAM
     // load is short of 8 GiB. The smalls are cheaper one by one, but all three free only 6 GiB
