@@ -33,6 +33,10 @@
 //!   and the cheaper kept: Belady (evict the idle model whose next use is farthest, larger first
 //!   on ties) and cost-weighted Belady (evict the smallest `load_s / (size × time to next use)`
 //!   first). A good schedule, not an optimal one: policies can beat it.
+//! - `offline_ttl`: the same under the workload's idle TTL (models idle that long are unloaded,
+//!   as the TTL contenders must): the reference for `costaware_cache`, `lru_cache` and
+//!   `ttl_keepalive`, which cannot keep a model through a lull longer than the TTL whatever
+//!   they know.
 //! - `bound` (`bench/src/bound.rs`): the optimum of a linear-programming relaxation, a proven
 //!   lower bound on `cost_s` for every schedule of the trace, online or not.
 
@@ -79,11 +83,14 @@ pub enum Contender {
     MaxNLru,
     /// The clairvoyant schedule.
     Offline,
+    /// The clairvoyant schedule under the workload's idle TTL (it unloads what stays idle that
+    /// long, as the TTL policies must): the reference for the TTL policies.
+    OfflineTtl,
 }
 
 impl Contender {
     /// All, ours first.
-    pub const ALL: [Contender; 9] = [
+    pub const ALL: [Contender; 10] = [
         Self::CostAwareCache,
         Self::CostAwareKeep,
         Self::LruCache,
@@ -93,6 +100,7 @@ impl Contender {
         Self::TtlKeepalive,
         Self::MaxNLru,
         Self::Offline,
+        Self::OfflineTtl,
     ];
 
     /// The contender of a name.
@@ -112,6 +120,7 @@ impl Contender {
             Self::TtlKeepalive => "ttl_keepalive",
             Self::MaxNLru => "max_n_lru",
             Self::Offline => "offline",
+            Self::OfflineTtl => "offline_ttl",
         }
     }
 
@@ -123,7 +132,7 @@ impl Contender {
             | Self::LruCache
             | Self::Aggressive
             | Self::Manifest => "ours",
-            Self::Offline => "clairvoyant",
+            Self::Offline | Self::OfflineTtl => "clairvoyant",
             _ => "baseline",
         }
     }
@@ -886,18 +895,23 @@ pub fn run(w: &Workload, contender: Contender) -> Option<Stats> {
             ray.memory_blind = true;
             simulate(w, &mut ray)
         }
-        Contender::Offline => {
-            let mut belady = simulate(w, &mut Simple::new(w, Victim::Belady, None, None));
-            belady.variant = Some("belady");
-            let mut cost = simulate(w, &mut Simple::new(w, Victim::BeladyCost, None, None));
-            cost.variant = Some("belady_cost");
-            if cost.cost() < belady.cost() {
-                cost
-            } else {
-                belady
-            }
-        }
+        Contender::Offline => offline(w, None),
+        Contender::OfflineTtl => offline(w, ttl),
     })
+}
+
+/// The clairvoyant schedule, optionally under an idle TTL: the cheaper of Belady and
+/// cost-weighted Belady.
+fn offline(w: &Workload, ttl: Option<Duration>) -> Stats {
+    let mut belady = simulate(w, &mut Simple::new(w, Victim::Belady, ttl, None));
+    belady.variant = Some("belady");
+    let mut cost = simulate(w, &mut Simple::new(w, Victim::BeladyCost, ttl, None));
+    cost.variant = Some("belady_cost");
+    if cost.cost() < belady.cost() {
+        cost
+    } else {
+        belady
+    }
 }
 
 fn ollama(w: &Workload, ttl: Option<Duration>) -> Simple<'_> {

@@ -76,6 +76,7 @@ fn check(rows: &[Value], traces: usize) {
             "ttl_keepalive",
             "max_n_lru",
             "offline",
+            "offline_ttl",
         ] {
             assert!(
                 policies.contains(&p),
