@@ -48,6 +48,29 @@ pub struct PodReport {
     /// The last error, if any (e.g. a refused pool update, memory not reclaimed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub err: Option<String>,
+    /// Sizes learned by measuring loads (held now or not), for the operator to keep in the
+    /// pool's status so that every sidecar of the pool starts with them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub learned: Vec<LearnedReport>,
+}
+
+/// A size learned by measurement, under the size the pool declared (or estimated) for it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LearnedReport {
+    /// The model.
+    pub name: String,
+    /// The largest VRAM a load of it measured, bytes.
+    #[serde(default)]
+    pub vram: u64,
+    /// The largest RAM a load of it measured, bytes.
+    #[serde(default)]
+    pub ram: u64,
+    /// The VRAM declared or estimated when it was learned (an edit that changes it starts over).
+    #[serde(default)]
+    pub dvram: u64,
+    /// The RAM declared or estimated when it was learned.
+    #[serde(default)]
+    pub dram: u64,
 }
 
 fn is_zero(value: &u64) -> bool {

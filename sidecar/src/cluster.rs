@@ -18,7 +18,7 @@ use kube::{
 };
 use modelpool_crds::{
     ModelPool,
-    report::{ModelReport, PodReport, REPORT_ANNOTATION},
+    report::{LearnedReport, ModelReport, PodReport, REPORT_ANNOTATION},
 };
 use modelpool_policy::UnloadReason;
 use tokio::sync::watch;
@@ -266,6 +266,17 @@ pub fn build_report(shared: &Shared, pool: &str) -> PodReport {
         over,
         lost: state.lost_bytes.vram.saturating_add(state.lost_bytes.ram),
         err: shared.last_error(),
+        learned: shared
+            .with_core(|core| core.learned_sizes())
+            .into_iter()
+            .map(|(name, size)| LearnedReport {
+                name,
+                vram: size.peak.vram,
+                ram: size.peak.ram,
+                dvram: size.declared.vram,
+                dram: size.declared.ram,
+            })
+            .collect(),
     }
 }
 

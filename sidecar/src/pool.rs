@@ -88,6 +88,8 @@ pub struct LoadedPool {
     pub config: PoolConfig,
     /// The driver kind.
     pub driver: DriverKind,
+    /// Sizes learned before, kept in the pool's status by the operator (cluster mode).
+    pub learned: BTreeMap<String, modelpool_policy::LearnedSize>,
 }
 
 fn bytes(
@@ -234,7 +236,30 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
         info,
         config,
         driver: spec.driver.kind,
+        learned: learned_in_status(pool),
     })
+}
+
+/// The sizes the operator keeps in the pool's status (`status.models[].learned`).
+fn learned_in_status(pool: &ModelPool) -> BTreeMap<String, modelpool_policy::LearnedSize> {
+    pool.status
+        .iter()
+        .flat_map(|status| &status.models)
+        .filter_map(|model| {
+            let learned = model.learned.as_ref()?;
+            Some((
+                model.name.clone(),
+                modelpool_policy::LearnedSize {
+                    declared: Footprint::new(
+                        learned.declared_vram_bytes,
+                        learned.declared_ram_bytes,
+                    ),
+                    peak: Footprint::new(learned.peak_vram_bytes, learned.peak_ram_bytes),
+                    load_seconds: None,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Reads, validates and converts a pool file.
@@ -298,6 +323,39 @@ mod tests {
         assert_eq!(llm.driver, DriverKind::Http);
         assert_eq!(llm.config.idle_ttl, Duration::from_secs(600));
         assert!(llm.info.models[0].pinned);
+    }
+
+    /// Cluster mode: the sizes the operator keeps in the pool's status come with the pool.
+    #[test]
+    fn learned_sizes_in_the_status_come_with_the_pool() {
+        let mut pool: ModelPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "modelpool.io/v1alpha1", "kind": "ModelPool",
+            "metadata": {"name": "p", "namespace": "ns"},
+            "spec": {"limits": {"ram": "1Gi"}, "models": [{"name": "a", "ram": "100Mi"}, {"name": "b", "ram": "100Mi"}]},
+            "status": {"models": [
+                {"name": "a", "learned": {"peakVramBytes": 0, "peakRamBytes": 300 << 20,
+                    "declaredVramBytes": 0, "declaredRamBytes": 100 << 20}},
+                {"name": "b"}
+            ]}
+        }))
+        .unwrap();
+        let loaded = convert(&pool, Duration::from_secs(1)).unwrap();
+        assert_eq!(loaded.learned.len(), 1, "{:?}", loaded.learned);
+        assert_eq!(loaded.learned["a"].peak, Footprint::new(0, 300 << 20));
+        assert_eq!(loaded.learned["a"].declared, Footprint::new(0, 100 << 20));
+        let mut engine = modelpool_policy::Engine::new(loaded.config.clone());
+        assert_eq!(
+            engine.restore_learned(&loaded.learned),
+            vec!["a".to_owned()]
+        );
+        assert_eq!(engine.need("a"), Some(Footprint::new(0, 300 << 20)));
+        pool.status = None;
+        assert!(
+            convert(&pool, Duration::from_secs(1))
+                .unwrap()
+                .learned
+                .is_empty()
+        );
     }
 
     #[test]

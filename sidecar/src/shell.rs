@@ -197,6 +197,7 @@ impl Shared {
                 all: !driver.single_server(),
             })
         });
+        let from_status = pool.learned.clone();
         let mut core = Core::new(pool, config, metrics.clone(), first_session, measured);
         let mut learned_written = BTreeMap::new();
         if let Some(path) = &settings.learned_file {
@@ -212,6 +213,14 @@ impl Shared {
                     tracing::warn!(%error, "starting without the sizes learned before");
                 }
             }
+        }
+        // Cluster mode: what the pool's other sidecars (and this pod's before) measured.
+        let restored = core.restore_learned(&from_status);
+        if !restored.is_empty() {
+            tracing::info!(
+                ?restored,
+                "sizes learned by the pool's sidecars restored from its status"
+            );
         }
         if driver.observes() {
             core.enable_server(driver.single_server());

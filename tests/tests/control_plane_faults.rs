@@ -250,6 +250,22 @@ async fn etcd_and_apiserver_killed_under_load_come_back_with_the_status_right() 
         .status
         .expect("a status");
     assert!(status_is(&status, 2, 2, 4), "{status:?}");
+    // What the sidecars measured is kept in the status (through the restart too), for every
+    // sidecar of the pool to start with.
+    for (model, mib) in [("t2v", 48u64), ("upscale", 64)] {
+        let learned = status
+            .models
+            .iter()
+            .find(|m| m.name == model)
+            .and_then(|m| m.learned.clone())
+            .unwrap_or_else(|| panic!("{model}: no learned size in {status:?}"));
+        let peak = learned.peak_ram_bytes;
+        assert!(
+            peak >= mib << 20 && peak < (mib << 20) + (mib << 20) / 20,
+            "{model}: learned {peak} B for {mib} MiB"
+        );
+        assert_eq!(learned.declared_ram_bytes, mib << 20, "{model}");
+    }
     for sidecar in &mut sidecars {
         assert!(
             sidecar.0.try_wait().expect("try_wait").is_none(),

@@ -627,6 +627,25 @@ pub struct ModelStatus {
     /// Evictions over all pods.
     #[serde(default)]
     pub evictions: i64,
+    /// The largest size measured by any pod's sidecar, kept across restarts of pods and
+    /// sidecars (every sidecar of the pool starts admitting with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<LearnedStatus>,
+}
+
+/// A model's size learned by measurement, in bytes, and the size declared (or estimated from
+/// its weights) when it was learned: a pool edit that changes that starts the model over.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LearnedStatus {
+    /// Largest VRAM a load measured.
+    pub peak_vram_bytes: u64,
+    /// Largest RAM a load measured.
+    pub peak_ram_bytes: u64,
+    /// VRAM declared or estimated when learned.
+    pub declared_vram_bytes: u64,
+    /// RAM declared or estimated when learned.
+    pub declared_ram_bytes: u64,
 }
 
 fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {

@@ -11,7 +11,7 @@ use modelpool_crds::{
     ModelPool, ModelPoolStatus, Quantity,
     report::PodReport,
     v1alpha1::{
-        ModelStatus,
+        LearnedStatus, ModelStatus,
         conditions::{reasons, types},
     },
 };
@@ -47,6 +47,34 @@ fn named(names: &[&str]) -> String {
     text
 }
 
+/// A pod's learned size merged into what the pool knows: the larger peak under the same
+/// declared size; a report learned under another declared size (the pool was edited)
+/// replaces what was kept.
+fn merge_learned(
+    kept: Option<LearnedStatus>,
+    size: &modelpool_crds::report::LearnedReport,
+) -> LearnedStatus {
+    let reported = LearnedStatus {
+        peak_vram_bytes: size.vram,
+        peak_ram_bytes: size.ram,
+        declared_vram_bytes: size.dvram,
+        declared_ram_bytes: size.dram,
+    };
+    match kept {
+        Some(kept)
+            if (kept.declared_vram_bytes, kept.declared_ram_bytes)
+                == (reported.declared_vram_bytes, reported.declared_ram_bytes) =>
+        {
+            LearnedStatus {
+                peak_vram_bytes: kept.peak_vram_bytes.max(reported.peak_vram_bytes),
+                peak_ram_bytes: kept.peak_ram_bytes.max(reported.peak_ram_bytes),
+                ..kept
+            }
+        }
+        _ => reported,
+    }
+}
+
 /// Everything `compute` needs.
 pub struct Inputs<'a> {
     /// The pool.
@@ -77,6 +105,10 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
                 m.name.as_str(),
                 ModelStatus {
                     name: m.name.clone(),
+                    // Kept from the last status: pods come and go, what was measured stays.
+                    learned: previous
+                        .and_then(|s| s.models.iter().find(|p| p.name == m.name))
+                        .and_then(|p| p.learned.clone()),
                     ..ModelStatus::default()
                 },
             )
@@ -99,6 +131,11 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
                 }
                 if let Some(err) = &report.err {
                     errors.push(format!("{}: {err}", pod.name));
+                }
+                for size in &report.learned {
+                    if let Some(status) = per_model.get_mut(size.name.as_str()) {
+                        status.learned = Some(merge_learned(status.learned.take(), size));
+                    }
                 }
                 for model in &report.models {
                     if let Some(status) = per_model.get_mut(model.name.as_str()) {
@@ -370,6 +407,78 @@ mod tests {
             ("False", "PodsNotReporting")
         );
         assert_eq!(ready.observed_generation, Some(3));
+    }
+
+    /// Learned sizes: the larger peak over pods under the same declared size, kept when the
+    /// pods that measured it are gone, replaced when the pool's declared size changed.
+    #[test]
+    fn learned_sizes_are_merged_and_kept() {
+        use modelpool_crds::report::LearnedReport;
+        let learned = |vram: u64, dvram: u64| LearnedReport {
+            name: "t2v".into(),
+            vram,
+            dvram,
+            ..LearnedReport::default()
+        };
+        let with = |sizes: Vec<LearnedReport>| {
+            Some(Ok(PodReport {
+                learned: sizes,
+                ..report(&[], 0).unwrap().unwrap()
+            }))
+        };
+        let selection = Selection {
+            pods: vec!["a".into(), "b".into()],
+            conflicts_with: vec![],
+        };
+        let status_of = |pool: &ModelPool, a, b| {
+            let pods = [
+                PodView {
+                    name: "a".into(),
+                    report: a,
+                    injected: true,
+                },
+                PodView {
+                    name: "b".into(),
+                    report: b,
+                    injected: true,
+                },
+            ];
+            compute(&Inputs {
+                pool,
+                selection: &selection,
+                pods: &pods,
+                now: now(100),
+                invalid: None,
+            })
+        };
+        let mut pool = pool();
+        let status = status_of(
+            &pool,
+            with(vec![learned(5 << 30, 4 << 30)]),
+            with(vec![learned(6 << 30, 4 << 30)]),
+        );
+        let t2v = status.models[0].learned.clone().expect("learned");
+        assert_eq!(
+            (t2v.peak_vram_bytes, t2v.declared_vram_bytes),
+            (6 << 30, 4 << 30)
+        );
+        assert_eq!(status.models[1].learned, None, "upscale: nothing measured");
+        // Both pods restarted and report nothing yet: the status keeps it.
+        pool.status = Some(status);
+        let status = status_of(&pool, report(&[], 0), report(&[], 0));
+        assert_eq!(status.models[0].learned, Some(t2v.clone()));
+        // A smaller peak under the same declared size does not lower it; one learned under a
+        // new declared size (the pool was edited) replaces it.
+        pool.status = Some(status);
+        let status = status_of(&pool, with(vec![learned(1 << 30, 4 << 30)]), None);
+        assert_eq!(status.models[0].learned, Some(t2v));
+        pool.status = Some(status);
+        let status = status_of(&pool, with(vec![learned(3 << 30, 8 << 30)]), None);
+        let edited = status.models[0].learned.clone().expect("learned");
+        assert_eq!(
+            (edited.peak_vram_bytes, edited.declared_vram_bytes),
+            (3 << 30, 8 << 30)
+        );
     }
 
     /// Issue 15: a pod the pool selects but the webhook never saw (admitted with

@@ -83,6 +83,7 @@ fn pool_with(mode: &'static str, ram_ceiling_mib: Option<u64>, models: &[M<'_>])
         info,
         config,
         driver: modelpool_crds::v1alpha1::DriverKind::Sdk,
+        learned: Default::default(),
     }
 }
 
