@@ -314,6 +314,27 @@ fn default_values_render_a_hardened_least_privilege_install() {
     );
     assert_eq!(hook["rules"][0]["operations"], json!(["CREATE"]));
     assert_eq!(hook["rules"][0]["resources"], json!(["pods"]));
+    // Issue 15: a namespace labelled modelpool.io/fail-closed gets a second webhook that fails
+    // closed (a pod there is refused while the webhook is unreachable); the first skips it.
+    let hooks = one(&objects, "MutatingWebhookConfiguration")["webhooks"]
+        .as_array()
+        .expect("webhooks")
+        .clone();
+    assert_eq!(hooks.len(), 2, "{hooks:?}");
+    let label_rule =
+        |hook: &serde_json::Value| hook["namespaceSelector"]["matchExpressions"][1].clone();
+    assert_eq!(
+        label_rule(&hooks[0]),
+        json!({"key": "modelpool.io/fail-closed", "operator": "DoesNotExist"})
+    );
+    assert_eq!(hooks[1]["name"], "inject-fail-closed.modelpool.io");
+    assert_eq!(hooks[1]["failurePolicy"], "Fail");
+    assert_eq!(
+        label_rule(&hooks[1]),
+        json!({"key": "modelpool.io/fail-closed", "operator": "Exists"})
+    );
+    assert_eq!(hooks[1]["objectSelector"], hook["objectSelector"]);
+    assert_eq!(hooks[1]["clientConfig"], hook["clientConfig"]);
 
     // RBAC: exactly these grants.
     let roles = find(&objects, "ClusterRole");
