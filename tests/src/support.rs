@@ -130,3 +130,88 @@ pub fn webhook_config(name: &str, ns: &str, address: &str) -> serde_json::Value 
         }]
     })
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `DIR/NAME.log`, created for a child's output.
+pub fn log_file(dir: &std::path::Path, name: &str) -> std::fs::File {
+    std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file")
+}
+
+/// A `modelpool-memhog` app holding real memory, driven line by line: one JSON reply per
+/// command.
+pub struct MemhogApp {
+    _child: Killed,
+    stdin: std::process::ChildStdin,
+    replies: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl MemhogApp {
+    /// Starts one on `socket` as app `name`, announcing `models` (comma-separated); its log
+    /// goes to `DIR/NAME.log`.
+    pub fn start(
+        socket: &std::path::Path,
+        dir: &std::path::Path,
+        name: &str,
+        models: &str,
+    ) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(workspace_bin("modelpool-memhog"))
+            .arg("--socket")
+            .arg(socket)
+            .args(["--app", name, "--models", models])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log_file(dir, name))
+            .spawn()
+            .expect("starting modelpool-memhog");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, replies) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                    && value["type"] == "reply"
+                    && tx.send(value).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Self {
+            _child: Killed(child),
+            stdin,
+            replies,
+        }
+    }
+
+    /// Sends a command and waits (up to 60 s) for its reply.
+    pub fn send(&mut self, command: &str) -> serde_json::Value {
+        use std::io::Write;
+        writeln!(self.stdin, "{command}").expect("write to memhog");
+        self.stdin.flush().expect("flush");
+        self.replies
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("memhog did not answer {command:?}"))
+    }
+
+    /// Acquire, load `mib` of real memory, release (Cache mode keeps it loaded).
+    pub fn use_model(&mut self, model: &str, mib: u64) {
+        let reply = self.send(&format!("acquire {model} {mib}"));
+        assert_eq!(reply["status"], 200, "acquire {model}: {reply}");
+        let lease = reply["body"]["lease"].as_str().expect("a lease").to_owned();
+        let released = self.send(&format!("release {lease}"));
+        assert_eq!(released["status"], 200, "release {model}: {released}");
+    }
+}

@@ -6,10 +6,8 @@
 //! Its own test binary: it kills the control plane of its process, which other tests share.
 
 use std::{
-    io::{BufRead, BufReader, Write},
     path::Path,
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc::{Receiver, channel},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -18,84 +16,16 @@ use kube::api::{Api, PostParams};
 use modelpool_crds::{ModelPool, ModelPoolStatus};
 use modelpool_e2e::{
     ControlPlane,
-    support::{eventually, free_port, install_crd, operator_command, workspace_bin},
+    support::{
+        Killed, MemhogApp, eventually, free_port, install_crd, log_file, operator_command,
+        workspace_bin,
+    },
 };
 
 /// How long the status may take to be right again once the apiserver answers `/readyz`. The
 /// issue asks for 10 s; the bound leaves room for a slow, loaded CI machine, and the test
 /// prints what it took.
 const RECOVERY: Duration = Duration::from_secs(30);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn log_file(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file")
-}
-
-/// A memhog app holding real memory, driven line by line.
-struct App {
-    _child: Killed,
-    stdin: ChildStdin,
-    replies: Receiver<serde_json::Value>,
-}
-
-impl App {
-    fn start(socket: &Path, dir: &Path, name: &str) -> Self {
-        let mut child = Command::new(workspace_bin("modelpool-memhog"))
-            .arg("--socket")
-            .arg(socket)
-            .args(["--app", name, "--models", "t2v,upscale"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log_file(dir, name))
-            .spawn()
-            .expect("starting modelpool-memhog");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, replies) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                    && value["type"] == "reply"
-                    && tx.send(value).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        Self {
-            _child: Killed(child),
-            stdin,
-            replies,
-        }
-    }
-
-    /// Acquire, load `mib` of real memory, release (Cache mode keeps it loaded).
-    fn use_model(&mut self, model: &str, mib: u64) {
-        writeln!(self.stdin, "acquire {model} {mib}").expect("write to memhog");
-        self.stdin.flush().expect("flush");
-        let reply = self.reply(model);
-        assert_eq!(reply["status"], 200, "acquire {model}: {reply}");
-        let lease = reply["body"]["lease"].as_str().expect("a lease").to_owned();
-        writeln!(self.stdin, "release {lease}").expect("write to memhog");
-        self.stdin.flush().expect("flush");
-        let released = self.reply(model);
-        assert_eq!(released["status"], 200, "release {model}: {released}");
-    }
-
-    fn reply(&self, what: &str) -> serde_json::Value {
-        self.replies
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("memhog did not answer about {what}"))
-    }
-}
 
 fn sidecar(cp: &ControlPlane, ns: &str, pod: &str, socket: &Path, dir: &Path) -> Killed {
     let child = Command::new(workspace_bin("modelpool-sidecar"))
@@ -203,7 +133,12 @@ async fn etcd_and_apiserver_killed_under_load_come_back_with_the_status_right() 
         let pod = format!("app-{i}");
         let socket = dir.path().join(format!("{pod}.sock"));
         sidecars.push(sidecar(cp, &ns, &pod, &socket, dir.path()));
-        apps.push(App::start(&socket, dir.path(), &format!("memhog-{i}")));
+        apps.push(MemhogApp::start(
+            &socket,
+            dir.path(),
+            &format!("memhog-{i}"),
+            "t2v,upscale",
+        ));
     }
     apps[0].use_model("t2v", 48);
     apps[1].use_model("t2v", 48);

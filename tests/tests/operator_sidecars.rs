@@ -5,10 +5,8 @@
 //! Deleting the pool makes the sidecars unload everything before the finalizer lets it go.
 
 use std::{
-    io::{BufRead, BufReader, Write},
     path::Path,
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::mpsc::{Receiver, channel},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,77 +18,11 @@ use kube::{
 use modelpool_crds::{ModelPool, report::PodReport};
 use modelpool_e2e::{
     ControlPlane,
-    support::{eventually, free_port, install_crd, operator_command, workspace_bin},
+    support::{
+        Killed, MemhogApp, eventually, free_port, install_crd, log_file, operator_command,
+        workspace_bin,
+    },
 };
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn log_file(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file")
-}
-
-/// A memhog app: writes commands on stdin, reads one JSON reply per command.
-struct App {
-    _child: Killed,
-    stdin: ChildStdin,
-    replies: Receiver<serde_json::Value>,
-}
-
-impl App {
-    fn start(socket: &Path, dir: &Path, name: &str) -> Self {
-        let mut child = Command::new(workspace_bin("modelpool-memhog"))
-            .arg("--socket")
-            .arg(socket)
-            .args(["--app", name, "--models", "t2v,upscale,frame_interpolation"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log_file(dir, name))
-            .spawn()
-            .expect("starting modelpool-memhog");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, replies) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                    && value["type"] == "reply"
-                    && tx.send(value).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        Self {
-            _child: Killed(child),
-            stdin,
-            replies,
-        }
-    }
-
-    fn send(&mut self, command: &str) -> serde_json::Value {
-        writeln!(self.stdin, "{command}").expect("write to memhog");
-        self.stdin.flush().expect("flush");
-        self.replies
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("memhog did not answer {command:?}"))
-    }
-
-    /// Acquire, load `mib` of real memory, release (Cache mode keeps it loaded).
-    fn use_model(&mut self, model: &str, mib: u64) {
-        let reply = self.send(&format!("acquire {model} {mib}"));
-        assert_eq!(reply["status"], 200, "acquire {model}: {reply}");
-        let lease = reply["body"]["lease"].as_str().expect("a lease").to_owned();
-        let released = self.send(&format!("release {lease}"));
-        assert_eq!(released["status"], 200, "release {model}: {released}");
-    }
-}
 
 fn wait_for_socket(socket: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -184,7 +116,12 @@ async fn sidecars_report_through_their_pods_and_drain_on_delete() {
                 .expect("starting a sidecar"),
         ));
         wait_for_socket(&socket);
-        apps.push(App::start(&socket, dir.path(), &format!("app-{i}")));
+        apps.push(MemhogApp::start(
+            &socket,
+            dir.path(),
+            &format!("app-{i}"),
+            "t2v,upscale,frame_interpolation",
+        ));
     }
 
     // Real loads: t2v in every pod, upscale in one.
