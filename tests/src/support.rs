@@ -215,3 +215,46 @@ impl MemhogApp {
         assert_eq!(released["status"], 200, "release {model}: {released}");
     }
 }
+
+/// A `modelpool-sidecar` in cluster mode playing pod `pod` of `ns` for pool `pool` (fast report,
+/// heartbeat and tick), its log in `DIR/POD.log`; returns once its socket exists.
+pub fn cluster_sidecar(
+    cp: &ControlPlane,
+    ns: &str,
+    pool: &str,
+    pod: &str,
+    socket: &std::path::Path,
+    dir: &std::path::Path,
+) -> Killed {
+    let child = std::process::Command::new(workspace_bin("modelpool-sidecar"))
+        .args([
+            "--pool-name",
+            pool,
+            "--pod-name",
+            pod,
+            "--pod-namespace",
+            ns,
+        ])
+        .arg("--socket")
+        .arg(socket)
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .args(["--report-interval-ms", "200", "--heartbeat-ms", "500"])
+        .args(["--tick-ms", "100"])
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .env_remove("MODELPOOL_POOL")
+        .stderr(log_file(dir, pod))
+        .spawn()
+        .expect("starting a sidecar");
+    let sidecar = Killed(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    sidecar
+}

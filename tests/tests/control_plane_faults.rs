@@ -6,8 +6,7 @@
 //! Its own test binary: it kills the control plane of its process, which other tests share.
 
 use std::{
-    path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -17,8 +16,8 @@ use modelpool_crds::{ModelPool, ModelPoolStatus};
 use modelpool_e2e::{
     ControlPlane,
     support::{
-        Killed, MemhogApp, eventually, free_port, install_crd, log_file, operator_command,
-        workspace_bin,
+        Killed, MemhogApp, cluster_sidecar, eventually, free_port, install_crd, log_file,
+        operator_command,
     },
 };
 
@@ -26,39 +25,6 @@ use modelpool_e2e::{
 /// issue asks for 10 s; the bound leaves room for a slow, loaded CI machine, and the test
 /// prints what it took.
 const RECOVERY: Duration = Duration::from_secs(30);
-
-fn sidecar(cp: &ControlPlane, ns: &str, pod: &str, socket: &Path, dir: &Path) -> Killed {
-    let child = Command::new(workspace_bin("modelpool-sidecar"))
-        .args([
-            "--pool-name",
-            "video",
-            "--pod-name",
-            pod,
-            "--pod-namespace",
-            ns,
-        ])
-        .arg("--socket")
-        .arg(socket)
-        .arg("--metrics-listen")
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .args(["--report-interval-ms", "200", "--heartbeat-ms", "500"])
-        .args(["--tick-ms", "100"])
-        .env("KUBECONFIG", cp.kubeconfig_path())
-        .env_remove("MODELPOOL_POOL")
-        .stderr(log_file(dir, pod))
-        .spawn()
-        .expect("starting a sidecar");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Killed(child)
-}
 
 const POOL: &str = r#"
 apiVersion: modelpool.io/v1alpha1
@@ -132,7 +98,7 @@ async fn etcd_and_apiserver_killed_under_load_come_back_with_the_status_right() 
     for i in 0..2 {
         let pod = format!("app-{i}");
         let socket = dir.path().join(format!("{pod}.sock"));
-        sidecars.push(sidecar(cp, &ns, &pod, &socket, dir.path()));
+        sidecars.push(cluster_sidecar(cp, &ns, "video", &pod, &socket, dir.path()));
         apps.push(MemhogApp::start(
             &socket,
             dir.path(),

@@ -4,11 +4,7 @@
 //! memory acquiring through them, and the pool's status and `kubectl get mp` showing it.
 //! Deleting the pool makes the sidecars unload everything before the finalizer lets it go.
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{process::Stdio, time::Duration};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -19,22 +15,10 @@ use modelpool_crds::{ModelPool, report::PodReport};
 use modelpool_e2e::{
     ControlPlane,
     support::{
-        Killed, MemhogApp, eventually, free_port, install_crd, log_file, operator_command,
-        workspace_bin,
+        Killed, MemhogApp, cluster_sidecar, eventually, free_port, install_crd, log_file,
+        operator_command,
     },
 };
-
-fn wait_for_socket(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 const POOL: &str = r#"
 apiVersion: modelpool.io/v1alpha1
@@ -87,35 +71,14 @@ async fn sidecars_report_through_their_pods_and_drain_on_delete() {
     let mut apps = Vec::new();
     for i in 0..3 {
         let socket = dir.path().join(format!("sidecar-{i}.sock"));
-        sidecars.push(Killed(
-            Command::new(workspace_bin("modelpool-sidecar"))
-                .args([
-                    "--pool-name",
-                    "video",
-                    "--pod-name",
-                    &format!("app-{i}"),
-                    "--pod-namespace",
-                    &ns,
-                ])
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--metrics-listen")
-                .arg(format!("127.0.0.1:{}", free_port()))
-                .args([
-                    "--report-interval-ms",
-                    "200",
-                    "--heartbeat-ms",
-                    "500",
-                    "--tick-ms",
-                    "100",
-                ])
-                .env("KUBECONFIG", cp.kubeconfig_path())
-                .env_remove("MODELPOOL_POOL")
-                .stderr(log_file(dir.path(), &format!("sidecar-{i}")))
-                .spawn()
-                .expect("starting a sidecar"),
+        sidecars.push(cluster_sidecar(
+            cp,
+            &ns,
+            "video",
+            &format!("app-{i}"),
+            &socket,
+            dir.path(),
         ));
-        wait_for_socket(&socket);
         apps.push(MemhogApp::start(
             &socket,
             dir.path(),
