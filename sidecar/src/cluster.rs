@@ -24,7 +24,7 @@ use modelpool_policy::UnloadReason;
 use tokio::sync::watch;
 
 use crate::{
-    pool::{self, LoadedPool},
+    pool::{self, LoadedPool, WeightsView},
     shell::Shared,
 };
 
@@ -73,7 +73,7 @@ pub async fn first_pool(
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         let problem = match api.get_opt(&placement.pool).await {
-            Ok(Some(pool)) => match pool::convert(&pool, reclaim_timeout) {
+            Ok(Some(pool)) => match pool::convert_with(&pool, reclaim_timeout, WeightsView::App) {
                 Ok(loaded) => return Ok(loaded),
                 Err(error) => error.to_string(),
             },
@@ -131,7 +131,7 @@ pub async fn follow_pool(
             continue;
         }
         last_generation = pool.metadata.generation;
-        match pool::convert(&pool, shared.settings.reclaim_timeout) {
+        match pool::convert_with(&pool, shared.settings.reclaim_timeout, WeightsView::App) {
             Ok(loaded) => {
                 tracing::info!(pool = %placement.pool, generation = ?last_generation, "pool in force");
                 shared.metrics.pool_reloads.with_label_values(&["ok"]).inc();

@@ -15,7 +15,7 @@ use modelpool_crds::{
 use modelpool_policy::{EvictionPolicy, Footprint, Limits, ModelConfig, PoolConfig};
 use serde::Serialize;
 
-use crate::api::wire::Ceilings;
+use crate::api::wire::{self, Ceilings};
 
 /// Why a pool cannot be put in force.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,39 @@ pub struct ModelInfo {
     pub pinned: bool,
     /// Acquire-queue and eviction priority.
     pub priority: i32,
+    /// Whether the pool declares its size (`vram` or `ram`); when not, `vram_bytes` and
+    /// `ram_bytes` are the estimate (or zero: unknown).
+    pub declared: bool,
+    /// `spec.models[].source.uri`: where the weights are, as the app sees them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
+    /// The size estimated from the weights' headers (nothing declared).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<wire::Estimate>,
+}
+
+impl ModelInfo {
+    /// Nothing declared, nothing estimated yet, and weights named by a local path: an
+    /// estimate may still come from the app's filesystem view ([`LoadedPool::estimate_through`]).
+    pub fn awaits_estimate(&self) -> bool {
+        !self.declared
+            && self.estimate.is_none()
+            && self
+                .weights
+                .as_deref()
+                .is_some_and(|uri| uri.starts_with("file://"))
+    }
+}
+
+/// Where the sidecar reads a model's weights (`source.uri`, a path as the app sees it) to
+/// estimate its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsView {
+    /// Its own filesystem, at once (standalone: the sidecar runs beside the app on one host).
+    Sidecar,
+    /// The app's filesystem, through `/proc/<pid>/root` of the app's process once one is
+    /// known (an injected sidecar: the app's files are in another container).
+    App,
 }
 
 /// The pool as the API and metrics show it.
@@ -114,8 +147,18 @@ fn estimate_options() -> modelpool_weights::Options {
     }
 }
 
-/// Turns a validated manifest into the engine's config. `reclaim_timeout` comes from the flags.
+/// Turns a validated manifest into the engine's config. `reclaim_timeout` comes from the flags;
+/// undeclared models are estimated from their weights at once ([`WeightsView::Sidecar`]).
 pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool, PoolError> {
+    convert_with(pool, reclaim_timeout, WeightsView::Sidecar)
+}
+
+/// [`convert`], reading the weights of undeclared models through `view`.
+pub fn convert_with(
+    pool: &ModelPool,
+    reclaim_timeout: Duration,
+    view: WeightsView,
+) -> Result<LoadedPool, PoolError> {
     let spec = &pool.spec;
     let limits = Limits {
         vram: bytes(|| "spec.limits.vram".into(), spec.limits.vram.as_ref())?,
@@ -124,65 +167,17 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
     let mut models = Vec::with_capacity(spec.models.len());
     let mut infos = Vec::with_capacity(spec.models.len());
     for (index, model) in spec.models.iter().enumerate() {
-        let mut vram =
+        let vram =
             bytes(|| format!("spec.models[{index}].vram"), model.vram.as_ref())?.unwrap_or(0);
-        let mut ram =
-            bytes(|| format!("spec.models[{index}].ram"), model.ram.as_ref())?.unwrap_or(0);
-        let mut sized = model.vram.is_some() || model.ram.is_some();
-        // Nothing declared: estimate from the weights' header, charged to VRAM when the pool
-        // has a VRAM ceiling (a GPU app) and to RAM otherwise; measurement corrects it later.
-        if model.vram.is_none()
-            && model.ram.is_none()
-            && let Some(source) = &model.source
-        {
-            match modelpool_weights::estimate_uri(
-                &source.uri,
-                &modelpool_weights::Root::host(),
-                &estimate_options(),
-            ) {
-                Ok(estimate) => {
-                    let bytes = estimate.total_bytes();
-                    sized = true;
-                    if limits.vram.is_some() {
-                        vram = bytes;
-                    } else {
-                        ram = bytes;
-                    }
-                    tracing::info!(
-                        model = model.name,
-                        uri = source.uri,
-                        bytes,
-                        weights_bytes = estimate.weights_bytes,
-                        kv_cache_bytes = estimate.kv_cache.map_or(0, |kv| kv.bytes),
-                        kv_cache_context = estimate.kv_cache.map_or(0, |kv| kv.context),
-                        files = estimate.files,
-                        "footprint estimated from the weights' header"
-                    );
-                }
-                Err(error) => {
-                    tracing::warn!(model = model.name, %error, "no footprint declared and none could be estimated")
-                }
-            }
-        }
-        if !sized {
-            tracing::warn!(
-                model = model.name,
-                rule = spec.policy.unsized_models.as_str(),
-                "the model's size is unknown (no vram/ram declared, nothing to estimate from): \
-                 spec.policy.unsizedModels {} applies until a load of it is measured",
-                match spec.policy.unsized_models {
-                    UnsizedModels::Alone => "Alone: it is loaded only with nothing else beside it",
-                    UnsizedModels::Refuse => "Refuse: acquires of it are refused",
-                }
-            );
-        }
+        let ram = bytes(|| format!("spec.models[{index}].ram"), model.ram.as_ref())?.unwrap_or(0);
+        let declared = model.vram.is_some() || model.ram.is_some();
         models.push(ModelConfig {
             name: model.name.clone(),
             declared: Footprint::new(vram, ram),
             priority: model.priority,
             pinned: model.pinned,
             load_seconds: model.load_seconds,
-            sized,
+            sized: declared,
         });
         infos.push(ModelInfo {
             name: model.name.clone(),
@@ -190,6 +185,9 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
             ram_bytes: ram,
             pinned: model.pinned,
             priority: model.priority,
+            declared,
+            weights: model.source.as_ref().map(|s| s.uri.clone()),
+            estimate: None,
         });
     }
     let policy = &spec.policy;
@@ -232,12 +230,138 @@ pub fn convert(pool: &ModelPool, reclaim_timeout: Duration) -> Result<LoadedPool
         },
         models: infos,
     };
-    Ok(LoadedPool {
+    let mut loaded = LoadedPool {
         info,
         config,
         driver: spec.driver.kind,
         learned: learned_in_status(pool),
-    })
+    };
+    // Nothing declared: estimate from the weights' headers, here, or once the app is known.
+    if view == WeightsView::Sidecar {
+        for (model, outcome) in loaded.estimate_through(&modelpool_weights::Root::host()) {
+            if let Err(error) = outcome {
+                tracing::warn!(model, %error, "no footprint declared and none could be estimated");
+            }
+        }
+    }
+    for model in &loaded.info.models {
+        if model.declared || model.estimate.is_some() {
+            continue;
+        }
+        if view == WeightsView::App && model.awaits_estimate() {
+            tracing::info!(
+                model = model.name,
+                weights = model.weights.as_deref().unwrap_or_default(),
+                "no footprint declared: estimated from the weights once the app's process is known \
+                 (read through /proc/<pid>/root)"
+            );
+            continue;
+        }
+        tracing::warn!(
+            model = model.name,
+            rule = spec.policy.unsized_models.as_str(),
+            "the model's size is unknown (no vram/ram declared, nothing to estimate from): \
+             spec.policy.unsizedModels {} applies until a load of it is measured",
+            match spec.policy.unsized_models {
+                UnsizedModels::Alone => "Alone: it is loaded only with nothing else beside it",
+                UnsizedModels::Refuse => "Refuse: acquires of it are refused",
+            }
+        );
+    }
+    Ok(loaded)
+}
+
+impl LoadedPool {
+    /// Estimates every model that awaits one ([`ModelInfo::awaits_estimate`]) from its
+    /// weights' headers read through `root`, charged to VRAM when the pool has a VRAM ceiling
+    /// (a GPU app) and to RAM otherwise (measurement corrects it later). Returns each model
+    /// tried with its outcome; an error names the path and why (a link out of the model's
+    /// directory, a malformed header, a file the root does not have).
+    pub fn estimate_through(
+        &mut self,
+        root: &modelpool_weights::Root,
+    ) -> Vec<(String, Result<(), modelpool_weights::WeightsError>)> {
+        let mut outcomes = Vec::new();
+        let options = estimate_options();
+        let to_vram = self.config.limits.vram.is_some();
+        for (info, config) in self.info.models.iter_mut().zip(&mut self.config.models) {
+            if !info.awaits_estimate() {
+                continue;
+            }
+            let uri = info.weights.clone().unwrap_or_default();
+            let outcome = modelpool_weights::estimate_uri(&uri, root, &options).map(|estimate| {
+                let bytes = estimate.total_bytes();
+                let (vram, ram) = if to_vram { (bytes, 0) } else { (0, bytes) };
+                info.vram_bytes = vram;
+                info.ram_bytes = ram;
+                config.declared = Footprint::new(vram, ram);
+                config.sized = true;
+                let through = root.path().display().to_string();
+                tracing::info!(
+                    model = info.name,
+                    uri,
+                    through,
+                    bytes,
+                    weights_bytes = estimate.weights_bytes,
+                    kv_cache_bytes = estimate.kv_cache.map_or(0, |kv| kv.bytes),
+                    kv_cache_context = estimate.kv_cache.map_or(0, |kv| kv.context),
+                    files = estimate.files,
+                    "footprint estimated from the weights' header"
+                );
+                info.estimate = Some(wire::Estimate {
+                    bytes,
+                    weights_bytes: estimate.weights_bytes,
+                    kv_cache_bytes: estimate.kv_cache.map_or(0, |kv| kv.bytes),
+                    format: format_name(estimate.format).to_owned(),
+                    files: estimate.files as u64,
+                    through,
+                });
+            });
+            outcomes.push((info.name.clone(), outcome));
+        }
+        outcomes
+    }
+
+    /// Takes the estimates `previous` made of models this pool lists unchanged (same weights,
+    /// still nothing declared): a pool edit elsewhere neither rereads them nor forgets them
+    /// (nor what was learned under them).
+    pub fn keep_estimates(&mut self, previous: &LoadedPool) {
+        for (info, config) in self.info.models.iter_mut().zip(&mut self.config.models) {
+            if !info.awaits_estimate() {
+                continue;
+            }
+            let Some(old) = previous
+                .info
+                .models
+                .iter()
+                .find(|m| m.name == info.name && m.weights == info.weights && !m.declared)
+            else {
+                continue;
+            };
+            let Some(estimate) = &old.estimate else {
+                continue;
+            };
+            info.vram_bytes = old.vram_bytes;
+            info.ram_bytes = old.ram_bytes;
+            info.estimate = Some(estimate.clone());
+            config.declared = Footprint::new(old.vram_bytes, old.ram_bytes);
+            config.sized = true;
+        }
+    }
+
+    /// Whether some model awaits an estimate.
+    pub fn awaits_estimates(&self) -> bool {
+        self.info.models.iter().any(ModelInfo::awaits_estimate)
+    }
+}
+
+fn format_name(format: modelpool_weights::Format) -> &'static str {
+    match format {
+        modelpool_weights::Format::Gguf => "gguf",
+        modelpool_weights::Format::Safetensors => "safetensors",
+        modelpool_weights::Format::ShardedSafetensors => "sharded_safetensors",
+        modelpool_weights::Format::SafetensorsDirectory => "safetensors_directory",
+    }
 }
 
 /// The sizes the operator keeps in the pool's status (`status.models[].learned`).
@@ -378,5 +502,136 @@ mod tests {
         assert_eq!(pool.config.models[0].declared, Footprint::new(2 << 20, 0));
         // A declared size wins over the estimate.
         assert_eq!(pool.config.models[1].declared, Footprint::new(1 << 20, 0));
+    }
+
+    /// A safetensors file of one F32 tensor of `floats` values.
+    fn safetensors(path: &Path, floats: u64) {
+        let header = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[{floats}],"data_offsets":[0,{}]}}}}"#,
+            floats * 4
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.resize(bytes.len() + floats as usize * 4, 0);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// An injected sidecar reads the weights through the app's process (`/proc/<pid>/root`):
+    /// nothing is read before a pid is known; a real child process (root `/`) gives the view;
+    /// a link out of the model's directory, absolute or relative, and a path climbing above the
+    /// root are refused naming the path, and those models stay unsized.
+    #[test]
+    fn undeclared_models_are_estimated_through_the_apps_process_root() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(models.join("a")).unwrap();
+        std::fs::create_dir_all(models.join("b")).unwrap();
+        std::fs::create_dir_all(models.join("c")).unwrap();
+        std::fs::create_dir_all(dir.path().join("outside")).unwrap();
+        safetensors(&models.join("a/model.safetensors"), 1 << 18);
+        // b: an absolute link to a real safetensors file outside its directory.
+        safetensors(&dir.path().join("outside/secret.safetensors"), 1 << 10);
+        symlink(
+            dir.path().join("outside/secret.safetensors"),
+            models.join("b/model.safetensors"),
+        )
+        .unwrap();
+        // c: a relative link climbing out to the same file.
+        symlink(
+            "../../outside/secret.safetensors",
+            models.join("c/model.safetensors"),
+        )
+        .unwrap();
+        let uri = |p: &Path| format!("file://{}", p.display());
+        let manifest = serde_json::json!({
+            "apiVersion": "modelpool.io/v1alpha1", "kind": "ModelPool",
+            "metadata": {"name": "p"},
+            "spec": {"limits": {"ram": "1Gi"}, "models": [
+                {"name": "a", "source": {"uri": uri(&models.join("a/model.safetensors"))}},
+                {"name": "b", "source": {"uri": uri(&models.join("b/model.safetensors"))}},
+                {"name": "c", "source": {"uri": uri(&models.join("c/model.safetensors"))}},
+                {"name": "d", "source": {"uri": "file:///../../etc/passwd"}},
+                {"name": "e", "ram": "5Mi", "source": {"uri": uri(&models.join("a/model.safetensors"))}},
+                {"name": "f", "source": {"uri": "hf://org/model"}},
+            ]}
+        });
+        let pool: ModelPool = serde_json::from_value(manifest).unwrap();
+        let mut loaded = convert_with(&pool, Duration::from_secs(1), WeightsView::App).unwrap();
+        let awaiting: Vec<&str> = loaded
+            .info
+            .models
+            .iter()
+            .filter(|m| m.awaits_estimate())
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(
+            awaiting,
+            ["a", "b", "c", "d"],
+            "declared (e) and hf:// (f) never await"
+        );
+        assert!(
+            loaded
+                .config
+                .models
+                .iter()
+                .all(|m| m.sized == (m.name == "e"))
+        );
+
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let root = modelpool_weights::Root::process(child.id());
+        let outcomes: BTreeMap<String, Result<(), String>> = loaded
+            .estimate_through(&root)
+            .into_iter()
+            .map(|(model, outcome)| (model, outcome.map_err(|e| e.to_string())))
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+        assert_eq!(outcomes["a"], Ok(()));
+        let a = &loaded.info.models[0];
+        assert_eq!(a.ram_bytes, 1 << 20);
+        let estimate = a.estimate.as_ref().unwrap();
+        assert_eq!(estimate.through, format!("/proc/{}/root", child.id()));
+        assert_eq!(
+            (estimate.bytes, estimate.format.as_str()),
+            (1 << 20, "safetensors")
+        );
+        assert_eq!(loaded.config.models[0].declared, Footprint::new(0, 1 << 20));
+        assert!(loaded.config.models[0].sized);
+        for (model, dir_name) in [("b", "b"), ("c", "c")] {
+            let error = outcomes[model].as_ref().unwrap_err();
+            let named = models.join(dir_name).join("model.safetensors");
+            assert!(
+                error.contains(&named.display().to_string())
+                    && error.contains("refused (links are followed only inside"),
+                "{model}: {error}"
+            );
+        }
+        let error = outcomes["d"].as_ref().unwrap_err();
+        assert!(
+            error.contains("/../../etc") && error.contains("goes above the root"),
+            "{error}"
+        );
+        for model in &loaded.config.models[1..4] {
+            assert!(
+                !model.sized && model.declared == Footprint::default(),
+                "{model:?}"
+            );
+        }
+        assert!(loaded.awaits_estimates(), "b, c and d still await one");
+
+        // A pool edit keeps what was estimated of unchanged models, not of changed ones.
+        let mut edited = convert_with(&pool, Duration::from_secs(1), WeightsView::App).unwrap();
+        edited.info.models[0].weights = Some(uri(&models.join("a")));
+        let mut same = convert_with(&pool, Duration::from_secs(1), WeightsView::App).unwrap();
+        same.keep_estimates(&loaded);
+        edited.keep_estimates(&loaded);
+        assert_eq!(same.config.models[0].declared, Footprint::new(0, 1 << 20));
+        assert!(same.info.models[0].estimate.is_some());
+        assert!(edited.info.models[0].estimate.is_none());
     }
 }

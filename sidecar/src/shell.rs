@@ -137,7 +137,26 @@ pub struct Shared {
     ticks: AtomicU64,
     /// The last problem worth reporting (cluster mode puts it on the pod's report).
     last_error: Mutex<Option<String>>,
+    /// Models still to be estimated through the app's filesystem view.
+    estimates: Mutex<Estimates>,
     changed: watch::Sender<u64>,
+}
+
+/// At most this many app processes' filesystem views are tried per pool for the models
+/// awaiting an estimate (a session's pid each, or the model server's).
+const MAX_ESTIMATE_PIDS: usize = 8;
+
+/// The pool in force as converted (with the estimates made so far), for the models whose
+/// size is estimated from weights only the app's process sees ([`crate::pool::WeightsView`]).
+struct Estimates {
+    pool: LoadedPool,
+    /// Whether some model of `pool` awaits an estimate (checked without reading the pool).
+    awaiting: bool,
+    /// The pids whose `/proc/<pid>/root` was tried for this pool.
+    tried: BTreeSet<u32>,
+    /// Learned sizes to take back once an estimate gives a model its size (they were
+    /// learned under it): the learned-sizes file's, then the pool status's.
+    restorable: Vec<BTreeMap<String, modelpool_policy::LearnedSize>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -198,6 +217,7 @@ impl Shared {
             })
         });
         let from_status = pool.learned.clone();
+        let as_converted = pool.clone();
         let mut core = Core::new(pool, config, metrics.clone(), first_session, measured);
         let mut learned_written = BTreeMap::new();
         if let Some(path) = &settings.learned_file {
@@ -226,6 +246,12 @@ impl Shared {
             core.enable_server(driver.single_server());
             metrics.server_up.with_label_values(&[driver.kind()]).set(0);
         }
+        let estimates = Estimates {
+            awaiting: as_converted.awaits_estimates(),
+            pool: as_converted,
+            tried: BTreeSet::new(),
+            restorable: vec![learned_written.clone(), from_status],
+        };
         Arc::new(Self {
             core: Mutex::new(core),
             watched: RwLock::new(BTreeMap::new()),
@@ -242,6 +268,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             ticks: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            estimates: Mutex::new(estimates),
             learned_written: Mutex::new(Some(learned_written)),
             changed: watch::Sender::new(0),
         })
@@ -415,6 +442,8 @@ impl Shared {
         self: &Arc<Self>,
         request: wire::CreateSession,
     ) -> Result<wire::SessionCreated, LookupError> {
+        // The app's process is known: the weights only it sees can be read (once per pid).
+        self.estimate_through(&[request.pid]);
         let process = self.read_pid(request.pid);
         let now = self.now();
         let mut fx = Effects::default();
@@ -748,7 +777,11 @@ impl Shared {
         // A walk of /proc: off the runtime's thread.
         let this = Arc::clone(self);
         let tree = tokio::task::spawn_blocking(move || {
-            this.processes.as_ref().and_then(ServerProcesses::read)
+            let tree = this.processes.as_ref().and_then(ServerProcesses::read);
+            if let Some(tree) = &tree {
+                this.estimate_through(&tree.pids);
+            }
+            tree
         })
         .await
         .ok()
@@ -781,7 +814,10 @@ impl Shared {
         let every = (self.settings.heartbeat.as_millis() / self.settings.tick.as_millis().max(1))
             .clamp(1, u128::from(u64::MAX)) as u64;
         let pids = if tick.is_multiple_of(every) {
-            self.watched_pids()
+            let pids = self.watched_pids();
+            // After a pool edit: the models it added are estimated through the sessions' views.
+            self.estimate_through(&pids);
+            pids
         } else {
             self.lock().pids_awaiting_reclaim(self.now())
         };
@@ -903,11 +939,83 @@ impl Shared {
     }
 
     /// Puts a new pool in force.
-    pub fn update_pool(self: &Arc<Self>, pool: LoadedPool) {
+    pub fn update_pool(self: &Arc<Self>, mut pool: LoadedPool) {
+        let mut estimates = self.estimates.lock().unwrap_or_else(|e| e.into_inner());
+        pool.keep_estimates(&estimates.pool);
+        estimates.awaiting = pool.awaits_estimates();
+        estimates.tried.clear();
+        estimates.pool = pool.clone();
         let now = self.now();
         let mut fx = Effects::default();
         self.lock().update_pool(now, pool, &mut fx);
+        drop(estimates);
         self.run(fx);
+    }
+
+    /// Estimates the models still awaiting one ([`crate::pool::ModelInfo::awaits_estimate`])
+    /// from their weights read through the filesystem view of the app's processes `pids`
+    /// (`/proc/<pid>/root`: the shared process namespace of a pod), each pid tried once per
+    /// pool, at most [`MAX_ESTIMATE_PIDS`]. An estimate found puts the pool back in force with
+    /// it, and takes back the sizes learned under it before a restart. Header reads only,
+    /// bounded (`modelpool_weights::Limits`); cheap when nothing awaits.
+    pub fn estimate_through(self: &Arc<Self>, pids: &[u32]) {
+        let mut estimates = self.estimates.lock().unwrap_or_else(|e| e.into_inner());
+        if !estimates.awaiting {
+            return;
+        }
+        let own = std::process::id();
+        let mut changed = false;
+        let mut problems = Vec::new();
+        for &pid in pids {
+            if pid == own || pid == 0 || estimates.tried.contains(&pid) {
+                continue;
+            }
+            if estimates.tried.len() >= MAX_ESTIMATE_PIDS {
+                break;
+            }
+            estimates.tried.insert(pid);
+            let root = modelpool_weights::Root::process(pid);
+            for (model, outcome) in estimates.pool.estimate_through(&root) {
+                match outcome {
+                    Ok(()) => changed = true,
+                    Err(error) => {
+                        tracing::warn!(model, pid, %error, "no footprint declared and none could be estimated through the app's filesystem view");
+                        problems.push(format!("model {model}: no size estimated: {error}"));
+                    }
+                }
+            }
+            estimates.awaiting = estimates.pool.awaits_estimates();
+            if !estimates.awaiting {
+                break;
+            }
+        }
+        if estimates.awaiting
+            && let Some(problem) = problems.pop()
+        {
+            self.set_last_error(problem);
+        }
+        if !changed {
+            return;
+        }
+        let pool = estimates.pool.clone();
+        let now = self.now();
+        let mut fx = Effects::default();
+        {
+            let mut core = self.lock();
+            core.update_pool(now, pool, &mut fx);
+            for sizes in &estimates.restorable {
+                let restored = core.restore_learned(sizes);
+                if !restored.is_empty() {
+                    tracing::info!(
+                        ?restored,
+                        "sizes learned before under the estimates restored"
+                    );
+                }
+            }
+        }
+        drop(estimates);
+        self.run(fx);
+        self.bump();
     }
 
     /// The levels for `/metrics`, taken under one lock.

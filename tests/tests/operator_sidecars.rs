@@ -3,6 +3,8 @@
 //! the API and report on their own pod), app processes (`modelpool-memhog`) holding real
 //! memory acquiring through them, and the pool's status and `kubectl get mp` showing it.
 //! Deleting the pool makes the sidecars unload everything before the finalizer lets it go.
+//! A sidecar in cluster mode sizes an undeclared model from weights read through the app's
+//! process (`/proc/<pid>/root`), never its own filesystem.
 
 use std::{process::Stdio, time::Duration};
 
@@ -16,7 +18,7 @@ use modelpool_e2e::{
     ControlPlane,
     support::{
         Killed, MemhogApp, cluster_sidecar, eventually, free_port, install_crd, log_file,
-        operator_command,
+        operator_command, workspace_bin,
     },
 };
 
@@ -192,4 +194,71 @@ async fn sidecars_report_through_their_pods_and_drain_on_delete() {
         "name",
     ]);
     assert!(!events.trim().is_empty(), "Drained event");
+}
+
+/// Cluster mode: the weights are a path as the app sees it. The sidecar reads nothing at start
+/// (the app is not there yet); once the app's session names its pid, the model is estimated
+/// through `/proc/<pid>/root` and admitted under `unsizedModels: Refuse` with that size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_sidecar_estimates_through_the_apps_process() {
+    let cp = ControlPlane::shared();
+    install_crd(cp);
+    let ns = cp.fresh_namespace("estimate").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let weights = dir.path().join("weights/model.safetensors");
+    std::fs::create_dir_all(weights.parent().expect("a parent")).expect("mkdir");
+    let header = r#"{"w":{"dtype":"F16","shape":[4194304],"data_offsets":[0,8388608]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + (8 << 20), 0);
+    std::fs::write(&weights, bytes).expect("write weights");
+    let pool = format!(
+        "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata: {{name: est}}\nspec:\n  limits: {{ram: 512Mi}}\n  policy: {{mode: Cache, unsizedModels: Refuse}}\n  models:\n    - {{name: st, source: {{uri: \"file://{}\"}}}}\n",
+        weights.display()
+    );
+    cp.kubectl_stdin(["apply", "-n", &ns, "-f", "-"], &pool);
+    let socket = dir.path().join("sidecar.sock");
+    let _sidecar = cluster_sidecar(cp, &ns, "est", "app-0", &socket, dir.path());
+    let state = || {
+        let out = std::process::Command::new(workspace_bin("modelpool-sidecar"))
+            .args(["status", "--json", "--socket"])
+            .arg(&socket)
+            .output()
+            .expect("modelpool-sidecar status");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+    };
+    let before = eventually("the sidecar's state", Duration::from_secs(30), || async {
+        state()
+    })
+    .await;
+    assert!(
+        before["pool"]["models"][0]["estimate"].is_null()
+            && before["pool"]["models"][0]["ram_bytes"] == 0,
+        "nothing is read before the app is known: {}",
+        before["pool"]
+    );
+
+    let mut app = MemhogApp::start(&socket, dir.path(), "app-0", "st");
+    let state = eventually(
+        "the model estimated through the app's process",
+        Duration::from_secs(60),
+        || async {
+            state().filter(|s| {
+                s["pool"]["models"][0]["estimate"].is_object()
+                    && s["sessions"].as_array().is_some_and(|v| !v.is_empty())
+            })
+        },
+    )
+    .await;
+    let pid = &state["sessions"][0]["pid"];
+    let model = &state["pool"]["models"][0];
+    assert_eq!(
+        model["estimate"]["through"],
+        format!("/proc/{pid}/root"),
+        "{model}"
+    );
+    assert_eq!(model["estimate"]["format"], "safetensors", "{model}");
+    assert_eq!(model["ram_bytes"], 8 << 20, "{model}");
+    // Sized now: `Refuse` lets it in.
+    app.use_model("st", 8);
 }

@@ -217,6 +217,28 @@ pub struct PoolModel {
     pub pinned: bool,
     /// Acquire-queue and eviction priority.
     pub priority: i32,
+    /// The size estimated from the weights' headers (no size declared), charged as
+    /// `vram_bytes` or `ram_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+}
+
+/// A model's size estimated from its weights' headers, before any load.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Estimate {
+    /// What is charged: weights plus KV cache.
+    pub bytes: u64,
+    /// The tensors' bytes.
+    pub weights_bytes: u64,
+    /// The KV cache for the context (GGUF with attention metadata; else 0).
+    pub kv_cache_bytes: u64,
+    /// `gguf`, `safetensors`, `sharded_safetensors` or `safetensors_directory`.
+    pub format: String,
+    /// Files read.
+    pub files: u64,
+    /// The filesystem the weights were read through: `/` (the sidecar's own) or
+    /// `/proc/<pid>/root` (the app's process's, through the shared process namespace).
+    pub through: String,
 }
 
 /// The pool in a session answer.

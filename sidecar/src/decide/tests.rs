@@ -76,6 +76,9 @@ fn pool_with(mode: &'static str, ram_ceiling_mib: Option<u64>, models: &[M<'_>])
                 ram_bytes: mib * MIB,
                 pinned: *pinned,
                 priority: 0,
+                declared: true,
+                weights: None,
+                estimate: None,
             })
             .collect(),
     };

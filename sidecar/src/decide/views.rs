@@ -176,6 +176,7 @@ pub(super) fn pool_models(pool: &PoolInfo) -> Vec<wire::PoolModel> {
             ram_bytes: m.ram_bytes,
             pinned: m.pinned,
             priority: m.priority,
+            estimate: m.estimate.clone(),
         })
         .collect()
 }
