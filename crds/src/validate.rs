@@ -204,28 +204,29 @@ pub fn validate_pool(pool: &ModelPool) -> Result<(), FieldErrors> {
         }
     }
 
-    if spec.driver.kind.needs_url() {
-        match spec.driver.url.as_deref() {
-            None => errors.push(FieldError::new(
+    match spec.driver.url.as_deref() {
+        None if spec.driver.kind.needs_url() => errors.push(FieldError::new(
+            "spec.driver.url",
+            format!(
+                "is required when spec.driver.kind is {} (e.g. http://127.0.0.1:8000)",
+                spec.driver.kind.as_str()
+            ),
+        )),
+        Some(url) if !url.starts_with("http://") => {
+            errors.push(FieldError::new(
                 "spec.driver.url",
                 format!(
-                    "is required when spec.driver.kind is {} (e.g. http://127.0.0.1:8000)",
-                    spec.driver.kind.as_str()
+                    "{url:?} must start with http:// (the model server runs in the same pod; the sidecar does not speak https)"
                 ),
-            )),
-            Some(url) if !url.starts_with("http://") => {
-                errors.push(FieldError::new(
-                    "spec.driver.url",
-                    format!(
-                        "{url:?} must start with http:// (the model server runs in the same pod; the sidecar does not speak https)"
-                    ),
-                ));
-            }
-            Some(_) => {}
+            ));
         }
+        None | Some(_) => {}
     }
 
-    if spec.driver.kind == DriverKind::Vllm {
+    // One model without `servers`: its server is the driver's url (or the pod's vLLM
+    // container, or port 8000).
+    let vllm_single = spec.driver.servers.is_none() && spec.models.len() == 1;
+    if spec.driver.kind == DriverKind::Vllm && !vllm_single {
         let servers = spec.driver.servers.clone().unwrap_or_default();
         for model in &spec.models {
             match servers.get(&model.name) {

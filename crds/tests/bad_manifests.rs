@@ -56,8 +56,8 @@ fn bad_manifests_name_the_field_and_the_problem() {
             "spec.driver.url: is required when spec.driver.kind is Http",
         ),
         (
-            with_spec("  driver: {kind: KServeV2}\n  models:\n    - {name: a}\n"),
-            "spec.driver.url: is required when spec.driver.kind is KServeV2",
+            with_spec("  driver: {kind: Vllm}\n  models:\n    - {name: a}\n    - {name: b}\n"),
+            r#"spec.driver.servers: names no vLLM server for model "a""#,
         ),
         (
             with_spec("  driver: {kind: Vllm, servers: {a: 'http://127.0.0.1:8001'}}\n  models:\n    - {name: a}\n    - {name: b}\n"),

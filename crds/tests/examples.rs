@@ -79,7 +79,11 @@ fn each_cel_rule_refuses_its_bad_pool() {
         ),
         (
             json!({"driver": {"kind": "Http"}, "models": [{"name": "a"}]}),
-            "driver.url is required when driver.kind is Http, KServeV2 or Ollama",
+            "driver.url is required when driver.kind is Http",
+        ),
+        (
+            json!({"driver": {"kind": "Vllm"}, "models": [{"name": "a"}, {"name": "b"}]}),
+            "it may be left out only for a pool of one model",
         ),
         (
             json!({"driver": {"kind": "Http", "url": "ftp://x"}, "models": [{"name": "a"}]}),
@@ -113,5 +117,24 @@ fn each_cel_rule_refuses_its_bad_pool() {
             text.contains(message),
             "refusing {spec}: wanted {message:?}, got {text}"
         );
+    }
+}
+
+/// Server drivers leave `url` (and a one-model `Vllm` pool its `servers`) to the operator's
+/// injection, which takes them from the server container: the CEL rules and the pool-file
+/// validation both accept such pools.
+#[test]
+fn server_drivers_may_leave_the_url_to_the_injection() {
+    use serde_json::json;
+    for spec in [
+        json!({"driver": {"kind": "Ollama"}, "models": [{"name": "a"}]}),
+        json!({"driver": {"kind": "KServeV2", "container": "mlserver"}, "models": [{"name": "a"}, {"name": "b"}]}),
+        json!({"driver": {"kind": "Vllm", "sleepLevel": 1}, "models": [{"name": "a"}]}),
+    ] {
+        let pool = pool_from(spec.clone());
+        pool.validate_cel()
+            .unwrap_or_else(|e| panic!("CEL refused {spec}: {e:?}"));
+        modelpool_crds::validate_pool(&pool)
+            .unwrap_or_else(|e| panic!("validation refused {spec}: {e}"));
     }
 }

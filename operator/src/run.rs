@@ -159,6 +159,7 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
                 log_format: args.sidecar_log_format.as_str().to_owned(),
                 gpu_access: args.sidecar_gpu_access,
                 proxy: None,
+                driver: Default::default(),
             },
             metrics: metrics.clone(),
         };

@@ -182,6 +182,18 @@ pub struct ServeArgs {
     #[arg(long, visible_alias = "driver-timeout", env = "MODELPOOL_DRIVER_TIMEOUT_MS", default_value_t = 600_000, value_parser = duration_ms(1))]
     pub driver_timeout_ms: u64,
 
+    /// Server drivers (`KServeV2`, `Ollama`, `Vllm`): the server's URL when the pool gives no
+    /// `driver.url` (the operator's injection sets it from the server container's port).
+    /// Neither: the server's usual port on 127.0.0.1 (Ollama 11434, KServeV2 8080, Vllm 8000).
+    #[arg(long, env = "MODELPOOL_DRIVER_URL")]
+    pub driver_url: Option<String>,
+
+    /// Server drivers: a substring of the server's command line that finds its processes, when
+    /// the pool gives no `driver.processMatch` (the injection sets it from the server
+    /// container's command and args). Neither: the owner of the URL's port.
+    #[arg(long, env = "MODELPOOL_PROCESS_MATCH")]
+    pub process_match: Option<String>,
+
     /// Serving proxy: listen here and forward to --upstream, admitting each request that
     /// names a model under a lease on it (docs/proxy.md).
     #[arg(long, env = "MODELPOOL_PROXY_LISTEN")]

@@ -140,6 +140,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         proxy_max_queue,
         proxy_model_concurrency,
         proxy_max_connections,
+        driver_url: default_driver_url,
+        process_match: default_process_match,
     } = args.clone();
     let settings = Settings {
         heartbeat: args.heartbeat(),
@@ -151,6 +153,10 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
             (Some(path), _) => Some(path.clone()),
             (None, Some(pool)) => Some(learned::beside(pool)),
             (None, None) => None,
+        },
+        driver_defaults: pool::DriverDefaults {
+            url: default_driver_url,
+            process_match: default_process_match,
         },
     };
 
@@ -177,6 +183,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         }
         (None, None) => return Err(args::ArgsError::NoPool.into()),
     };
+    let loaded = loaded.with_driver_defaults(&settings.driver_defaults);
     let driver_timeout = Duration::from_millis(driver_timeout_ms);
     let hub = CommandHub::new(settings.heartbeat);
     let driver = make_driver(loaded.driver, &loaded.info, &hub, driver_timeout)?;
@@ -190,6 +197,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         source = %pool_path.as_ref().map_or_else(|| "the API (cluster mode)".to_owned(), |p| p.display().to_string()),
         mode = loaded.info.mode.as_str(),
         driver = loaded.info.driver.as_str(),
+        url = loaded.info.driver_url.as_deref().unwrap_or(""),
+        process_match = loaded.info.process_match.as_deref().unwrap_or(""),
         models = loaded.info.models.len(),
         "pool loaded"
     );

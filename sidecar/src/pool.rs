@@ -125,6 +125,50 @@ pub struct LoadedPool {
     pub learned: BTreeMap<String, modelpool_policy::LearnedSize>,
 }
 
+/// What a pool may leave out of a server driver (`KServeV2`, `Ollama`, `Vllm`), from the
+/// sidecar's flags: the operator's injection sets them from the server container's port and
+/// command line (`--driver-url`, `--process-match`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriverDefaults {
+    /// The server's URL.
+    pub url: Option<String>,
+    /// A substring of the server's command line.
+    pub process_match: Option<String>,
+}
+
+impl LoadedPool {
+    /// The pool with what it leaves out of a server driver filled in: `driver.url` from
+    /// `defaults`, else the server's usual port on 127.0.0.1 (Ollama 11434, KServeV2 8080,
+    /// Vllm 8000); `processMatch` from `defaults`; a one-model `Vllm` pool's `servers` from
+    /// that url. What the pool says always wins. `Sdk` and `Http` pools are left as they are.
+    pub fn with_driver_defaults(mut self, defaults: &DriverDefaults) -> Self {
+        let kind = self.driver;
+        if !kind.is_server() {
+            return self;
+        }
+        let info = &mut self.info;
+        // A Vllm pool listing its servers has no url of its own (the proxy's default upstream
+        // is then the first server).
+        let listed = kind == DriverKind::Vllm && !info.driver_servers.is_empty();
+        if info.driver_url.is_none() && !listed {
+            info.driver_url = defaults.url.clone().or_else(|| {
+                kind.default_port()
+                    .map(|port| format!("http://127.0.0.1:{port}"))
+            });
+        }
+        if info.process_match.is_none() {
+            info.process_match = defaults.process_match.clone();
+        }
+        if kind == DriverKind::Vllm
+            && info.driver_servers.is_empty()
+            && let ([model], Some(url)) = (&info.models[..], &info.driver_url)
+        {
+            info.driver_servers.insert(model.name.clone(), url.clone());
+        }
+        self
+    }
+}
+
 fn bytes(
     field: impl Fn() -> String,
     quantity: Option<&modelpool_crds::Quantity>,
@@ -447,6 +491,64 @@ mod tests {
         assert_eq!(llm.driver, DriverKind::Http);
         assert_eq!(llm.config.idle_ttl, Duration::from_secs(600));
         assert!(llm.info.models[0].pinned);
+    }
+
+    /// Issue 18: a server pool without `driver.url` gets the injection's url, else the
+    /// server's usual port; the pool's own values win; a one-model Vllm pool gets its server.
+    #[test]
+    fn server_pools_get_the_driver_defaults() {
+        let pool = |driver: &str, models: &str| {
+            let text = format!(
+                "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata: {{name: p}}\nspec:\n  driver: {driver}\n  models: {models}\n"
+            );
+            let parsed = modelpool_crds::parse_pool(&text, "p.yaml").unwrap();
+            convert(&parsed, Duration::from_secs(1)).unwrap()
+        };
+        let none = DriverDefaults::default();
+        let injected = DriverDefaults {
+            url: Some("http://127.0.0.1:9999".into()),
+            process_match: Some("ollama serve".into()),
+        };
+        let ollama = pool("{kind: Ollama}", "[{name: a}]");
+        let own = ollama.clone().with_driver_defaults(&none).info;
+        assert_eq!(own.driver_url.as_deref(), Some("http://127.0.0.1:11434"));
+        assert_eq!(own.process_match, None);
+        let filled = ollama.with_driver_defaults(&injected).info;
+        assert_eq!(filled.driver_url.as_deref(), Some("http://127.0.0.1:9999"));
+        assert_eq!(filled.process_match.as_deref(), Some("ollama serve"));
+        let kserve = pool(
+            "{kind: KServeV2, url: 'http://127.0.0.1:8000', processMatch: tritonserver}",
+            "[{name: a}]",
+        )
+        .with_driver_defaults(&injected)
+        .info;
+        assert_eq!(kserve.driver_url.as_deref(), Some("http://127.0.0.1:8000"));
+        assert_eq!(kserve.process_match.as_deref(), Some("tritonserver"));
+        let kserve = pool("{kind: KServeV2}", "[{name: a}]").with_driver_defaults(&none);
+        assert_eq!(
+            kserve.info.driver_url.as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        let vllm = pool("{kind: Vllm, sleepLevel: 1}", "[{name: a}]")
+            .with_driver_defaults(&none)
+            .info;
+        assert_eq!(
+            vllm.driver_servers.get("a").map(String::as_str),
+            Some("http://127.0.0.1:8000")
+        );
+        let listed = pool(
+            "{kind: Vllm, servers: {a: 'http://127.0.0.1:8001', b: 'http://127.0.0.1:8002'}}",
+            "[{name: a}, {name: b}]",
+        )
+        .with_driver_defaults(&injected)
+        .info;
+        assert_eq!(
+            listed.driver_url, None,
+            "a Vllm pool with servers has no url"
+        );
+        assert_eq!(listed.driver_servers.len(), 2);
+        let sdk = pool("{kind: Sdk}", "[{name: a}]").with_driver_defaults(&injected);
+        assert_eq!(sdk.info.driver_url, None, "Sdk pools get no url");
     }
 
     /// Cluster mode: the sizes the operator keeps in the pool's status come with the pool.

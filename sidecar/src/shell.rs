@@ -47,6 +47,8 @@ pub struct Settings {
     pub reclaim_timeout: Duration,
     /// Where learned sizes are kept across restarts (`crate::learned`), if anywhere.
     pub learned_file: Option<std::path::PathBuf>,
+    /// What a server pool leaves out of its driver (`--driver-url`, `--process-match`).
+    pub driver_defaults: crate::pool::DriverDefaults,
 }
 
 /// The core's clock: time since the sidecar started.
@@ -939,7 +941,8 @@ impl Shared {
     }
 
     /// Puts a new pool in force.
-    pub fn update_pool(self: &Arc<Self>, mut pool: LoadedPool) {
+    pub fn update_pool(self: &Arc<Self>, pool: LoadedPool) {
+        let mut pool = pool.with_driver_defaults(&self.settings.driver_defaults);
         let mut estimates = self.estimates.lock().unwrap_or_else(|e| e.into_inner());
         pool.keep_estimates(&estimates.pool);
         estimates.awaiting = pool.awaits_estimates();

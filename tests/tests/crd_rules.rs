@@ -44,12 +44,12 @@ async fn each_rule_refuses_its_bad_pool_with_its_message() {
         (
             "http",
             "  driver: {kind: Http}\n  models:\n    - {name: a}\n",
-            "driver.url is required when driver.kind is Http, KServeV2 or Ollama",
+            "driver.url is required when driver.kind is Http",
         ),
         (
-            "kserve",
-            "  driver: {kind: KServeV2}\n  models:\n    - {name: a}\n",
-            "driver.url is required when driver.kind is Http, KServeV2 or Ollama",
+            "vllmone",
+            "  driver: {kind: Vllm}\n  models:\n    - {name: a}\n    - {name: b}\n",
+            "it may be left out only for a pool of one model",
         ),
         (
             "vllm",

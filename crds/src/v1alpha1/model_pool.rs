@@ -81,7 +81,7 @@ pub const MAX_MODELS: usize = 64;
     validation = Rule::new("self.models.all(m, self.models.exists_one(n, n.name == m.name))").message("model names must be unique").field_path(".models"),
     validation = Rule::new("!has(self.limits.vram) || self.models.all(m, !has(m.vram) || quantity(m.vram).compareTo(quantity(self.limits.vram)) <= 0)").message("each model's vram must fit within limits.vram").field_path(".models"),
     validation = Rule::new("!has(self.limits.ram) || self.models.all(m, !has(m.ram) || quantity(m.ram).compareTo(quantity(self.limits.ram)) <= 0)").message("each model's ram must fit within limits.ram").field_path(".models"),
-    validation = Rule::new("!has(self.driver) || !has(self.driver.kind) || self.driver.kind != 'Vllm' || self.models.all(m, has(self.driver.servers) && m.name in self.driver.servers)").message("driver.servers must name every model's vLLM server when driver.kind is Vllm").field_path(".driver.servers"),
+    validation = Rule::new("!has(self.driver) || !has(self.driver.kind) || self.driver.kind != 'Vllm' || (has(self.driver.servers) ? self.models.all(m, m.name in self.driver.servers) : size(self.models) == 1)").message("driver.servers must name every model's vLLM server when driver.kind is Vllm (it may be left out only for a pool of one model, whose server is driver.url or the pod's vLLM container)").field_path(".driver.servers"),
 )]
 // "Pinned models together within the ceilings" is not a CEL rule: the apiserver estimates a
 // `filter().map().sum()` over quantities at more than 100x its cost budget and refuses the
@@ -227,7 +227,7 @@ pub struct Resources {
 
 /// How the sidecar drives loads and unloads in the app.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
-#[x_kube(validation = Rule::new("self.kind == 'Sdk' || self.kind == 'Vllm' || has(self.url)").message("driver.url is required when driver.kind is Http, KServeV2 or Ollama").field_path(".url"))]
+#[x_kube(validation = Rule::new("self.kind != 'Http' || has(self.url)").message("driver.url is required when driver.kind is Http").field_path(".url"))]
 #[serde(rename_all = "camelCase")]
 pub struct Driver {
     /// `Sdk`: the app's SDK session receives the commands. `Http`: the sidecar calls
@@ -237,9 +237,12 @@ pub struct Driver {
     /// reports it holds.
     #[serde(default)]
     pub kind: DriverKind,
-    /// Base URL of the app's model API (required for `Http`, `KServeV2` and `Ollama`), e.g.
-    /// `http://127.0.0.1:8000`. Plain `http://` only: the server runs in the same pod (the
-    /// sidecar refuses `https://` at start, and so does this rule).
+    /// Base URL of the app's model API, e.g. `http://127.0.0.1:8000`. Required for `Http`.
+    /// Server drivers, absent: the operator's injection takes the server container's port
+    /// (see `container`), else the server's default: `Ollama` 11434, `KServeV2` 8080
+    /// (MLServer, KServe; a Triton image 8000), `Vllm` 8000 (a one-model pool without
+    /// `servers`). Plain `http://` only: the server runs in the same pod (the sidecar refuses
+    /// `https://` at start, and so does this rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('http://')").message("driver.url must start with http:// (the model server runs in the same pod; the sidecar does not speak https)"))]
     #[schemars(length(max = 512))]
@@ -247,13 +250,23 @@ pub struct Driver {
     /// Server drivers: how the sidecar finds the server's processes, whose memory (the
     /// whole process tree's RSS) proves an unload: a substring of the server's command
     /// line (`/proc/PID/cmdline`, arguments joined by spaces), e.g. `mlserver start`. Unset:
-    /// the process that listens on the URL's port. Needs `shareProcessNamespace` in a pod;
-    /// where no process is found, unloads are counted `unverified`.
+    /// the process that listens on the URL's port. In a pod, absent: the operator's injection
+    /// takes the server container's `command` and `args` (else the server's usual command
+    /// line: `ollama serve`, `mlserver start`, `tritonserver`, `vllm serve`) and shares the
+    /// pod's process namespace. Where no process is found, unloads are counted `unverified`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub process_match: Option<String>,
+    /// Server drivers, in a pod: the container that runs the model server, whose port and
+    /// command line give the defaults of `url` and `processMatch`. Absent: the pod's only
+    /// container, or the only one whose image names the server (`ollama`, `mlserver`,
+    /// `tritonserver`, `vllm`); otherwise the pod is admitted with a warning naming this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub container: Option<String>,
     /// `Vllm`: each model's vLLM server (one per model, started with `--enable-sleep-mode`
     /// and `VLLM_SERVER_DEV_MODE=1`), by model name, e.g. `{llama: "http://127.0.0.1:8001"}`.
+    /// Absent, for a pool of one model: its server is `url` (or that default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub servers: Option<std::collections::BTreeMap<String, String>>,
@@ -294,9 +307,26 @@ impl DriverKind {
         }
     }
 
-    /// Whether `driver.url` is required (`Http`, `KServeV2`, `Ollama`).
+    /// Whether `driver.url` is required (`Http`: server drivers have a default).
     pub fn needs_url(self) -> bool {
-        !matches!(self, Self::Sdk | Self::Vllm)
+        self == Self::Http
+    }
+
+    /// Whether the sidecar drives a model server's own API (`KServeV2`, `Ollama`, `Vllm`).
+    pub fn is_server(self) -> bool {
+        matches!(self, Self::KServeV2 | Self::Ollama | Self::Vllm)
+    }
+
+    /// The server's usual port, when nothing says otherwise: Ollama 11434, MLServer and
+    /// KServe's servers 8080 (Triton's is 8000: the injection tells it by the image), vLLM
+    /// 8000. `None` for `Sdk` and `Http`.
+    pub fn default_port(self) -> Option<u16> {
+        match self {
+            Self::Ollama => Some(11434),
+            Self::KServeV2 => Some(8080),
+            Self::Vllm => Some(8000),
+            Self::Sdk | Self::Http => None,
+        }
     }
 }
 

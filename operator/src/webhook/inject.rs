@@ -8,11 +8,15 @@
 //! `supplementalGroups` gives every container (an app running as uid 1000 otherwise got
 //! `Permission denied`). The sidecar has a liveness probe on `/healthz`, which fails when its
 //! socket is gone and cannot be bound again. How the sidecar reads the app's GPU (the app's DRA claims, the node's GPUs, or only the
-//! app's own readings) is `gpu.rs`'s choice.
+//! app's own readings) is `gpu.rs`'s choice; a server driver's url and process match, when the
+//! pool leaves them out, come from the server container (`server.rs`).
 
-use modelpool_crds::v1alpha1::{GpuAccess, ProxySpec};
+use modelpool_crds::v1alpha1::{Driver, GpuAccess, ProxySpec};
 
-use super::gpu::{self, GPU_READING_ANNOTATION};
+use super::{
+    gpu::{self, GPU_READING_ANNOTATION},
+    server,
+};
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
@@ -32,6 +36,8 @@ pub const SOCKET_DIR: &str = "/var/run/modelpool";
 pub const SOCKET_PATH: &str = "/var/run/modelpool/sidecar.sock";
 /// Annotation set on injected pods.
 pub const INJECTED_ANNOTATION: &str = "modelpool.io/injected";
+/// Annotation naming the container a server driver's defaults were taken from.
+pub const SERVER_CONTAINER_ANNOTATION: &str = "modelpool.io/server-container";
 /// The sidecar's metrics port.
 pub const METRICS_PORT: i32 = 9464;
 /// The name of the serving proxy's container port (a Service may target it by name).
@@ -65,6 +71,9 @@ pub struct SidecarTemplate {
     pub gpu_access: GpuAccess,
     /// The pool's serving proxy (`spec.proxy`), if it has one.
     pub proxy: Option<ProxySpec>,
+    /// The pool's driver (`spec.driver`): a server driver's left-out url and process match
+    /// are taken from the server container (`server.rs`).
+    pub driver: Driver,
 }
 
 impl Default for SidecarTemplate {
@@ -80,6 +89,7 @@ impl Default for SidecarTemplate {
             log_format: "json".into(),
             gpu_access: GpuAccess::Auto,
             proxy: None,
+            driver: Driver::default(),
         }
     }
 }
@@ -165,6 +175,8 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
     // How the sidecar reads the app's GPU: the app's DRA claims, the node's GPUs, or none.
     let gpu = gpu::plan(&spec.containers, template.gpu_access);
     let claims = gpu.claims.clone();
+    // A server driver: the url and process match the pool leaves out, from the server container.
+    let server = server::plan(&spec.containers, &template.driver, pool);
 
     for container in &mut spec.containers {
         let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
@@ -257,6 +269,7 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
             ]
             .into_iter()
             .chain(gpu.env.iter().cloned())
+            .chain(server.env.iter().cloned())
             .collect(),
         ),
         ports: Some(
@@ -342,6 +355,9 @@ pub fn inject(pod: &Pod, pool: &str, template: &SidecarTemplate) -> Pod {
         .get_or_insert_with(Default::default);
     annotations.insert(INJECTED_ANNOTATION.into(), "true".into());
     annotations.insert(GPU_READING_ANNOTATION.into(), gpu.reading.into());
+    if let Some(container) = server.container {
+        annotations.insert(SERVER_CONTAINER_ANNOTATION.into(), container);
+    }
     // What the operator binds the sidecar's role for (`--sidecar-cluster-role`): it watches
     // pods as metadata only.
     annotations.insert(
@@ -597,6 +613,71 @@ mod tests {
         let security = pod.spec.unwrap().security_context.unwrap();
         assert_eq!(security.fs_group, Some(2000));
         assert_eq!(security.supplemental_groups, Some(vec![44, SOCKET_GROUP]));
+    }
+
+    /// Issue 18: an Ollama pool without url gets the server container's port and command line
+    /// in the sidecar's environment, the container named on the pod, and a shared process
+    /// namespace; an Sdk pool gets none of it.
+    #[test]
+    fn a_server_pool_without_url_gets_the_containers_defaults() {
+        let mut pod = app_pod(false);
+        let app = &mut pod.spec.as_mut().unwrap().containers[0];
+        app.name = "ollama".into();
+        app.image = Some("ollama/ollama:0.17.4".into());
+        let template = SidecarTemplate {
+            driver: serde_json::from_value(serde_json::json!({"kind": "Ollama"})).unwrap(),
+            ..SidecarTemplate::default()
+        };
+        let injected = inject(&pod, "video", &template);
+        let spec = injected.spec.as_ref().unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        let env = |name: &str| {
+            sidecar
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            env(server::DRIVER_URL_ENV).as_deref(),
+            Some("http://127.0.0.1:11434")
+        );
+        assert_eq!(
+            env(server::PROCESS_MATCH_ENV).as_deref(),
+            Some("ollama serve")
+        );
+        assert_eq!(spec.share_process_namespace, Some(true));
+        assert_eq!(
+            injected.metadata.annotations.as_ref().unwrap()[SERVER_CONTAINER_ANNOTATION],
+            "ollama"
+        );
+        let plain = inject(&pod, "video", &SidecarTemplate::default());
+        let sidecar = &plain
+            .spec
+            .as_ref()
+            .unwrap()
+            .init_containers
+            .as_ref()
+            .unwrap()[0];
+        assert!(
+            !sidecar
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|e| e.name.starts_with("MODELPOOL_DRIVER")
+                    || e.name == server::PROCESS_MATCH_ENV)
+        );
+        assert!(
+            !plain
+                .metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key(SERVER_CONTAINER_ANNOTATION)
+        );
     }
 
     #[test]

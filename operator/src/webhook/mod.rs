@@ -5,6 +5,7 @@
 
 pub mod gpu;
 pub mod inject;
+pub mod server;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -89,16 +90,22 @@ async fn admit(state: &WebhookState, request: &AdmissionRequest<Pod>) -> Admissi
     let cached = state
         .pools
         .get(&ObjectRef::<ModelPool>::new(pool).within(&namespace))
-        .map(|p| (p.spec.gpu.clone(), p.spec.proxy.clone()));
+        .map(|p| {
+            (
+                p.spec.gpu.clone(),
+                p.spec.proxy.clone(),
+                p.spec.driver.clone(),
+            )
+        });
     let api: Api<ModelPool> = Api::namespaced(state.client.clone(), &namespace);
     let lookup = match cached {
         Some(found) => Ok(Some(found)),
         None => api
             .get_opt(pool)
             .await
-            .map(|p| p.map(|p| (p.spec.gpu, p.spec.proxy))),
+            .map(|p| p.map(|p| (p.spec.gpu, p.spec.proxy, p.spec.driver))),
     };
-    let (pool_gpu, pool_proxy) = match lookup {
+    let (pool_gpu, pool_proxy, pool_driver) = match lookup {
         Ok(Some(found)) => found,
         Ok(None) => {
             outcome("unknown_pool");
@@ -123,12 +130,24 @@ async fn admit(state: &WebhookState, request: &AdmissionRequest<Pod>) -> Admissi
         template.gpu_access = gpu.access;
     }
     template.proxy = pool_proxy;
+    template.driver = pool_driver;
     if let Some(warning) = pod
         .spec
         .as_ref()
         .and_then(|spec| gpu::plan(&spec.containers, template.gpu_access).warning)
     {
         tracing::warn!(pod = %pods_name, %namespace, %pool, %warning, "sidecar will not read the GPU");
+        response.warnings.get_or_insert_with(Vec::new).push(warning);
+    }
+    if let Some(warning) = pod.spec.as_ref().and_then(|spec| {
+        server::plan(
+            &spec.containers,
+            &template.driver,
+            &format!("{namespace}/{pool}"),
+        )
+        .warning
+    }) {
+        tracing::warn!(pod = %pods_name, %namespace, %pool, %warning, "no server container for the driver's defaults");
         response.warnings.get_or_insert_with(Vec::new).push(warning);
     }
     let injected = inject(pod, pool, &template);
