@@ -401,6 +401,11 @@ pub struct Engine {
     over_ceiling: [bool; 2],
     shutting_down: bool,
     counters: Counters,
+    /// Models not loaded whose memory is still held outside any instance, by name: a vLLM
+    /// model asleep at sleep level 1 keeps its weights in host RAM. Counted in [`Engine::held`]
+    /// (so against the ceilings), never evicted; a load of the model admits it net of its own
+    /// entry and ends the entry (waking it moves the weights back).
+    asleep: BTreeMap<String, Footprint>,
 }
 
 impl Engine {
@@ -424,6 +429,7 @@ impl Engine {
             over_ceiling: [false; 2],
             shutting_down: false,
             counters: Counters::default(),
+            asleep: BTreeMap::new(),
         }
     }
 
@@ -621,11 +627,54 @@ impl Engine {
             .unwrap_or(DEFAULT_LOAD_SECONDS)
     }
 
-    /// Everything counted against the ceilings.
+    /// Everything counted against the ceilings: the instances, and the models asleep.
     pub fn held(&self) -> Footprint {
         self.instances
             .values()
             .fold(Footprint::default(), |sum, i| sum.plus(i.held))
+            .plus(self.asleep_total())
+    }
+
+    /// Counts (`Some`) or stops counting (`None`) what `model` holds while not loaded: a vLLM
+    /// model asleep at level 1, its weights in host RAM. A model loading or loaded gets no
+    /// entry (its instance counts it); one being unloaded may (set it before
+    /// [`Engine::reclaimed`], so that its bytes never leave the ledger). Clearing an entry looks
+    /// at the waiting acquires again.
+    pub fn set_asleep(
+        &mut self,
+        now: Duration,
+        model: &str,
+        held: Option<Footprint>,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        match held {
+            Some(held)
+                if !self.instances.iter().any(|(k, i)| {
+                    matches!(i.state, InstanceState::Loading | InstanceState::Loaded)
+                        && self.config.models.get(k.1).is_some_and(|m| m.name == model)
+                }) =>
+            {
+                self.asleep.insert(model.to_owned(), held);
+            }
+            Some(_) => {}
+            None => {
+                if self.asleep.remove(model).is_some() {
+                    self.process_queue(now, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// The models asleep and what each holds (see [`Engine::set_asleep`]).
+    pub fn asleep(&self) -> &BTreeMap<String, Footprint> {
+        &self.asleep
+    }
+
+    fn asleep_total(&self) -> Footprint {
+        self.asleep
+            .values()
+            .fold(Footprint::default(), |sum, held| sum.plus(*held))
     }
 
     /// What reclaims that never completed still hold.
@@ -1310,6 +1359,14 @@ impl Engine {
                     format!("{} ({detail})", h.model)
                 })
                 .collect();
+            let asleep = self
+                .asleep
+                .iter()
+                .filter(|(_, held)| held.get(*resource) > 0)
+                .map(|(model, held)| {
+                    format!("{model} ({} asleep)", human_bytes(held.get(*resource)))
+                });
+            let holders: Vec<String> = holders.into_iter().chain(asleep).collect();
             if !holders.is_empty() {
                 let _ = write!(text, " by {}", holders.join(", "));
             }
@@ -1494,7 +1551,12 @@ impl Engine {
                 index += 1;
                 continue;
             }
-            if self.fits(need) {
+            // Waking an asleep model frees its own host copy: admitted net of it.
+            let name = &self.config.models[waiting.model].name;
+            let own = self.asleep.get(name).copied().unwrap_or_default();
+            if self.fits(need.minus(own)) {
+                self.asleep
+                    .remove(&self.config.models[waiting.model].name.clone());
                 self.queue.remove(index);
                 let generation = self.next_generation;
                 self.next_generation += 1;
@@ -1516,7 +1578,7 @@ impl Engine {
                 continue;
             }
             if blocked_head.is_none() {
-                self.make_room(now, need, out);
+                self.make_room(now, need.minus(own), out);
                 // Room is on its way back for it: nothing may pass and take that room.
                 closed = !self.in_flight().is_zero();
                 blocked_head = Some(waiting.since);

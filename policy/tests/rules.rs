@@ -975,3 +975,50 @@ fn a_pool_that_refuses_unknown_sizes_says_why_and_what_to_declare() {
     let out = restarted.acquire(secs(0), RequestId(1), APP, "mystery");
     assert_eq!(granted(&out)[0].1, Action::Load, "{out:?}");
 }
+
+/// A model asleep with its weights in host RAM (vLLM sleep level 1) counts against the RAM
+/// ceiling: a load that would need that RAM waits and is refused naming it; the asleep model's
+/// own wake-up is admitted net of its host copy, which then stops counting (not twice).
+#[test]
+fn a_model_asleep_in_host_ram_counts_against_the_ram_ceiling() {
+    let mut config = seed_pool(Mode::Aggressive);
+    config.acquire_timeout = secs(30);
+    let mut engine = Engine::new(config);
+    // upscale (4/12 GiB) went to sleep: its 16 GiB now sit in host RAM, at the RAM ceiling.
+    let out = engine.set_asleep(secs(0), "upscale", Some(Footprint::new(0, 16 * GIB)));
+    assert!(out.is_empty());
+    assert_eq!(engine.held(), Footprint::new(0, 16 * GIB));
+    let out = engine.acquire(secs(1), RequestId(1), APP, "t2v");
+    assert!(granted(&out).is_empty(), "t2v's 2 GiB of RAM do not fit");
+    let out = engine.tick(secs(31), Readings::default());
+    let refusal = refusal(&out).expect("refused after the timeout");
+    assert_eq!(refusal.reason, RefusalReason::Timeout);
+    for part in [
+        "ram: ceiling 16.0 GiB",
+        "16.0 GiB held by upscale (16.0 GiB asleep)",
+    ] {
+        assert!(
+            refusal.message.contains(part),
+            "{part:?} missing from {}",
+            refusal.message
+        );
+    }
+    // Waking upscale frees its host copy: admitted, counted once (its loaded footprint).
+    let _upscale = load(&mut engine, secs(32), 2, APP, "upscale");
+    assert!(engine.asleep().is_empty());
+    assert_eq!(engine.held(), Footprint::new(4 * GIB, 12 * GIB));
+    // An entry for a model with an instance is not taken (the instance counts it).
+    engine.set_asleep(secs(33), "upscale", Some(Footprint::new(0, GIB)));
+    assert!(engine.asleep().is_empty());
+    // Cleared: the RAM is free again.
+    let mut engine = Engine::new(seed_pool(Mode::Aggressive));
+    engine.set_asleep(secs(0), "upscale", Some(Footprint::new(0, 16 * GIB)));
+    let out = engine.acquire(secs(1), RequestId(1), APP, "t2v");
+    assert!(granted(&out).is_empty());
+    let out = engine.set_asleep(secs(2), "upscale", None);
+    assert_eq!(
+        granted(&out).len(),
+        1,
+        "the waiting acquire is granted once the RAM is free"
+    );
+}

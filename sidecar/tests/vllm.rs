@@ -135,9 +135,20 @@ fn sidecar_with(
     models: &[&str],
     extra: &[&str],
 ) -> Sidecar {
+    sidecar_at_level(standins, 2, limits, policy, models, extra)
+}
+
+fn sidecar_at_level(
+    standins: &Standins,
+    level: u8,
+    limits: &str,
+    policy: &str,
+    models: &[&str],
+    extra: &[&str],
+) -> Sidecar {
     let models: String = models.iter().map(|m| format!("  - {m}\n")).collect();
     let yaml = format!(
-        "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata: {{name: vllm}}\nspec:\n  driver: {{kind: Vllm, sleepLevel: 2, servers: {}, processMatch: \"{}\"}}\n  limits: {limits}\n  policy: {policy}\n  models:\n{models}",
+        "apiVersion: modelpool.io/v1alpha1\nkind: ModelPool\nmetadata: {{name: vllm}}\nspec:\n  driver: {{kind: Vllm, sleepLevel: {level}, servers: {}, processMatch: \"{}\"}}\n  limits: {limits}\n  policy: {policy}\n  models:\n{models}",
         standins.servers_yaml(),
         standins.process_match()
     );
@@ -324,4 +335,69 @@ fn proxied_requests_go_to_their_models_vllm_server() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["a", "b"]);
+}
+
+/// Sleep level 1 (issue 18): the weights go to host RAM, so a model the sidecar put to sleep
+/// counts against the RAM ceiling, shown in /v1/state (`server.asleep_ram_bytes`, and in
+/// `held_bytes`); a later load that needs that RAM is refused on RAM with the numbers; waking the
+/// model through the pool is admitted net of its own host copy and counted once. (The stand-in
+/// keeps the weights in its RSS at level 1, as a CPU holds them; on a GPU they move there.)
+#[test]
+fn a_model_asleep_at_level_1_counts_against_the_ram_ceiling() {
+    let standins = Standins::start(&[("a", 64), ("b", 64)]);
+    for model in ["a", "b"] {
+        standins.post(model, "/sleep?level=2");
+    }
+    let sidecar = sidecar_at_level(
+        &standins,
+        1,
+        "{ram: 100Mi}",
+        &format!("{{mode: Aggressive, acquireTimeout: 2s, {NO_PRESSURE}}}"),
+        &["{name: a, ram: 64Mi}", "{name: b, ram: 64Mi}"],
+        &[],
+    );
+    let session = open_session(&sidecar);
+    // Woken, used, released: the Aggressive pool puts it to sleep at level 1 at once.
+    load_through_sidecar(&sidecar, &session, "a");
+    let state = sidecar.wait_state("a asleep at level 1, counted in RAM", |s| {
+        s["models"].as_array().unwrap().is_empty()
+            && s["server"]["asleep_ram_bytes"]["a"] == 64 * MIB
+    });
+    assert!(standins.sleeping("a"));
+    assert_eq!(held_ram(&state), 64 * MIB, "{state}");
+    assert_eq!(state["server"]["reclaims"]["driver"], 1, "{state}");
+
+    // b needs 64 MiB of RAM; 100 MiB less a's 64 MiB asleep leave 36 MiB, and nothing can be
+    // evicted: refused at the acquire timeout, naming the RAM ceiling and what holds it.
+    let r = acquire(&sidecar, &session, "b");
+    let answer = r.json();
+    assert_eq!(answer["reason"], "timeout", "{}: {answer}", r.status);
+    let message = answer["message"].as_str().unwrap();
+    for part in [
+        "ram: ceiling 100.0 MiB",
+        "64.0 MiB held by a (64.0 MiB asleep)",
+    ] {
+        assert!(message.contains(part), "{part:?} missing from {message}");
+    }
+    assert!(standins.sleeping("b"), "b was not woken");
+
+    // a itself wakes: admitted net of its own host copy, counted once while awake.
+    let r = acquire(&sidecar, &session, "a");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let lease = r.json()["lease"].clone();
+    assert!(!standins.sleeping("a"));
+    let state = sidecar.wait_state("a awake, no longer asleep", |s| {
+        states(s) == loaded(&["a"]) && s["server"]["asleep_ram_bytes"].is_null()
+    });
+    assert_eq!(held_ram(&state), 64 * MIB, "{state}");
+    let r = sidecar.post(
+        "/v1/release",
+        &serde_json::json!({"session": session, "lease": lease}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let state = sidecar.wait_state("a asleep again", |s| {
+        s["models"].as_array().unwrap().is_empty()
+            && s["server"]["asleep_ram_bytes"]["a"] == 64 * MIB
+    });
+    assert_eq!(held_ram(&state), 64 * MIB, "{state}");
 }

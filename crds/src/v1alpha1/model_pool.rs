@@ -271,8 +271,8 @@ pub struct Driver {
     #[schemars(length(max = 64))]
     pub servers: Option<std::collections::BTreeMap<String, String>>,
     /// `Vllm`: the sleep level of an unload: `1` offloads the weights to host RAM (fast
-    /// wake-up; the host copy is not counted in the ledger, only in the RAM pressure reading),
-    /// `2` drops them (the wake-up reloads them). Default 2.
+    /// wake-up; the model then counts against the RAM ceiling while asleep), `2` drops them
+    /// (the wake-up reloads them). Default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 2))]
     pub sleep_level: Option<u8>,

@@ -650,4 +650,8 @@ pub struct ServerState {
     pub reclaims: std::collections::BTreeMap<String, u64>,
     /// Models the server holds that the pool does not list.
     pub unlisted_models: Vec<String>,
+    /// `Vllm` at sleep level 1: the models the sidecar put to sleep, still asleep, and the host
+    /// RAM each one's weights hold there (counted against the RAM ceiling, in `held_bytes`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub asleep_ram_bytes: std::collections::BTreeMap<String, u64>,
 }

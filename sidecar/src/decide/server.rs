@@ -22,7 +22,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use super::{APP_HOLDER, Core, Effects, ProcessNow, SeenBy, Unload};
 use crate::{api::wire, driver::ServerView, measure::tree::TreeReading};
-use modelpool_policy::{InstanceState, Sizes, UnloadReason};
+use modelpool_policy::{Footprint, InstanceState, Sizes, UnloadReason};
 
 /// What the core knows of the server behind a server driver.
 #[derive(Debug, Clone, Default)]
@@ -54,6 +54,11 @@ pub struct ServerTrack {
     /// asked: later polls that still list them (the unload in flight, or the server's index
     /// lagging its unload) neither ask nor count again until [`REFUSED_UNLOAD_RETRY`] passed.
     pub refused: std::collections::BTreeMap<String, Duration>,
+    /// `Vllm` at sleep level 1: the models the sidecar put to sleep, with the host RAM their
+    /// weights hold while asleep (counted in the ledger as asleep until the server says awake or
+    /// stops answering). A server put to sleep by someone else is not here: `/is_sleeping`
+    /// does not say at which level.
+    pub asleep: std::collections::BTreeMap<String, u64>,
 }
 
 /// How long a model loaded behind the sidecar's back, refused and asked out, may still be
@@ -87,6 +92,7 @@ impl ServerTrack {
                 .map(|(k, n)| ((*k).to_owned(), *n))
                 .collect(),
             unlisted_models: self.unlisted.iter().cloned().collect(),
+            asleep_ram_bytes: self.asleep.clone(),
         }
     }
 }
@@ -166,6 +172,7 @@ impl Core {
     }
 
     fn reconcile_view(&mut self, now: Duration, view: &ServerView, fx: &mut Effects) {
+        self.reconcile_asleep(now, view, fx);
         // Held here, not there: the server dropped it by itself.
         for instance in self.engine.instances(now) {
             if instance.session != APP_HOLDER
@@ -242,6 +249,78 @@ impl Core {
                     });
                 }
             }
+        }
+    }
+
+    /// `Vllm` at sleep level 1: a sleep moves the weights to host RAM, it frees nothing there.
+    /// An unload of ours the server confirms (asleep) ends its instance on the server's word
+    /// (`seen_by` `driver`: no fall of memory is waited for) and the model is counted asleep
+    /// with the instance's bytes, in RAM, in the same step, so the ledger never drops them. A
+    /// model we put to sleep because it was loaded behind our back and did not fit is counted
+    /// so with its need. The entry ends when the server says the model is awake (woken through
+    /// the pool, which admits it net of its own host copy, or behind our back) or does not
+    /// answer (a dead server holds nothing; a restarted one starts awake).
+    fn reconcile_asleep(&mut self, now: Duration, view: &ServerView, fx: &mut Effects) {
+        if self.pool.sleep_level != Some(1) {
+            return;
+        }
+        let asleep = |model: &str| {
+            view.models.get(model).is_some_and(|m| {
+                !m.loaded && m.reason.as_deref() == Some(crate::driver::vllm::SLEEPING)
+            })
+        };
+        for instance in self.engine.instances(now) {
+            if instance.session != APP_HOLDER
+                || instance.state != InstanceState::Reclaiming
+                || !asleep(&instance.model)
+            {
+                continue;
+            }
+            let host = instance.held.vram.saturating_add(instance.held.ram);
+            self.server.asleep.insert(instance.model.clone(), host);
+            // Counted asleep before the instance ends: its bytes never leave the ledger.
+            let out = self
+                .engine
+                .set_asleep(now, &instance.model, Some(Footprint::new(0, host)));
+            self.apply(now, out, fx);
+            let out = self.engine.reclaimed(now, APP_HOLDER, &instance.model);
+            self.apply(now, out, fx);
+            self.finish_reclaim(now, APP_HOLDER, &instance.model, SeenBy::Driver, fx);
+            tracing::info!(
+                model = instance.model,
+                host_ram_bytes = host,
+                "{} is asleep at level 1: its weights hold host RAM, counted against the RAM ceiling",
+                instance.model
+            );
+        }
+        let refused: Vec<String> = self
+            .server
+            .refused
+            .keys()
+            .filter(|model| asleep(model) && !self.server.asleep.contains_key(*model))
+            .cloned()
+            .collect();
+        for model in refused {
+            if let Some(need) = self.engine.need(&model) {
+                self.server
+                    .asleep
+                    .insert(model, need.vram.saturating_add(need.ram));
+            }
+        }
+        let entries: Vec<(String, u64)> = self
+            .server
+            .asleep
+            .iter()
+            .map(|(model, bytes)| (model.clone(), *bytes))
+            .collect();
+        for (model, bytes) in entries {
+            let held = asleep(&model).then(|| Footprint::new(0, bytes));
+            if held.is_none() {
+                self.server.asleep.remove(&model);
+            }
+            // Idempotent; an instance of the model (its wake-up granted) takes no entry.
+            let out = self.engine.set_asleep(now, &model, held);
+            self.apply(now, out, fx);
         }
     }
 

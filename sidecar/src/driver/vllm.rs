@@ -26,6 +26,9 @@ use super::{
 };
 use crate::measure::Sizes;
 
+/// How the driver's view words a model whose server is asleep (`ServerModel::reason`).
+pub const SLEEPING: &str = "sleeping";
+
 /// The `Vllm` driver.
 #[derive(Debug, Clone)]
 pub struct VllmDriver {
@@ -153,7 +156,7 @@ impl Driver for VllmDriver {
                     let entry = match answer {
                         Ok(sleeping) => ServerModel {
                             loaded: !sleeping,
-                            reason: sleeping.then(|| "sleeping".to_owned()),
+                            reason: sleeping.then(|| SLEEPING.to_owned()),
                             reported: Sizes::default(),
                         },
                         Err(error) => {
