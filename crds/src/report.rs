@@ -52,6 +52,22 @@ pub struct PodReport {
     /// pool's status so that every sidecar of the pool starts with them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub learned: Vec<LearnedReport>,
+    /// Sizes estimated from the models' weights (models with no declared size).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub est: Vec<EstimateReport>,
+}
+
+/// A model's size estimated from its weights' headers, bytes, where it is charged.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct EstimateReport {
+    /// The model.
+    pub name: String,
+    /// VRAM.
+    #[serde(default)]
+    pub vram: u64,
+    /// RAM.
+    #[serde(default)]
+    pub ram: u64,
 }
 
 /// A size learned by measurement, under the size the pool declared (or estimated) for it.
@@ -71,6 +87,12 @@ pub struct LearnedReport {
     /// The RAM declared or estimated when it was learned.
     #[serde(default)]
     pub dram: u64,
+    /// The VRAM the last load measured.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mvram: u64,
+    /// The RAM the last load measured.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mram: u64,
 }
 
 fn is_zero(value: &u64) -> bool {

@@ -573,6 +573,13 @@ impl Engine {
         }
     }
 
+    /// What loads of a listed model measured: the last and the largest (`None` before a load
+    /// of it was measured, or sizes restored from before a restart were taken back).
+    pub fn measured(&self, model: &str) -> Option<(Footprint, Footprint)> {
+        let learned = &self.learned[self.model_index(model)?];
+        learned.measured.map(|last| (last, learned.peak))
+    }
+
     /// Whether the model's size is unknown: nothing declared or estimated, never measured.
     fn size_unknown(&self, model: usize) -> bool {
         !self.config.models[model].sized && self.learned[model].measured.is_none()

@@ -18,7 +18,7 @@ use kube::{
 };
 use modelpool_crds::{
     ModelPool,
-    report::{LearnedReport, ModelReport, PodReport, REPORT_ANNOTATION},
+    report::{EstimateReport, LearnedReport, ModelReport, PodReport, REPORT_ANNOTATION},
 };
 use modelpool_policy::UnloadReason;
 use tokio::sync::watch;
@@ -269,12 +269,34 @@ pub fn build_report(shared: &Shared, pool: &str) -> PodReport {
         learned: shared
             .with_core(|core| core.learned_sizes())
             .into_iter()
-            .map(|(name, size)| LearnedReport {
-                name,
-                vram: size.peak.vram,
-                ram: size.peak.ram,
-                dvram: size.declared.vram,
-                dram: size.declared.ram,
+            .map(|(name, size)| {
+                let last = state
+                    .pool
+                    .models
+                    .iter()
+                    .find(|m| m.name == name)
+                    .and_then(|m| m.sizes.as_ref()?.measured)
+                    .unwrap_or_default();
+                LearnedReport {
+                    name,
+                    vram: size.peak.vram,
+                    ram: size.peak.ram,
+                    dvram: size.declared.vram,
+                    dram: size.declared.ram,
+                    mvram: last.vram,
+                    mram: last.ram,
+                }
+            })
+            .collect(),
+        est: state
+            .pool
+            .models
+            .iter()
+            .filter(|m| m.estimate.is_some())
+            .map(|m| EstimateReport {
+                name: m.name.clone(),
+                vram: m.vram_bytes,
+                ram: m.ram_bytes,
             })
             .collect(),
     }

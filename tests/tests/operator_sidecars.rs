@@ -118,6 +118,40 @@ async fn sidecars_report_through_their_pods_and_drain_on_delete() {
         .find(|m| m.name == "upscale")
         .expect("upscale");
     assert_eq!((upscale.loaded_in, upscale.loads), (1, 1));
+    // Its sizes side by side in the status (`kubectl describe mp`): declared 64 MiB, measured
+    // and peak the load's real 64 MiB (within what the RSS adds), nothing estimated.
+    let sizes = eventually(
+        "upscale's sizes in the pool's status",
+        Duration::from_secs(60),
+        || async {
+            let status = pools.get("video").await.ok()?.status?;
+            let upscale = status.models.into_iter().find(|m| m.name == "upscale")?;
+            upscale
+                .sizes
+                .filter(|s| s.peak.is_some() && s.measured.is_some())
+        },
+    )
+    .await;
+    assert_eq!(
+        sizes.declared.map(|d| d.ram_bytes),
+        Some(64 << 20),
+        "{sizes:?}"
+    );
+    assert!(sizes.estimated.is_none(), "{sizes:?}");
+    for (what, size) in [("measured", sizes.measured), ("peak", sizes.peak)] {
+        let ram = size.map_or(0, |s| s.ram_bytes);
+        assert!(
+            (64 << 20..80 << 20).contains(&ram),
+            "{what} {ram} B should be the load's 64 MiB: {sizes:?}"
+        );
+    }
+    let described = cp.kubectl_ok(["describe", "mp", "video", "-n", &ns]);
+    assert!(
+        ["Sizes:", "Declared:", "Measured:", "Peak:"]
+            .iter()
+            .all(|k| described.contains(k)),
+        "kubectl describe mp shows the sizes:\n{described}"
+    );
     // 3 x 48 MiB + 64 MiB of RAM held, as measured (the larger of what the apps report and
     // what the sidecars see their RSS grow by).
     let ram = status
@@ -259,6 +293,13 @@ async fn a_cluster_sidecar_estimates_through_the_apps_process() {
     );
     assert_eq!(model["estimate"]["format"], "safetensors", "{model}");
     assert_eq!(model["ram_bytes"], 8 << 20, "{model}");
+    let sizes = &model["sizes"];
+    assert!(
+        sizes["declared"].is_null()
+            && sizes["estimated"]["ram"] == 8 << 20
+            && sizes["need"]["ram"] == 8 << 20,
+        "{sizes}"
+    );
     // Sized now: `Refuse` lets it in.
     app.use_model("st", 8);
 }

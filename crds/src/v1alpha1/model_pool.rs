@@ -661,6 +661,38 @@ pub struct ModelStatus {
     /// sidecars (every sidecar of the pool starts admitting with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learned: Option<LearnedStatus>,
+    /// Its sizes side by side: declared, estimated from the weights, last measured, peak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sizes: Option<ModelSizes>,
+}
+
+/// A model's sizes side by side. Admission counts the larger of declared (or, when nothing is
+/// declared, estimated) and peak.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSizes {
+    /// What the pool declares (`vram`/`ram`); absent when neither is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared: Option<SizeBytes>,
+    /// From the weights' headers by a pod's sidecar (nothing declared); the largest reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated: Option<SizeBytes>,
+    /// What the last load measured in the pods reporting now (the largest of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<SizeBytes>,
+    /// The largest any load measured (`learned`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak: Option<SizeBytes>,
+}
+
+/// Bytes of VRAM and RAM.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SizeBytes {
+    /// VRAM bytes.
+    pub vram_bytes: u64,
+    /// RAM bytes.
+    pub ram_bytes: u64,
 }
 
 /// A model's size learned by measurement, in bytes, and the size declared (or estimated from

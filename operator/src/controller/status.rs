@@ -11,7 +11,7 @@ use modelpool_crds::{
     ModelPool, ModelPoolStatus, Quantity,
     report::PodReport,
     v1alpha1::{
-        LearnedStatus, ModelStatus,
+        LearnedStatus, ModelSizes, ModelSpec, ModelStatus, SizeBytes,
         conditions::{reasons, types},
     },
 };
@@ -75,6 +75,39 @@ fn merge_learned(
     }
 }
 
+/// The larger, per resource, of `kept` and a reported size.
+fn larger(kept: Option<SizeBytes>, vram: u64, ram: u64) -> SizeBytes {
+    let kept = kept.unwrap_or_default();
+    SizeBytes {
+        vram_bytes: kept.vram_bytes.max(vram),
+        ram_bytes: kept.ram_bytes.max(ram),
+    }
+}
+
+/// A model's sizes side by side (`status.models[].sizes`): declared from the spec, the
+/// estimate the pods reported (kept from the last status while no pod reports one, dropped
+/// once a size is declared), the last measurement the pods report now, and the peak learned.
+fn finish_sizes(model: &ModelSpec, status: &mut ModelStatus, previous: Option<&ModelPoolStatus>) {
+    let bytes = |q: Option<&Quantity>| q.and_then(|q| q.bytes().ok()).unwrap_or(0);
+    let mut sizes = status.sizes.take().unwrap_or_default();
+    sizes.declared = (model.vram.is_some() || model.ram.is_some()).then(|| SizeBytes {
+        vram_bytes: bytes(model.vram.as_ref()),
+        ram_bytes: bytes(model.ram.as_ref()),
+    });
+    if sizes.declared.is_some() {
+        sizes.estimated = None;
+    } else if sizes.estimated.is_none() {
+        sizes.estimated = previous
+            .and_then(|s| s.models.iter().find(|p| p.name == model.name))
+            .and_then(|p| p.sizes.as_ref()?.estimated);
+    }
+    sizes.peak = status.learned.as_ref().map(|l| SizeBytes {
+        vram_bytes: l.peak_vram_bytes,
+        ram_bytes: l.peak_ram_bytes,
+    });
+    status.sizes = (sizes != ModelSizes::default()).then_some(sizes);
+}
+
 /// Everything `compute` needs.
 pub struct Inputs<'a> {
     /// The pool.
@@ -135,6 +168,17 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
                 for size in &report.learned {
                     if let Some(status) = per_model.get_mut(size.name.as_str()) {
                         status.learned = Some(merge_learned(status.learned.take(), size));
+                        if size.mvram > 0 || size.mram > 0 {
+                            let sizes = status.sizes.get_or_insert_with(ModelSizes::default);
+                            sizes.measured = Some(larger(sizes.measured, size.mvram, size.mram));
+                        }
+                    }
+                }
+                for estimate in &report.est {
+                    if let Some(status) = per_model.get_mut(estimate.name.as_str()) {
+                        let sizes = status.sizes.get_or_insert_with(ModelSizes::default);
+                        sizes.estimated =
+                            Some(larger(sizes.estimated, estimate.vram, estimate.ram));
                     }
                 }
                 for model in &report.models {
@@ -149,6 +193,11 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
                 errors.push(format!("{}: unreadable report: {problem}", pod.name))
             }
             None => {}
+        }
+    }
+    for model in &pool.spec.models {
+        if let Some(status) = per_model.get_mut(model.name.as_str()) {
+            finish_sizes(model, status, previous);
         }
     }
     let matched = i32::try_from(inputs.pods.len()).unwrap_or(i32::MAX);
@@ -478,6 +527,122 @@ mod tests {
         assert_eq!(
             (edited.peak_vram_bytes, edited.declared_vram_bytes),
             (3 << 30, 8 << 30)
+        );
+    }
+
+    /// `status.models[].sizes`: declared from the spec, the pods' estimate (kept while no pod
+    /// reports one, dropped once a size is declared), the largest last measurement the pods
+    /// report now, the peak learned.
+    #[test]
+    fn sizes_side_by_side() {
+        use modelpool_crds::report::{EstimateReport, LearnedReport};
+        let mut pool: ModelPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "modelpool.io/v1alpha1", "kind": "ModelPool",
+            "metadata": {"name": "video", "namespace": "ns", "generation": 3},
+            "spec": {"models": [{"name": "t2v", "vram": "4Gi"}, {"name": "gguf"}, {"name": "none"}]}
+        }))
+        .unwrap();
+        let selection = Selection {
+            pods: vec!["a".into(), "b".into()],
+            conflicts_with: vec![],
+        };
+        let gib = |n: u64| n << 30;
+        let sizes = |status: &ModelPoolStatus, name: &str| {
+            status
+                .models
+                .iter()
+                .find(|m| m.name == name)
+                .and_then(|m| m.sizes.clone())
+        };
+        let size = |vram: u64, ram: u64| SizeBytes {
+            vram_bytes: vram,
+            ram_bytes: ram,
+        };
+        let a = PodReport {
+            learned: vec![LearnedReport {
+                name: "t2v".into(),
+                vram: gib(6),
+                dvram: gib(4),
+                mvram: gib(5),
+                ..LearnedReport::default()
+            }],
+            est: vec![EstimateReport {
+                name: "gguf".into(),
+                vram: gib(2),
+                ram: 0,
+            }],
+            ..report(&[], 0).unwrap().unwrap()
+        };
+        let b = PodReport {
+            learned: vec![LearnedReport {
+                name: "t2v".into(),
+                vram: gib(5),
+                dvram: gib(4),
+                mvram: gib(3),
+                ..LearnedReport::default()
+            }],
+            ..report(&[], 0).unwrap().unwrap()
+        };
+        let status_of = |pool: &ModelPool, a: PodReport, b: PodReport| {
+            let pods = [
+                PodView {
+                    name: "a".into(),
+                    report: Some(Ok(a)),
+                    injected: true,
+                },
+                PodView {
+                    name: "b".into(),
+                    report: Some(Ok(b)),
+                    injected: true,
+                },
+            ];
+            compute(&Inputs {
+                pool,
+                selection: &selection,
+                pods: &pods,
+                now: now(100),
+                invalid: None,
+            })
+        };
+        let status = status_of(&pool, a, b);
+        assert_eq!(
+            sizes(&status, "t2v"),
+            Some(ModelSizes {
+                declared: Some(size(gib(4), 0)),
+                estimated: None,
+                measured: Some(size(gib(5), 0)),
+                peak: Some(size(gib(6), 0)),
+            })
+        );
+        assert_eq!(
+            sizes(&status, "gguf"),
+            Some(ModelSizes {
+                estimated: Some(size(gib(2), 0)),
+                ..ModelSizes::default()
+            })
+        );
+        assert_eq!(sizes(&status, "none"), None, "nothing known of it");
+        // The pods restart and report nothing yet: the estimate and the peak stay, the last
+        // measurement is gone with them.
+        pool.status = Some(status);
+        let empty = || report(&[], 0).unwrap().unwrap();
+        let status = status_of(&pool, empty(), empty());
+        assert_eq!(
+            sizes(&status, "gguf").and_then(|s| s.estimated),
+            Some(size(gib(2), 0))
+        );
+        let t2v = sizes(&status, "t2v").unwrap();
+        assert_eq!((t2v.measured, t2v.peak), (None, Some(size(gib(6), 0))));
+        // A size declared for it replaces the estimate.
+        pool.spec.models[1].ram = Some(modelpool_crds::Quantity("1Gi".into()));
+        pool.status = Some(status);
+        let status = status_of(&pool, empty(), empty());
+        assert_eq!(
+            sizes(&status, "gguf"),
+            Some(ModelSizes {
+                declared: Some(size(0, gib(1))),
+                ..ModelSizes::default()
+            })
         );
     }
 

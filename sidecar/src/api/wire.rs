@@ -221,6 +221,27 @@ pub struct PoolModel {
     /// `vram_bytes` or `ram_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimate: Option<Estimate>,
+    /// `/v1/state` only: its sizes side by side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sizes: Option<ModelSizes>,
+}
+
+/// A model's sizes side by side (`/v1/state`): what the pool declares, what the weights'
+/// headers gave, what the last load measured and the largest any load measured, and what
+/// admission counts now (the larger of declared-or-estimated and the peak; the whole ceiling
+/// for a model with no size at all).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModelSizes {
+    /// `spec.models[].vram`/`ram`; `None` when the pool declares neither.
+    pub declared: Option<Bytes>,
+    /// From the weights' headers (nothing declared): `estimate.bytes` where it is charged.
+    pub estimated: Option<Bytes>,
+    /// The last load measured (or the size learned before a restart).
+    pub measured: Option<Bytes>,
+    /// The largest any load measured.
+    pub peak: Option<Bytes>,
+    /// What admission counts for it now.
+    pub need: Bytes,
 }
 
 /// A model's size estimated from its weights' headers, before any load.

@@ -1792,3 +1792,44 @@ fn a_server_model_unloaded_before_any_poll_saw_it_is_still_seen_reclaimed() {
         1
     );
 }
+
+/// `/v1/state` shows each model's sizes side by side: declared, estimated (none here),
+/// the last load measured, the peak, and what admission counts.
+#[test]
+fn state_shows_declared_measured_peak_and_need_side_by_side() {
+    let mut rig = Rig::new(
+        "Aggressive",
+        Some(1024),
+        &[("a", 10, false), ("b", 20, false)],
+    );
+    let s = rig.open(7, &["a", "b"]);
+    let (lease, generation) = rig.load(&s, "a", 30);
+    let sizes = |rig: &Rig, i: usize| {
+        as_json(rig.core.state(rig.now, &BTreeMap::new(), &BTreeMap::new()))["pool"]["models"]
+            [i]["sizes"]
+            .clone()
+    };
+    let bytes = |mib: u64| serde_json::json!({"vram": 0, "ram": mib * MIB});
+    let a = sizes(&rig, 0);
+    assert_eq!(a["declared"], bytes(10), "{a}");
+    assert!(a["estimated"].is_null(), "{a}");
+    assert_eq!(a["measured"], bytes(30), "{a}");
+    assert_eq!(a["peak"], bytes(30), "{a}");
+    assert_eq!(a["need"], bytes(30), "{a}");
+    let b = sizes(&rig, 1);
+    assert_eq!(b["declared"], bytes(20), "{b}");
+    assert!(b["measured"].is_null() && b["peak"].is_null(), "{b}");
+    assert_eq!(b["need"], bytes(20), "{b}");
+    // A later, smaller load: measured follows it, the peak and the need stay.
+    rig.release(&s, &lease);
+    rig.unloaded(&s, "a", generation, 30).unwrap();
+    rig.tick();
+    rig.load(&s, "a", 15);
+    let a = sizes(&rig, 0);
+    assert_eq!(
+        (&a["measured"], &a["peak"]),
+        (&bytes(15), &bytes(30)),
+        "{a}"
+    );
+    assert_eq!(a["need"], bytes(30), "{a}");
+}

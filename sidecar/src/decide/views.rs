@@ -115,7 +115,7 @@ impl Core {
                     .any(|d| d.source == Source::Nvml)
                     .then(|| Source::Nvml.to_string()),
             },
-            pool: state_pool(&self.pool),
+            pool: self.state_pool(),
             held_bytes: self.engine.held(),
             ceiling_bytes: self.pool.limits,
             lost_bytes: self.engine.lost(),
@@ -177,8 +177,28 @@ pub(super) fn pool_models(pool: &PoolInfo) -> Vec<wire::PoolModel> {
             pinned: m.pinned,
             priority: m.priority,
             estimate: m.estimate.clone(),
+            sizes: None,
         })
         .collect()
+}
+
+impl Core {
+    /// The pool in `/v1/state`: each model with its sizes side by side.
+    fn state_pool(&self) -> wire::StatePool {
+        let mut pool = state_pool(&self.pool);
+        for (model, info) in pool.models.iter_mut().zip(&self.pool.models) {
+            let size = Footprint::new(info.vram_bytes, info.ram_bytes);
+            let measured = self.engine.measured(&info.name);
+            model.sizes = Some(wire::ModelSizes {
+                declared: info.declared.then_some(size),
+                estimated: info.estimate.as_ref().map(|_| size),
+                measured: measured.map(|(last, _)| last),
+                peak: measured.map(|(_, peak)| peak),
+                need: self.engine.need(&info.name).unwrap_or_default(),
+            });
+        }
+        pool
+    }
 }
 
 fn state_pool(pool: &PoolInfo) -> wire::StatePool {
