@@ -41,6 +41,8 @@ class State:
         self.heartbeat_ms = 1000
 
     def size(self, model: str) -> Dict[str, int]:
+        if self.pool.size_unknown(model, model in self.learned):
+            return self.pool.unsized_need()  # unsizedModels: Alone, until a load is measured
         spec = self.pool.models[model]
         learned = self.learned.get(model, {})
         return {
@@ -260,6 +262,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.error(409, "refused", f"unknown model {model}", decision="refuse", reason="unknown_model")
         deadline = time.monotonic() + st.pool.acquire_timeout_s
         with st.cond:
+            if st.pool.unsized_models == "Refuse" and st.pool.size_unknown(model, model in st.learned):
+                return self.error(409, "refused", st.pool.unsized_refusal(model), decision="refuse",
+                                  reason="unsized", need_bytes={"vram": 0, "ram": 0},
+                                  ceiling_bytes=st.pool.limits, held_bytes=st.held())
             need = st.size(model)
             for r in ("vram", "ram"):
                 limit = st.pool.limits[r]

@@ -215,6 +215,55 @@ def test_pool_ceiling_refuses_a_model_larger_than_the_ceiling():
     assert "ceiling 100.0 MiB" in str(refused.value)
 
 
+def unsized_pool(rule: str, mode: str = "Cache") -> PoolType:
+    """A pool with one undeclared model (``open``), the sidecar's ``unsizedModels`` rule."""
+    from modelpool.pool import parse_document
+
+    text = pool_yaml(
+        [{"name": "a", "ram": "30Mi"}, {"name": "open"}], mode=mode, ram="100Mi", acquire_timeout="1s"
+    )
+    text = text.replace("  policy:\n", f"  policy:\n    unsizedModels: {rule}\n")
+    return Pool.from_manifest(parse_document(text))
+
+
+def test_unsized_models_refuse_is_the_sidecars_refusal():
+    mm = manager(unsized_pool("Refuse"))
+    mm.register_model_loader("open", lambda: Weights("open"))
+    with pytest.raises(AcquireRefusedError) as refused:
+        with mm.load_model("open"):
+            pass
+    assert refused.value.reason == "unsized"
+    assert "spec.policy.unsizedModels: Refuse" in str(refused.value)
+    assert refused.value.need_bytes == {"vram": 0, "ram": 0}
+
+
+def test_unsized_models_alone_need_the_whole_ceiling_until_measured():
+    mm = manager(unsized_pool("Alone"))
+    mm.register_model_loader("a", lambda: Weights("a"))
+    mm.register_model_loader("open", lambda: Weights("open"))
+    with mm.load_model("a"):
+        # "a" is in use: the undeclared model needs the whole ceiling, so it waits, then times out.
+        with pytest.raises(AcquireRefusedError) as refused:
+            with mm.load_model("open"):
+                pass
+        assert refused.value.reason == "timeout"
+        assert refused.value.need_bytes == {"vram": 0, "ram": 100 * MIB}
+    # Idle now (Cache mode): "a" is evicted, "open" loads alone and its size is measured.
+    with mm.load_model("open"):
+        assert list(mm.loaded_models) == ["open"]
+    with mm.load_model("a"):  # measured small: both fit now
+        assert sorted(mm.loaded_models) == ["a", "open"]
+
+
+def test_unsized_models_rule_is_checked():
+    from modelpool.pool import PoolFileError, parse_document
+
+    text = pool_yaml([{"name": "open"}], ram="1Gi").replace("  policy:\n", "  policy:\n    unsizedModels: Maybe\n")
+    with pytest.raises(PoolFileError, match="spec.policy.unsizedModels: 'Maybe' is not Alone or Refuse"):
+        Pool.from_manifest(parse_document(text))
+    assert Pool.from_manifest(parse_document(pool_yaml([{"name": "open"}], ram="1Gi"))).unsized_models == "Alone"
+
+
 def test_pool_ceiling_evicts_idle_models_in_cache_mode():
     mm = manager(laptop_pool())
     for name in ("a", "b", "pin"):

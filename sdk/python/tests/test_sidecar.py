@@ -264,3 +264,25 @@ def test_restart_with_two_apps_and_a_reused_session_id(start_sidecar, start_app,
         assert leases == {"mx": 0, "my": 0}, leases
     finally:
         other.stop()
+
+
+def test_unsized_models_follow_the_pools_rule(start_sidecar, start_app):
+    """The sidecar, local mode and the contract sidecar apply one rule to a model with no size:
+    ``unsizedModels: Refuse`` refuses it (reason ``unsized``); ``Alone`` loads it alone."""
+    for rule in ("Refuse", "Alone"):
+        text = pool_yaml([{"name": "a", "ram": "30Mi"}, {"name": "open"}], ram="300Mi", acquire_timeout="2s")
+        sidecar = start_sidecar(text.replace("  policy:\n", f"  policy:\n    unsizedModels: {rule}\n"))
+        app = start_app(rule, socket=sidecar.socket)
+        app.ok("register", name="a", mib=10)
+        app.ok("register", name="open", mib=10)
+        app.ok("acquire", name="a")
+        answer = app.call("acquire", name="open", timeout=120)
+        if rule == "Refuse":
+            assert not answer["ok"] and answer["reason"] == "unsized", answer
+        else:  # needs the whole ceiling: waits for "a", in use, then times out
+            assert not answer["ok"] and answer["reason"] == "timeout", answer
+            app.ok("release", name="a")
+            app.ok("acquire", name="open")
+            app.ok("release", name="open")
+        app.close()
+        sidecar.stop()

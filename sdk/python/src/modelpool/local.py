@@ -64,8 +64,17 @@ class LocalCoordinator:
             return {"vram": 0, "ram": 0}
         return {"vram": model.vram_bytes or 0, "ram": model.ram_bytes or 0}
 
+    def _size_unknown(self, name: str, entry: Optional["_Entry"] = None) -> bool:
+        """Nothing declared, never measured (``spec.policy.unsizedModels`` applies)."""
+        measured = name in self.manager._learned or (entry is not None and entry.state == "loaded")
+        return self.pool is not None and self.pool.size_unknown(name, measured)
+
     def _size(self, name: str, entry: Optional["_Entry"]) -> Dict[str, int]:
-        """The larger of declared and measured, per resource (measured: this load, or the last)."""
+        """The larger of declared and measured, per resource (measured: this load, or the last).
+        A model of unknown size needs the whole ceiling until a load of it is measured."""
+        if self._size_unknown(name, entry):
+            assert self.pool is not None
+            return self.pool.unsized_need()
         declared = self._declared(name)
         learned = self.manager._learned.get(name, {})
         out = {}
@@ -156,8 +165,14 @@ class LocalCoordinator:
     def acquire(self, name: str) -> Grant:
         if not self._vram_cap_done:
             self._vram_cap_done = memory.apply_vram_cap(self.pool)
-        need = self._size(name, None)
         ceiling = self._ceiling()
+        if self.pool is not None and self.pool.unsized_models == "Refuse" and self._size_unknown(name):
+            with self.manager._cond:
+                held = self._held()
+            raise AcquireRefusedError(
+                name, "unsized", self.pool.unsized_refusal(name), {"vram": 0, "ram": 0}, ceiling, held
+            )
+        need = self._size(name, None)
         for resource in RESOURCES:
             limit = ceiling[resource]
             if limit is not None and need[resource] > limit:

@@ -94,6 +94,14 @@ class PoolModel:
     pinned: bool = False
     load_seconds: Optional[float] = None
 
+    @property
+    def declared(self) -> bool:
+        """Whether the pool declares its size (``vram`` or ``ram``)."""
+        return self.vram_bytes is not None or self.ram_bytes is not None
+
+
+UNSIZED_RULES = ("Alone", "Refuse")
+
 
 @dataclass
 class Pool:
@@ -111,10 +119,32 @@ class Pool:
     baseline_vram_bytes: Optional[int] = None
     baseline_ram_bytes: Optional[int] = None
     models: Dict[str, PoolModel] = field(default_factory=dict)
+    unsized_models: str = "Alone"
 
     @property
     def limits(self) -> Dict[str, Optional[int]]:
         return {"vram": self.limit_vram_bytes, "ram": self.limit_ram_bytes}
+
+    def size_unknown(self, name: str, measured: bool) -> bool:
+        """``spec.policy.unsizedModels`` applies: the model declares no size and no load of it was
+        measured. (The sidecar also estimates a model from its ``source`` weights' headers; local
+        mode does not read them, so such a model counts as unknown here until it is measured.)"""
+        model = self.models.get(name)
+        return model is not None and not model.declared and not measured
+
+    def unsized_need(self) -> Dict[str, int]:
+        """What a model of unknown size needs under ``Alone``: the whole ceiling (so it is loaded
+        only with nothing else beside it), as the sidecar counts it."""
+        return {"vram": self.limit_vram_bytes or 0, "ram": self.limit_ram_bytes or 0}
+
+    def unsized_refusal(self, name: str) -> str:
+        """The message of an ``unsized`` refusal (``unsizedModels: Refuse``), the sidecar's words."""
+        return (
+            f'model "{name}" has no known size (no vram or ram declared, no readable estimate of its '
+            "weights, never measured) and the pool refuses such models (spec.policy.unsizedModels: "
+            "Refuse); declare its vram/ram, or set unsizedModels: Alone to load it alone once and "
+            "learn its size"
+        )
 
     @classmethod
     def from_manifest(cls, doc: Any, origin: str = "pool") -> "Pool":
@@ -137,8 +167,12 @@ class Pool:
         eviction = policy.get("eviction", "CostAware")
         if eviction not in ("Lru", "CostAware"):
             raise PoolFileError(f"{origin}: spec.policy.eviction: {eviction!r} is not Lru or CostAware")
+        unsized = policy.get("unsizedModels", "Alone")
+        if unsized not in UNSIZED_RULES:
+            raise PoolFileError(f"{origin}: spec.policy.unsizedModels: {unsized!r} is not Alone or Refuse")
         pool = cls(
             name=str(metadata.get("name", "local")),
+            unsized_models=unsized,
             mode=mode,
             idle_ttl_s=_or(parse_duration(policy.get("idleTTL"), "spec.policy.idleTTL"), 300.0),
             eviction=eviction,
