@@ -355,14 +355,25 @@ class Check:
     ok: bool
     detail: str
     values: Dict[str, Any] = field(default_factory=dict)
+    #: Not run for a reason the machine has, not the code (e.g. vLLM not installed): never a
+    #: PASS (``ok`` is False), and not a failure of the run either.
+    skipped: bool = False
+
+    def status(self) -> str:
+        return "SKIP" if self.skipped else "PASS" if self.ok else "FAIL"
 
     def line(self) -> str:
-        return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.detail}"
+        return f"{self.status()} {self.name}: {self.detail}"
 
 
 def not_run(name: str, why: str) -> Check:
     """A check that could not run counts as failed."""
     return Check(name, False, f"not run: {why}")
+
+
+def skip(name: str, why: str) -> Check:
+    """An optional check this machine cannot run (reported SKIP with why; never PASS)."""
+    return Check(name, False, f"skipped: {why}", skipped=True)
 
 
 def check_agreement(sidecar_bytes: Optional[int], smi_bytes: Optional[int], where: str, percent: float = 2.0) -> Check:
@@ -582,7 +593,7 @@ def check_h2d(bench: Mapping[str, Any], goal: float = 0.8) -> Check:
 def exit_code(checks: Sequence[Check], setup_error: Optional[str] = None) -> int:
     if setup_error:
         return EXIT_SETUP
-    return EXIT_OK if checks and all(check.ok for check in checks) else EXIT_CHECK_FAILED
+    return EXIT_OK if checks and all(check.ok or check.skipped for check in checks) else EXIT_CHECK_FAILED
 
 
 def build_summary(
@@ -609,7 +620,8 @@ def build_summary(
         "setup_error": setup_error,
         "checks": [asdict(check) for check in ordered],
         "passed": [check.name for check in ordered if check.ok],
-        "failed": [check.name for check in ordered if not check.ok],
+        "failed": [check.name for check in ordered if not check.ok and not check.skipped],
+        "skipped_checks": [check.name for check in ordered if check.skipped],
         "vram_reclaim_ms": median(list(reclaim_samples_ms)),
         "vram_reclaim_ms_samples": list(reclaim_samples_ms),
         "vram_reclaim_ms_p99": tail_latency(reclaim_samples_ms)[0],
@@ -684,3 +696,188 @@ def read_safetensors_header(path: str) -> Dict[str, Any]:
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         return json.loads(handle.read(length))
+
+
+# --- the real-vLLM phase ------------------------------------------------------------------------
+
+#: The optional check of the vLLM phase: SKIP where vLLM is not installed, never PASS then.
+VLLM_CHECK = "vllm_sleep_reclaims"
+
+#: A tiny Llama for vLLM: random weights (``--load-format dummy``), ~230 MiB in BF16, so that a
+#: level-1 sleep moves a measurable amount to host RAM; the KV cache (set by
+#: ``--gpu-memory-utilization``) is most of its VRAM.
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 32000,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def llama_weights_bytes(config: Mapping[str, Any], bytes_per_param: int = 2) -> int:
+    """The weights of a Llama config, in bytes: embeddings and head, attention, MLP and norms."""
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads", heads))
+    head_dim = hidden // heads
+    vocab = int(config["vocab_size"])
+    inter = int(config["intermediate_size"])
+    layers = int(config["num_hidden_layers"])
+    embed = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    attention = hidden * hidden * 2 + hidden * kv_heads * head_dim * 2
+    mlp = 3 * hidden * inter
+    norms = 2 * hidden
+    return (embed + layers * (attention + mlp + norms) + hidden) * bytes_per_param
+
+
+def tiny_vocab(size: int) -> Dict[str, int]:
+    """A word-level vocabulary of ``size`` tokens: ``<unk>``, ``<s>``, ``</s>``, then ``t3``..."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"t{i}": i for i in range(3, size)})
+    return vocab
+
+
+def word_level_tokenizer(vocab: Mapping[str, int]) -> Dict[str, Any]:
+    """``tokenizer.json`` (the ``tokenizers`` library's format) of a word-level tokenizer over
+    ``vocab``, split on whitespace, its first three tokens special: written without importing
+    ``tokenizers``."""
+    specials = [name for name, _ in sorted(vocab.items(), key=lambda item: item[1])[:3]]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": vocab[name], "content": name, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            for name in specials
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": dict(vocab), "unk_token": "<unk>"},
+    }
+
+
+def vllm_import_problem(returncode: int, stdout: str, stderr: str, python: str) -> Optional[str]:
+    """Why ``python -c 'import vllm'`` says vLLM cannot be used here (None when it can)."""
+    if returncode == 0:
+        return None
+    lines = [line.strip() for line in (stderr or stdout or "").splitlines() if line.strip()]
+    why = lines[-1] if lines else f"exit {returncode}"
+    return f"vllm is not importable by {python}: {why}"
+
+
+def vllm_server_argv(python: str, model_dir: str, port: int, name: str, memory_fraction: float) -> List[str]:
+    """The vLLM OpenAI server with sleep mode (its /sleep, /wake_up and /is_sleeping need
+    ``VLLM_SERVER_DEV_MODE=1`` in its environment too), random weights, no CUDA graphs."""
+    return [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_dir,
+        "--served-model-name", name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--load-format", "dummy",
+        "--enable-sleep-mode",
+        "--enforce-eager",
+        "--gpu-memory-utilization", f"{memory_fraction:.2f}",
+        "--max-model-len", "512",
+        "--max-num-seqs", "8",
+        "--dtype", "bfloat16",
+    ]  # fmt: skip
+
+
+def vllm_pool_yaml(name: str, url: str, process_match: str, level: int, vram_bytes: int) -> str:
+    """A one-model ``Vllm`` pool (no ``servers``: its server is ``url``), Aggressive, so that a
+    release puts the model to sleep at ``level`` at once."""
+    return (
+        "apiVersion: modelpool.io/v1alpha1\n"
+        "kind: ModelPool\n"
+        f"metadata: {{name: gpu-vllm-l{level}}}\n"
+        "spec:\n"
+        f"  driver: {{kind: Vllm, url: '{url}', sleepLevel: {level}, processMatch: '{process_match}'}}\n"
+        "  policy: {mode: Aggressive, acquireTimeout: 120s, pressure: {vramPercent: 100, ramPercent: 100}}\n"
+        "  models:\n"
+        f"    - {{name: {name}, vram: {max(1, vram_bytes // MIB)}Mi}}\n"
+    )
+
+
+def check_vllm_sleep(runs: Sequence[Mapping[str, Any]], base_bytes: Optional[int], weights_bytes: int) -> Check:
+    """The real vLLM behind the sidecar's ``Vllm`` driver, one run per sleep level: a release
+    through the sidecar put the server to sleep and an acquire woke it (``/is_sleeping``); the
+    device's VRAM above ``base_bytes`` (before the server started) fell by at least half asleep
+    and came back to at least 90 % awake; at level 1 the sidecar counted the model asleep in RAM
+    (``server.asleep_ram_bytes``) and the server's process tree grew by at least half the
+    weights (they went to host RAM)."""
+    name = VLLM_CHECK
+    values: Dict[str, Any] = {"runs": list(runs), "base_bytes": base_bytes, "weights_bytes": weights_bytes}
+    if base_bytes is None or not runs:
+        return Check(name, False, "no run, or no NVML reading before the server started", values)
+    problems: List[str] = []
+    parts: List[str] = []
+    for run in runs:
+        level = run.get("level")
+        awake, asleep, woken = run.get("awake_bytes"), run.get("asleep_bytes"), run.get("woken_bytes")
+        if not run.get("slept"):
+            problems.append(f"level {level}: the server was not asleep after the sidecar's release")
+        if not run.get("woke"):
+            problems.append(f"level {level}: the server was not awake after the sidecar's acquire")
+        if awake is None or asleep is None or woken is None:
+            problems.append(f"level {level}: a device reading is missing")
+            continue
+        held = awake - base_bytes
+        if held < 256 * MIB:
+            problems.append(f"level {level}: the awake server holds only {held / MIB:.0f} MiB")
+            continue
+        freed = awake - asleep
+        back = woken - base_bytes
+        parts.append(f"level {level}: {held / MIB:.0f} MiB awake, {freed / MIB:.0f} MiB freed asleep, {back / MIB:.0f} MiB back awake")
+        if freed < held / 2:
+            problems.append(f"level {level}: asleep freed {freed / MIB:.0f} MiB of {held / MIB:.0f} MiB (< half)")
+        if back < held * 0.9:
+            problems.append(f"level {level}: woken holds {back / MIB:.0f} MiB of {held / MIB:.0f} MiB (< 90 %)")
+        if level == 1:
+            counted = run.get("sidecar_asleep_ram_bytes")
+            if not counted:
+                problems.append("level 1: the sidecar did not count the model asleep in RAM (server.asleep_ram_bytes)")
+            grew = None
+            if run.get("rss_awake_bytes") is not None and run.get("rss_asleep_bytes") is not None:
+                grew = run["rss_asleep_bytes"] - run["rss_awake_bytes"]
+            if grew is None or grew < weights_bytes / 2:
+                shown = "no reading" if grew is None else f"{grew / MIB:.0f} MiB"
+                problems.append(f"level 1: the server's RSS grew by {shown} asleep, less than half the weights ({weights_bytes / MIB:.0f} MiB)")
+    detail = "; ".join(parts) or "no readings"
+    if problems:
+        detail += "; " + "; ".join(problems)
+    return Check(name, not problems, detail, values)
+
+
+def parse_ppid(stat_text: str) -> int:
+    """The parent pid in a ``/proc/PID/stat`` line (the command may hold spaces and parens)."""
+    return int(stat_text.rsplit(")", 1)[1].split()[1])
+
+
+def descendants(root: int, parents: Mapping[int, int]) -> List[int]:
+    """Every process under ``root`` (children first found, then theirs), ``root`` excluded."""
+    children: Dict[int, List[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    found: List[int] = []
+    queue = [root]
+    while queue:
+        for kid in sorted(children.get(queue.pop(0), [])):
+            if kid not in found and kid != root:
+                found.append(kid)
+                queue.append(kid)
+    return found

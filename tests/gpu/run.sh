@@ -9,7 +9,9 @@
 #   MODELPOOL_SIDECAR_BIN  the sidecar binary      (default tests/gpu/bin/modelpool-sidecar)
 #   CANDLE_HOST_BIN        the reference host      (default tests/gpu/bin/modelpool-candle-host)
 #   PYTHON                 the interpreter with torch (default python3)
-#   GPU_CHECK_BUDGET_S     seconds for all phases  (default 270; a hard stop at budget + 20)
+#   GPU_CHECK_BUDGET_S     seconds for all phases but vllm (default 270)
+#   GPU_CHECK_VLLM_BUDGET_S seconds for the vllm phase, used only where vLLM is installed
+#                          (default 240; a hard stop at both budgets + 20)
 #   MODELPOOL_NVIDIA_SMI   nvidia-smi to probe with (default nvidia-smi; tests point it elsewhere)
 #   MODELPOOL_LIBCUDA_DIRS colon-separated dirs to look for libcuda.so.1 in, instead of the
 #                          usual ones and ldconfig (tests use it)
@@ -128,15 +130,17 @@ fi
 
 mkdir -p "$out" || setup_error "cannot create $out"
 budget="${GPU_CHECK_BUDGET_S:-270}"
+vllm_budget="${GPU_CHECK_VLLM_BUDGET_S:-240}"
 echo "gpu check: $smi_out" | head -n 2
 echo "gpu check: libcuda $libcuda; sidecar $sidecar; host $host; python $python ($torch_check); out $out"
 limit=()
-command -v timeout >/dev/null 2>&1 && limit=(timeout --kill-after=5 "$((budget + 20))")
+hard_limit=$((budget + vllm_budget + 20))
+command -v timeout >/dev/null 2>&1 && limit=(timeout --kill-after=5 "$hard_limit")
 "${limit[@]}" "$python" "$root/tests/gpu/run_gpu.py" \
-    --out "$out" --sidecar "$sidecar" --candle-host "$host" --budget "$budget"
+    --out "$out" --sidecar "$sidecar" --candle-host "$host" --budget "$budget" --vllm-budget "$vllm_budget"
 rc=$?
 if ((rc == 124 || rc == 137)); then
-    echo "FAIL: the GPU check ran past its $((budget + 20)) s limit" >&2
+    echo "FAIL: the GPU check ran past its $hard_limit s limit" >&2
     exit 2
 fi
 exit "$rc"

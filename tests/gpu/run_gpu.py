@@ -17,6 +17,14 @@ Phases (each bounded in time; the whole run stays under ``--budget`` seconds):
    pool's pressure threshold and then needs more than is free: the sidecar must evict idle
    models so that the tenant's allocation succeeds, and must not evict ``a``.
 
+5. ``vllm`` (optional): when ``python -c 'import vllm'`` works, a tiny vLLM server (random
+   weights, ``--enable-sleep-mode``, ``VLLM_SERVER_DEV_MODE=1``) behind the sidecar's ``Vllm``
+   driver, once per sleep level: a release through the sidecar puts it to sleep and an acquire
+   wakes it, and the device's VRAM must show it (check ``vllm_sleep_reclaims``); at level 1 the
+   sidecar must count the model asleep in RAM and the server's RSS must grow by the weights. No
+   vLLM: the check is SKIP with the reason, never PASS. It has its own time
+   (``--vllm-budget``).
+
 Throughout, a sampler writes NVML readings and the sidecar's metrics to ``timeline.jsonl``, and at
 each step NVML, ``nvidia-smi --query-compute-apps`` and the sidecar's ``/metrics`` and
 ``/v1/state`` are recorded side by side in ``summary.json``.
@@ -105,6 +113,18 @@ def http(method: str, url: str, timeout: float = 5.0) -> Tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode(errors="replace")
+
+
+def _proc_table() -> Dict[int, int]:
+    """pid -> parent pid of every process in /proc."""
+    table: Dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                table[int(entry.name)] = g.parse_ppid((entry / "stat").read_text())
+            except (OSError, ValueError):
+                continue
+    return table
 
 
 def nspids(pid: int) -> List[int]:
@@ -238,7 +258,7 @@ class Child:
 
 
 class Sidecar(Child):
-    def __init__(self, binary: str, pool: Path, out: Path, work: Path, label: str) -> None:
+    def __init__(self, binary: str, pool: Path, out: Path, work: Path, label: str, heartbeat_ms: int = 500) -> None:
         self.api_port = free_port()
         self.metrics_port = free_port()
         self.socket = work / f"sidecar-{label}.sock"
@@ -249,7 +269,7 @@ class Sidecar(Child):
             "--listen", f"127.0.0.1:{self.api_port}",
             "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
             "--tick-ms", "100",
-            "--heartbeat-ms", "500",
+            "--heartbeat-ms", str(heartbeat_ms),
             "--shutdown-grace-ms", "2000",
         ]  # fmt: skip
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"), NO_COLOR="1")
@@ -283,6 +303,20 @@ class Sidecar(Child):
             return http("GET", f"http://127.0.0.1:{self.metrics_port}/metrics", 3.0)[1]
         except OSError:
             return ""
+
+    def post(self, path: str, body: Dict[str, Any], timeout: float = 130.0) -> Tuple[int, Dict[str, Any]]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}{path}", method="POST", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode(errors="replace")
+        try:
+            return status, json.loads(text or "{}")
+        except ValueError:
+            return status, {"_body": text[:500]}
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -776,6 +810,136 @@ class Run:
                 out[key] = out.get(key, 0.0) + sample.value
         return out
 
+    # --- the real vLLM (optional) ---
+
+    def phase_vllm(self) -> None:
+        probe = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True, timeout=180)
+        problem = g.vllm_import_problem(probe.returncode, probe.stdout, probe.stderr, sys.executable)
+        if problem:
+            self.checks.append(g.skip(g.VLLM_CHECK, problem))
+            log(self.checks[-1].line())
+            return
+        deadline = Deadline(self.args.vllm_budget)
+        self.phase = "vllm"
+        info: Dict[str, Any] = {"vllm_version": probe.stdout.strip()}
+        self.phases.setdefault("vllm", {}).update(info)
+        model_dir = self.work / "tiny-vllm"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps(g.TINY_LLAMA))
+        vocab = g.tiny_vocab(g.TINY_LLAMA["vocab_size"])
+        (model_dir / "tokenizer.json").write_text(json.dumps(g.word_level_tokenizer(vocab)))
+        (model_dir / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 512})
+        )
+        base, _total = self.nvml.device()
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1")
+        server = Child("vllm", g.vllm_server_argv(sys.executable, str(model_dir), port, "tiny", 0.25), self.out, env=env)
+        runs: List[Dict[str, Any]] = []
+        sidecar: Optional[Sidecar] = None
+        try:
+            while True:
+                if not server.alive():
+                    raise StepFailed(f"the vLLM server exited with {server.proc.returncode}; log tail:\n{server.tail(30)}")
+                deadline.need(10, "the vLLM server to start")
+                try:
+                    if http("GET", f"{url}/health", 2.0)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(1.0)
+            log(f"vLLM {info['vllm_version']} serving on {url}")
+
+            def sleeping() -> Optional[bool]:
+                try:
+                    status, body = http("GET", f"{url}/is_sleeping", 5.0)
+                    return bool(json.loads(body).get("is_sleeping")) if status == 200 else None
+                except (OSError, ValueError):
+                    return None
+
+            def settle(what: str, ok: Callable[[], bool], seconds: float = 60.0) -> bool:
+                end = time.monotonic() + min(seconds, max(1.0, deadline.left()))
+                while time.monotonic() < end:
+                    if ok():
+                        return True
+                    time.sleep(0.25)
+                log(f"vllm: {what}: not seen in time")
+                return False
+
+            def device_used() -> Optional[int]:
+                time.sleep(1.0)  # the server's frees and allocations land
+                return self.nvml.device()[0]
+
+            for level in (1, 2):
+                deadline.need(20, f"the level-{level} run")
+                pool = self.work / f"pool-vllm-l{level}.yaml"
+                pool.write_text(g.vllm_pool_yaml("tiny", url, str(model_dir), level, g.llama_weights_bytes(g.TINY_LLAMA)))
+                sidecar = Sidecar(self.args.sidecar, pool, self.out, self.work, f"vllm-l{level}", heartbeat_ms=600_000)
+                self.sidecar = sidecar
+                sidecar.wait_ready()
+                status, opened = sidecar.post("/v1/sessions", {"pid": os.getpid(), "app": "gpu-check"})
+                if status != 201:
+                    raise StepFailed(f"opening a session: {status} {opened}")
+                session = opened["session"]
+                run: Dict[str, Any] = {"level": level}
+
+                def cycle(key: str) -> bool:
+                    status, answer = sidecar.post("/v1/acquire", {"session": session, "model": "tiny"})
+                    if status != 200:
+                        # Recorded, not raised: the readings of the other steps still come back.
+                        run[f"{key}_acquire_error"] = {"status": status, "answer": answer}
+                        run[key] = device_used()
+                        log(f"vllm level {level}: acquire refused: {status} {answer}")
+                        return False
+                    woke = settle("awake after the acquire", lambda: sleeping() is False)
+                    run[key] = device_used()
+                    state = sidecar.state() or {}
+                    run[f"rss_{'awake' if key == 'awake_bytes' else 'woken'}_bytes"] = (state.get("server") or {}).get("rss_bytes")
+                    status, answer = sidecar.post("/v1/release", {"session": session, "lease": answer.get("lease")})
+                    if status != 200:
+                        raise StepFailed(f"level {level}: release: {status} {answer}")
+                    return woke
+
+                run["woke"] = cycle("awake_bytes")
+                run["slept"] = settle("asleep after the release", lambda: sleeping() is True)
+                settle(
+                    "the sidecar's ledger after the sleep",
+                    lambda: not g.state_models(sidecar.state()) and (level != 1 or bool(((sidecar.state() or {}).get("server") or {}).get("asleep_ram_bytes"))),
+                    15.0,
+                )
+                run["asleep_bytes"] = device_used()
+                time.sleep(1.0)  # one more poll of the server's tree
+                state = sidecar.state() or {}
+                server_state = state.get("server") or {}
+                run["rss_asleep_bytes"] = server_state.get("rss_bytes")
+                run["sidecar_asleep_ram_bytes"] = (server_state.get("asleep_ram_bytes") or {}).get("tiny")
+                run["sidecar_reclaims"] = server_state.get("reclaims")
+                run["sidecar_models_asleep"] = {m: v.get("state") for m, v in g.state_models(state).items()}
+                run["sidecar_held_bytes"] = state.get("held_bytes")
+                self.snapshot(f"vllm-l{level}-asleep", [server.pid])
+                run["woke"] = cycle("woken_bytes") and run["woke"]
+                settle("asleep again after the release", lambda: sleeping() is True)
+                runs.append(run)
+                log(f"vllm level {level}: {run}")
+                sidecar.stop()
+                sidecar = None
+                self.sidecar = None
+        finally:
+            if sidecar is not None:
+                sidecar.stop()
+                self.sidecar = None
+            descendants = g.descendants(server.pid, _proc_table())
+            server.stop(grace=15.0)
+            for pid in descendants:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.phases["vllm"]["runs"] = runs
+        self.checks.append(g.check_vllm_sleep(runs, base, g.llama_weights_bytes(g.TINY_LLAMA)))
+        log(self.checks[-1].line())
+
     # --- driver ---
 
     def run(self) -> int:
@@ -788,6 +952,7 @@ class Run:
             ("aggressive", self.phase_aggressive, ("process_vram_agrees", "unload_returns_to_baseline", "unload_returns_99_percent", "torch_fraction_refuses")),
             ("pressure", self.phase_pressure, ("pressure_evicts_idle", "leased_model_kept")),
             ("exit", self.phase_exit, ("exit_reclaims_vram",)),
+            ("vllm", self.phase_vllm, (g.VLLM_CHECK,)),
         ]
         for name, phase, owns in phases:
             started = time.monotonic()
@@ -822,7 +987,8 @@ class Run:
         (self.out / "summary.json").write_text(g.dumps(summary))
         print()
         for check in summary["checks"]:
-            print(f"{'PASS' if check['ok'] else 'FAIL'} {check['name']}: {check['detail']}")
+            status = "SKIP" if check.get("skipped") else "PASS" if check["ok"] else "FAIL"
+            print(f"{status} {check['name']}: {check['detail']}")
         print(f"vram_reclaim_ms p99={summary['vram_reclaim_ms_p99']} ({summary['vram_reclaim_ms_p99_label']})")
         print(f"vram_reclaim_ms={summary['vram_reclaim_ms']} h2d_gb_per_s={summary['h2d_gb_per_s']} raw_h2d_gb_per_s={summary['raw_h2d_gb_per_s']}")
         print(f"summary: {self.out / 'summary.json'} ({'ok' if summary['ok'] else 'FAILED'}, {summary['seconds']:.0f} s)")
@@ -845,7 +1011,8 @@ def main() -> int:
     parser.add_argument("--sidecar", required=True)
     parser.add_argument("--candle-host", required=True)
     parser.add_argument("--device", type=int, default=0)
-    parser.add_argument("--budget", type=float, default=270.0, help="seconds for all phases")
+    parser.add_argument("--budget", type=float, default=270.0, help="seconds for all phases but vllm")
+    parser.add_argument("--vllm-budget", type=float, default=240.0, help="seconds for the vllm phase (when vLLM is installed)")
     args = parser.parse_args()
 
     def on_term(signum: int, _frame: Any) -> None:

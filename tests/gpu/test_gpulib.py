@@ -303,3 +303,125 @@ def test_check_h2d_ratio():
     assert g.check_h2d({"h2d_gb_per_s": 45.0, "raw_h2d_gb_per_s": 54.8}).ok
     assert not g.check_h2d({"h2d_gb_per_s": 8.0, "raw_h2d_gb_per_s": 54.8}).ok
     assert not g.check_h2d({}).ok
+
+
+# --- the real-vLLM phase ------------------------------------------------------------------------
+
+
+def test_a_skipped_check_is_never_a_pass_nor_a_failure_of_the_run():
+    """Catches a machine without vLLM reported as PASS, or failing the whole GPU check."""
+    skipped = g.skip(g.VLLM_CHECK, "vllm is not importable by python3: No module named 'vllm'")
+    assert not skipped.ok and skipped.skipped
+    assert skipped.line() == "SKIP vllm_sleep_reclaims: skipped: vllm is not importable by python3: No module named 'vllm'"
+    passing = [g.Check(name, True, "fine") for name in g.CHECK_NAMES]
+    summary = g.build_summary(passing + [skipped])
+    assert summary["ok"] is True and summary["exit_code"] == g.EXIT_OK
+    assert summary["skipped_checks"] == [g.VLLM_CHECK]
+    assert g.VLLM_CHECK not in summary["passed"] and g.VLLM_CHECK not in summary["failed"]
+    listed = next(c for c in summary["checks"] if c["name"] == g.VLLM_CHECK)
+    assert listed["ok"] is False and listed["skipped"] is True
+    # A real failure still fails the run beside a skip.
+    failing = g.build_summary(passing + [skipped, g.Check(g.VLLM_CHECK + "_x", False, "bad")])
+    assert failing["exit_code"] == g.EXIT_CHECK_FAILED and failing["failed"] == [g.VLLM_CHECK + "_x"]
+
+
+def test_vllm_import_problem_names_the_interpreter_and_the_error():
+    assert g.vllm_import_problem(0, "0.11.0\n", "", "python3") is None
+    trace = "Traceback (most recent call last):\n  File \"<string>\", line 1\nModuleNotFoundError: No module named 'vllm'\n"
+    assert g.vllm_import_problem(1, "", trace, "/usr/bin/python3") == (
+        "vllm is not importable by /usr/bin/python3: ModuleNotFoundError: No module named 'vllm'"
+    )
+    assert g.vllm_import_problem(139, "", "", "py") == "vllm is not importable by py: exit 139"
+
+
+def test_the_vllm_server_runs_with_sleep_mode_on_the_given_port():
+    argv = g.vllm_server_argv("python3", "/tmp/m", 8123, "tiny", 0.25)
+    assert argv[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    text = " ".join(argv)
+    for part in ("--model /tmp/m", "--port 8123", "--enable-sleep-mode", "--load-format dummy", "--gpu-memory-utilization 0.25", "--served-model-name tiny"):
+        assert part in text, part
+
+
+def test_the_vllm_pool_is_one_model_at_the_level_without_servers():
+    text = g.vllm_pool_yaml("tiny", "http://127.0.0.1:8123", "/tmp/work/tiny-vllm", 1, 300 * MIB)
+    assert "driver: {kind: Vllm, url: 'http://127.0.0.1:8123', sleepLevel: 1, processMatch: '/tmp/work/tiny-vllm'}" in text
+    assert "servers" not in text
+    assert "- {name: tiny, vram: 300Mi}" in text
+    assert "mode: Aggressive" in text
+
+
+def test_llama_weights_bytes_by_hand():
+    config = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10}
+    # embed + head 2*10*8; per layer: q,o 2*64, k,v 2*8*4, mlp 3*8*16, norms 16; final norm 8.
+    params = 160 + 2 * (128 + 64 + 384 + 16) + 8
+    assert g.llama_weights_bytes(config) == params * 2
+    assert g.llama_weights_bytes(dict(config, tie_word_embeddings=True)) == (params - 80) * 2
+    # The phase's model: big enough that a level-1 sleep shows in host RAM.
+    assert 200 * MIB < g.llama_weights_bytes(g.TINY_LLAMA) < 300 * MIB
+
+
+def test_tiny_vocab_covers_the_config():
+    vocab = g.tiny_vocab(g.TINY_LLAMA["vocab_size"])
+    assert len(vocab) == g.TINY_LLAMA["vocab_size"]
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+    assert vocab["<s>"] == g.TINY_LLAMA["bos_token_id"] and vocab["</s>"] == g.TINY_LLAMA["eos_token_id"]
+
+
+def _vllm_run(level, **changes):
+    run = {
+        "level": level,
+        "slept": True,
+        "woke": True,
+        "awake_bytes": 40 * GIB,
+        "asleep_bytes": 2 * GIB,
+        "woken_bytes": 40 * GIB,
+        "rss_awake_bytes": 3 * GIB,
+        "rss_asleep_bytes": 3 * GIB + 240 * MIB,
+        "sidecar_asleep_ram_bytes": 230 * MIB,
+    }
+    run.update(changes)
+    return run
+
+
+def test_check_vllm_sleep_passes_on_real_figures_and_names_each_shortfall():
+    weights = 230 * MIB
+    ok = g.check_vllm_sleep([_vllm_run(1), _vllm_run(2, rss_asleep_bytes=None, sidecar_asleep_ram_bytes=None)], GIB, weights)
+    assert ok.ok, ok.detail
+    assert "level 1: 39936 MiB awake, 38912 MiB freed asleep, 39936 MiB back awake" in ok.detail
+    cases = [
+        (_vllm_run(2, slept=False), "level 2: the server was not asleep after the sidecar's release"),
+        (_vllm_run(2, woke=False), "level 2: the server was not awake after the sidecar's acquire"),
+        (_vllm_run(2, asleep_bytes=30 * GIB), "level 2: asleep freed 10240 MiB of 39936 MiB (< half)"),
+        (_vllm_run(2, woken_bytes=20 * GIB), "level 2: woken holds 19456 MiB of 39936 MiB (< 90 %)"),
+        (_vllm_run(1, sidecar_asleep_ram_bytes=None), "level 1: the sidecar did not count the model asleep in RAM"),
+        (_vllm_run(1, rss_asleep_bytes=3 * GIB), "level 1: the server's RSS grew by 0 MiB asleep, less than half the weights (230 MiB)"),
+        (_vllm_run(2, awake_bytes=GIB + 100 * MIB), "level 2: the awake server holds only 100 MiB"),
+        (_vllm_run(2, asleep_bytes=None), "level 2: a device reading is missing"),
+    ]
+    for run, message in cases:
+        check = g.check_vllm_sleep([run], GIB, weights)
+        assert not check.ok and message in check.detail, (message, check.detail)
+    assert not g.check_vllm_sleep([], GIB, weights).ok
+    assert not g.check_vllm_sleep([_vllm_run(1)], None, weights).ok
+
+
+def test_parse_ppid_and_descendants():
+    assert g.parse_ppid("4242 (python3 (x) y) S 17 4242 4242 0 -1") == 17
+    parents = {1: 0, 10: 1, 11: 10, 12: 10, 13: 11, 20: 1}
+    assert g.descendants(10, parents) == [11, 12, 13]
+    assert g.descendants(13, parents) == []
+
+
+def test_the_tokenizer_json_is_what_the_tokenizers_library_reads():
+    """The vllm phase writes tokenizer.json itself; where the library is installed (it comes
+    with vLLM), it must read it and tokenize with it."""
+    vocab = g.tiny_vocab(16)
+    spec = g.word_level_tokenizer(vocab)
+    assert [t["content"] for t in spec["added_tokens"]] == ["<unk>", "<s>", "</s>"]
+    assert spec["model"] == {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    assert tokenizer.encode("t3 t4 nope").ids == [3, 4, 0]

@@ -129,6 +129,9 @@ def test_dry_run_with_fakes(tmp_path):
     assert result.returncode == 0, report
     assert summary["ok"] is True
     assert [c["name"] for c in summary["checks"] if c["ok"]] == list(run_gpu.g.CHECK_NAMES)
+    # No vLLM among the fakes: its check is SKIP with the reason, never PASS, and the run passes.
+    assert summary["skipped_checks"] == [run_gpu.g.VLLM_CHECK], summary["checks"]
+    assert "SKIP vllm_sleep_reclaims: skipped: vllm is not importable by " in result.stdout, report
     for line in ("PASS process_vram_agrees", "PASS unload_returns_to_baseline", "PASS pressure_evicts_idle", "PASS leased_model_kept",
                  "PASS unload_returns_99_percent", "PASS torch_fraction_refuses", "PASS exit_reclaims_vram", "PASS h2d_load_path_vs_raw"):
         assert line in result.stdout
@@ -177,7 +180,9 @@ def test_dry_run_with_the_real_sidecar_and_sdk(tmp_path):
     out = tmp_path / "out"
     env = {
         "PATH": f"{fakes / 'bin'}:{os.environ['PATH']}",
-        "PYTHONPATH": f"{python_path}:{sdk}",
+        # The fake vLLM (fakes/vllm_fake) makes the vllm phase run against the real sidecar.
+        "PYTHONPATH": f"{python_path}:{sdk}:{fakes / 'vllm_fake'}",
+        "GPU_CHECK_VLLM_BUDGET_S": "120",
         "FAKE_GPU_DIR": str(gpu_dir),
         "MODELPOOL_LIBCUDA_DIRS": str(lib),
         "MODELPOOL_SIDECAR_BIN": sidecar,
@@ -196,6 +201,10 @@ def test_dry_run_with_the_real_sidecar_and_sdk(tmp_path):
     assert not [n for n in summary["notes"] if "crashed" in n], summary["notes"]
     not_run = [c["name"] for c in summary["checks"] if c["detail"].startswith("not run")]
     assert not not_run, (not_run, summary["notes"])
+    # The real sidecar's Vllm driver on the fake vLLM: asleep at level 1 counted in RAM, both
+    # levels put to sleep by a release and woken by an acquire.
+    vllm = next(c for c in summary["checks"] if c["name"] == run_gpu.g.VLLM_CHECK)
+    assert vllm["ok"], (vllm["detail"], summary["phases"].get("vllm"))
 
 
 @pytest.mark.parametrize("script", ["run.sh", "prepare.sh"])
@@ -204,3 +213,16 @@ def test_scripts_are_executable_bash(script):
     assert os.access(path, os.X_OK)
     assert path.read_text().startswith("#!/usr/bin/env bash\n")
     subprocess.run([BASH, "-n", str(path)], check=True)
+
+
+def test_the_vllm_phases_pools_are_valid_pools(tmp_path):
+    """The pools the vllm phase writes (one model, no servers, a url) as the real sidecar reads
+    them: a pool it refused would only show on the device machine."""
+    sidecar = _sidecar_binary()
+    if sidecar is None:
+        pytest.skip("no modelpool-sidecar binary built")
+    for level in (1, 2):
+        path = tmp_path / f"pool-{level}.yaml"
+        path.write_text(run_gpu.g.vllm_pool_yaml("tiny", "http://127.0.0.1:8123", str(tmp_path / "tiny-vllm"), level, 230 << 20))
+        result = subprocess.run([sidecar, "validate", str(path)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr

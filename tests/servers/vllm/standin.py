@@ -17,7 +17,8 @@ the server runs with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1:
                             reach the right server, awake).
 
 It starts awake, as vLLM does, holding --mib MiB of "weights" (written, so resident).
-A real-vLLM check of the driver belongs in the GPU script.
+The real-vLLM check of the driver is in the GPU script (tests/gpu/run_gpu.py, phase vllm, check
+vllm_sleep_reclaims; SKIP where vLLM is not installed).
 
 Usage: python standin.py --port PORT --model NAME --mib N
 """
