@@ -4,7 +4,9 @@
 //! through the sidecar running beside it as a native sidecar; `kubectl get mp`,
 //! `kubectl exec ... modelpool-sidecar status`, a real Prometheus scraping the pod (the
 //! dashboard's queries return its series), the `Restart` enforcement recreating a pod, the
-//! pool's drain on delete, and `helm uninstall`.
+//! pool's drain on delete, and `helm uninstall`. A model with no declared size is estimated
+//! from weights that exist only in the app's container, read through the app's process
+//! (`/proc/<pid>/root`, the pod's shared process namespace).
 //!
 //! The node lives in private namespaces (`modelpool_e2e::node`): the test re-runs itself inside
 //! them, so its network, mounts and processes are gone when it ends, pass or fail.
@@ -200,11 +202,20 @@ spec:
   models:
     - {name: t2v, ram: 48Mi}
     - {name: upscale, ram: 64Mi}
+    - {name: sized-in-app, source: {uri: "file:///tmp/weights/model.safetensors"}}
 "#;
 
-/// The app: waits for the sidecar's socket, then runs memhog fed from a FIFO that
-/// `kubectl exec` writes commands into.
+/// `sized-in-app`'s weights: one F32 tensor of 1 Mi values, written by the app into its own
+/// `/tmp` (an emptyDir only the app mounts): the sidecar sees them only through the app's
+/// process.
+const APP_WEIGHTS_BYTES: u64 = 4 << 20;
+
+/// The app: writes `sized-in-app`'s weights, waits for the sidecar's socket, then runs memhog
+/// fed from a FIFO that `kubectl exec` writes commands into.
 const APP_SCRIPT: &str = r#"set -e
+busybox mkdir -p /tmp/weights
+busybox printf '\102\000\000\000\000\000\000\000{"w":{"dtype":"F32","shape":[1048576],"data_offsets":[0,4194304]}}' > /tmp/weights/model.safetensors
+busybox head -c 4194304 /dev/zero >> /tmp/weights/model.safetensors
 while [ ! -S "$MODELPOOL_SOCKET" ]; do busybox sleep 0.2; done
 busybox rm -f /tmp/in
 busybox mkfifo /tmp/in
@@ -456,6 +467,20 @@ fn scenario(
     anyhow::ensure!(
         state["ram_used_bytes"].as_u64().unwrap_or(0) > 0,
         "cgroup usage: {state}"
+    );
+    // The weights only the app's container has: estimated through its process's root.
+    let sized = state["pool"]["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["name"] == "sized-in-app")
+        .cloned()
+        .unwrap_or_default();
+    anyhow::ensure!(
+        sized["estimate"]["through"] == format!("/proc/{memhog_pid}/root")
+            && sized["estimate"]["format"] == "safetensors"
+            && sized["ram_bytes"] == APP_WEIGHTS_BYTES,
+        "the sidecar estimated sized-in-app from the app's own /tmp through /proc/{memhog_pid}/root: {sized}"
     );
     let table = app.exec("modelpool-sidecar", &["modelpool-sidecar", "status"])?;
     for expected in ["MODEL", "t2v", "upscale", &memhog_pid.to_string()] {
