@@ -182,6 +182,24 @@ fn bytes(
         })
 }
 
+/// A CUDA context with the runtime's kernels and allocator pools, as a process's first use of a
+/// GPU makes it (about 300-600 MiB on current drivers and cards): what a runtime that starts a
+/// process per model adds to each model's estimate.
+pub const CUDA_CONTEXT_BYTES: u64 = 512 << 20;
+
+/// The per-runtime overhead added to a model's estimate from its weights, charged to VRAM (a
+/// pool with a VRAM ceiling): `Ollama` and `Vllm` start a process per model (an Ollama runner,
+/// a vLLM server), each with its own CUDA context, so each model pays
+/// [`CUDA_CONTEXT_BYTES`]. `Sdk`, `Http` and `KServeV2` hold their models in one process,
+/// whose context is paid once and belongs in `spec.baseline`: nothing per model. The KV cache
+/// (GGUF) is part of the estimate itself; what a load really takes is learned from measurement.
+pub fn runtime_overhead(driver: DriverKind, to_vram: bool) -> u64 {
+    match driver {
+        DriverKind::Ollama | DriverKind::Vllm if to_vram => CUDA_CONTEXT_BYTES,
+        _ => 0,
+    }
+}
+
 /// How undeclared models are estimated: the crate's bounds, and for GGUF a KV cache for the
 /// model's context capped at Ollama's default `num_ctx` (4096) until the pool can say more.
 fn estimate_options() -> modelpool_weights::Options {
@@ -328,13 +346,14 @@ impl LoadedPool {
         let mut outcomes = Vec::new();
         let options = estimate_options();
         let to_vram = self.config.limits.vram.is_some();
+        let overhead = runtime_overhead(self.driver, to_vram);
         for (info, config) in self.info.models.iter_mut().zip(&mut self.config.models) {
             if !info.awaits_estimate() {
                 continue;
             }
             let uri = info.weights.clone().unwrap_or_default();
             let outcome = modelpool_weights::estimate_uri(&uri, root, &options).map(|estimate| {
-                let bytes = estimate.total_bytes();
+                let bytes = estimate.total_bytes().saturating_add(overhead);
                 let (vram, ram) = if to_vram { (bytes, 0) } else { (0, bytes) };
                 info.vram_bytes = vram;
                 info.ram_bytes = ram;
@@ -349,6 +368,7 @@ impl LoadedPool {
                     weights_bytes = estimate.weights_bytes,
                     kv_cache_bytes = estimate.kv_cache.map_or(0, |kv| kv.bytes),
                     kv_cache_context = estimate.kv_cache.map_or(0, |kv| kv.context),
+                    overhead_bytes = overhead,
                     files = estimate.files,
                     "footprint estimated from the weights' header"
                 );
@@ -356,6 +376,7 @@ impl LoadedPool {
                     bytes,
                     weights_bytes: estimate.weights_bytes,
                     kv_cache_bytes: estimate.kv_cache.map_or(0, |kv| kv.bytes),
+                    overhead_bytes: overhead,
                     format: format_name(estimate.format).to_owned(),
                     files: estimate.files as u64,
                     through,
@@ -735,5 +756,60 @@ mod tests {
         assert_eq!(same.config.models[0].declared, Footprint::new(0, 1 << 20));
         assert!(same.info.models[0].estimate.is_some());
         assert!(edited.info.models[0].estimate.is_none());
+    }
+
+    /// An estimate is weights (+ KV cache) + the runtime's overhead, shown apart: a CUDA
+    /// context per model for the runtimes that start a process per model (Ollama, Vllm) when
+    /// the estimate is charged to VRAM; nothing for one-process runtimes (Sdk, Http, KServeV2:
+    /// their context is `spec.baseline`) nor for a RAM-only pool.
+    #[test]
+    fn estimates_add_the_runtimes_overhead_shown_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("m.safetensors");
+        safetensors(&weights, 1 << 18);
+        let cases = [
+            (
+                "Ollama",
+                Some("http://127.0.0.1:11434"),
+                "vram",
+                CUDA_CONTEXT_BYTES,
+            ),
+            (
+                "Vllm",
+                Some("http://127.0.0.1:8000"),
+                "vram",
+                CUDA_CONTEXT_BYTES,
+            ),
+            ("Sdk", None, "vram", 0),
+            ("KServeV2", Some("http://127.0.0.1:8080"), "vram", 0),
+            ("Ollama", Some("http://127.0.0.1:11434"), "ram", 0),
+        ];
+        for (kind, url, ceiling, overhead) in cases {
+            let mut driver = serde_json::json!({"kind": kind});
+            if let Some(url) = url {
+                driver["url"] = url.into();
+            }
+            let pool: ModelPool = serde_json::from_value(serde_json::json!({
+                "apiVersion": "modelpool.io/v1alpha1", "kind": "ModelPool",
+                "metadata": {"name": "p"},
+                "spec": {"driver": driver, "limits": {ceiling: "8Gi"}, "models": [
+                    {"name": "m", "source": {"uri": format!("file://{}", weights.display())}},
+                ]}
+            }))
+            .unwrap();
+            let loaded = convert(&pool, Duration::from_secs(1)).unwrap();
+            let model = &loaded.info.models[0];
+            let estimate = model.estimate.as_ref().unwrap();
+            let what = format!("{kind}, {ceiling} ceiling");
+            assert_eq!(estimate.weights_bytes, 1 << 20, "{what}");
+            assert_eq!(estimate.overhead_bytes, overhead, "{what}");
+            assert_eq!(estimate.bytes, (1 << 20) + overhead, "{what}");
+            let charged = if ceiling == "vram" {
+                Footprint::new(estimate.bytes, 0)
+            } else {
+                Footprint::new(0, estimate.bytes)
+            };
+            assert_eq!(loaded.config.models[0].declared, charged, "{what}");
+        }
     }
 }

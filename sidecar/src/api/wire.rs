@@ -247,12 +247,16 @@ pub struct ModelSizes {
 /// A model's size estimated from its weights' headers, before any load.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Estimate {
-    /// What is charged: weights plus KV cache.
+    /// What is charged: weights plus KV cache plus the runtime's overhead.
     pub bytes: u64,
     /// The tensors' bytes.
     pub weights_bytes: u64,
     /// The KV cache for the context (GGUF with attention metadata; else 0).
     pub kv_cache_bytes: u64,
+    /// The runtime's own per model (`crate::pool::runtime_overhead`: a CUDA context for
+    /// runtimes that start a process per model; else 0).
+    #[serde(default)]
+    pub overhead_bytes: u64,
     /// `gguf`, `safetensors`, `sharded_safetensors` or `safetensors_directory`.
     pub format: String,
     /// Files read.
