@@ -42,6 +42,9 @@ pub struct PodReport {
     /// `enforcement: Restart` the operator restarts the pod while this is non-zero.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost: u64,
+    /// Unloads whose memory no reading proved back (`unverified`) since the sidecar started.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unverified: u64,
     /// Whether the sidecar has unloaded everything because its pool is being deleted.
     #[serde(default)]
     pub drained: bool,

@@ -265,6 +265,12 @@ pub fn build_report(shared: &Shared, pool: &str) -> PodReport {
         evictions,
         over,
         lost: state.lost_bytes.vram.saturating_add(state.lost_bytes.ram),
+        unverified: state
+            .counters
+            .reclaims
+            .get("unverified")
+            .copied()
+            .unwrap_or(0),
         err: shared.last_error(),
         learned: shared
             .with_core(|core| core.learned_sizes())

@@ -779,11 +779,14 @@ impl Shared {
         // A walk of /proc: off the runtime's thread.
         let this = Arc::clone(self);
         let tree = tokio::task::spawn_blocking(move || {
-            let tree = this.processes.as_ref().and_then(ServerProcesses::read);
-            if let Some(tree) = &tree {
-                this.estimate_through(&tree.pids);
-            }
-            tree
+            let mut tree = this.processes.as_ref().and_then(ServerProcesses::read)?;
+            this.estimate_through(&tree.pids);
+            // NVML on the whole tree (MLServer loads in worker processes). Pids NVML does
+            // not list add nothing; none listed at all means no reading, not zero.
+            let vram = this.meter.process_vram(&tree.pids);
+            tree.vram_bytes =
+                (!vram.is_empty()).then(|| vram.values().map(|(bytes, _)| *bytes).sum());
+            Some(tree)
         })
         .await
         .ok()

@@ -12,6 +12,8 @@ pub mod types {
     pub const CONFLICT: &str = "Conflict";
     /// Every pod the pool selects carries the sidecar (False: some run ungoverned).
     pub const SIDECARS_INJECTED: &str = "SidecarsInjected";
+    /// Every unload was proven by a reading (False: some pods' unloads are `unverified`).
+    pub const RECLAIM_VERIFIED: &str = "ReclaimVerified";
 }
 
 /// Condition reasons (PascalCase, as the API conventions ask).
@@ -39,4 +41,9 @@ pub mod reasons {
     /// Some selected pods run without the sidecar (admitted while the webhook was unreachable,
     /// or before the pool existed): nothing limits them.
     pub const PODS_WITHOUT_SIDECAR: &str = "PodsWithoutSidecar";
+    /// Every unload so far was seen back by a reading.
+    pub const ALL_UNLOADS_VERIFIED: &str = "AllUnloadsVerified";
+    /// Some unloads were taken on the app's or server's word: no reading covers their memory
+    /// (VRAM with no GPU reading in the pod, see docs/gpu.md).
+    pub const UNLOADS_UNVERIFIED: &str = "UnloadsUnverified";
 }

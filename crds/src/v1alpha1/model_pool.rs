@@ -72,6 +72,12 @@ pub const MAX_MODELS: usize = 64;
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Unverified",
+        type_ = "integer",
+        description = "Unloads no reading proved (e.g. VRAM with no GPU reading in the pod: docs/gpu.md), summed over pods",
+        json_path = ".status.unverifiedUnloads"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -634,6 +640,11 @@ pub struct ModelPoolStatus {
     /// Evictions over all pods since they started.
     #[serde(default)]
     pub evictions: i64,
+    /// Unloads whose memory no reading proved back (VRAM with no GPU reading in the pod, a
+    /// model server whose processes were not found), over all pods since they started:
+    /// counted apart, never as reclaimed memory.
+    #[serde(default)]
+    pub unverified_unloads: i64,
     /// VRAM held by the pool's models, summed over pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vram_used: Option<Quantity>,

@@ -149,6 +149,8 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
         .collect();
     let (mut reporting, mut loads, mut evictions, mut vram, mut ram) =
         (0i32, 0i64, 0i64, 0u64, 0u64);
+    let mut unverified = 0i64;
+    let mut unverified_in = Vec::new();
     let mut over_ceiling = Vec::new();
     let mut errors = Vec::new();
     for pod in inputs.pods {
@@ -157,6 +159,11 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
                 reporting += 1;
                 loads += i64::try_from(report.loads).unwrap_or(i64::MAX);
                 evictions += i64::try_from(report.evictions).unwrap_or(i64::MAX);
+                if report.unverified > 0 {
+                    unverified = unverified
+                        .saturating_add(i64::try_from(report.unverified).unwrap_or(i64::MAX));
+                    unverified_in.push(format!("{} ({})", pod.name, report.unverified));
+                }
                 vram = vram.saturating_add(report.vram);
                 ram = ram.saturating_add(report.ram);
                 if report.over {
@@ -324,6 +331,27 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
         },
     ));
 
+    // Unloads taken on the word of the app or server (no reading covers their memory) are
+    // shown, never folded into reclaimed memory: the platform team sees which pods.
+    let unproven = unverified > 0;
+    conditions.push(condition(
+        types::RECLAIM_VERIFIED,
+        !unproven,
+        if unproven {
+            reasons::UNLOADS_UNVERIFIED
+        } else {
+            reasons::ALL_UNLOADS_VERIFIED
+        },
+        if unproven {
+            format!(
+                "{unverified} unloads were not proven by any reading (no GPU reading of the pod's processes; see the gpu.access setting and docs/gpu.md), in {}",
+                named(&unverified_in.iter().map(String::as_str).collect::<Vec<_>>())
+            )
+        } else {
+            "every unload so far was seen back by a reading".to_owned()
+        },
+    ));
+
     // Keep lastTransitionTime where the status did not change.
     for condition in &mut conditions {
         condition.observed_generation = generation;
@@ -347,6 +375,7 @@ pub fn compute(inputs: &Inputs<'_>) -> ModelPoolStatus {
         models: per_model.into_values().collect(),
         loads,
         evictions,
+        unverified_unloads: unverified,
         vram_used: Some(Quantity::from_bytes(vram)),
         ram_used: Some(Quantity::from_bytes(ram)),
     }
@@ -456,6 +485,54 @@ mod tests {
             ("False", "PodsNotReporting")
         );
         assert_eq!(ready.observed_generation, Some(3));
+    }
+
+    /// Unverified unloads (no reading covered their memory) are summed, and a condition names
+    /// the pods; with none, the condition says every unload was proven.
+    #[test]
+    fn unverified_unloads_are_summed_and_named() {
+        let pool = pool();
+        let selection = Selection {
+            pods: vec!["a".into(), "b".into()],
+            conflicts_with: vec![],
+        };
+        let unverified = |n: u64| {
+            Some(Ok(PodReport {
+                unverified: n,
+                ..report(&[], 0).unwrap().unwrap()
+            }))
+        };
+        let view = |name: &str, n: u64| PodView {
+            name: name.into(),
+            report: unverified(n),
+            injected: true,
+        };
+        let status = |pods: &[PodView]| {
+            compute(&Inputs {
+                pool: &pool,
+                selection: &selection,
+                pods,
+                now: now(100),
+                invalid: None,
+            })
+        };
+        let mixed = status(&[view("a", 3), view("b", 0)]);
+        assert_eq!(mixed.unverified_unloads, 3);
+        let condition = find(Some(&mixed), types::RECLAIM_VERIFIED).unwrap();
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", reasons::UNLOADS_UNVERIFIED)
+        );
+        assert!(condition.message.contains("a (3)"), "{}", condition.message);
+        assert!(!condition.message.contains("b ("), "{}", condition.message);
+
+        let proven = status(&[view("a", 0), view("b", 0)]);
+        assert_eq!(proven.unverified_unloads, 0);
+        let condition = find(Some(&proven), types::RECLAIM_VERIFIED).unwrap();
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("True", reasons::ALL_UNLOADS_VERIFIED)
+        );
     }
 
     /// Learned sizes: the larger peak over pods under the same declared size, kept when the

@@ -598,6 +598,10 @@ pub struct Counters {
     pub not_reclaimed: u64,
     /// Ticks that found a ceiling broken, by resource.
     pub ceiling_breaches: std::collections::BTreeMap<String, u64>,
+    /// Unloads whose memory was seen back, by how (`proc`, `nvml`, `process_exit`, …);
+    /// `unverified`: no reading proved it (e.g. VRAM with no GPU reading in the pod).
+    #[serde(default)]
+    pub reclaims: std::collections::BTreeMap<String, u64>,
 }
 
 /// `200` to `GET /v1/state`.
@@ -667,6 +671,9 @@ pub struct ServerState {
     pub found_by: Option<String>,
     /// Its process tree's RSS at the last reading.
     pub rss_bytes: Option<u64>,
+    /// The process tree's VRAM (NVML per process), when a GPU reading covers it.
+    #[serde(default)]
+    pub vram_bytes: Option<u64>,
     /// Instances dropped because the server no longer held them.
     pub dropped: u64,
     /// Models loaded behind the sidecar's back and adopted.

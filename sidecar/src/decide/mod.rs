@@ -274,6 +274,9 @@ pub struct Core {
     shutting_down: bool,
     /// Server drivers: what the core knows of the server (`server.rs`).
     server: ServerTrack,
+    /// Reclaims since start by how they were seen (`SeenBy`): `unverified` ones are shown
+    /// apart in `/v1/state` and the pod report, never as proven.
+    reclaims: BTreeMap<&'static str, u64>,
 }
 
 impl std::fmt::Debug for Core {
@@ -316,6 +319,7 @@ impl Core {
             measured,
             shutting_down: false,
             server: ServerTrack::default(),
+            reclaims: BTreeMap::new(),
         }
     }
 
@@ -1595,6 +1599,7 @@ impl Core {
             .reclaims
             .with_label_values(&[seen_by.as_str()])
             .inc();
+        *self.reclaims.entry(seen_by.as_str()).or_default() += 1;
         if holder == APP_HOLDER && self.server.enabled {
             *self.server.reclaims.entry(seen_by.as_str()).or_default() += 1;
         }

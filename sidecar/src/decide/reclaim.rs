@@ -81,7 +81,8 @@ pub enum SeenBy {
     Proc,
     /// Its VRAM (NVML) fell.
     Nvml,
-    /// Too small to see: taken on the app's word.
+    /// Not proven: too small to see, or VRAM that no reading covers (no GPU reading in the
+    /// pod); taken on the app's or server's word and counted as such.
     Unverified,
     /// Never freed: the same process announced it again from a new session (after its old
     /// session ended, e.g. while the process was paused), so it moved to that session.
@@ -135,8 +136,12 @@ pub fn seen_back(
             }
             let ram_ok = returned(reference.ram, process.rss, expected.ram);
             let vram_ok = returned(reference.vram, process.vram, expected.vram);
+            // VRAM the model held that no reading covers (no NVML in the pod: docs/gpu.md)
+            // is not proven back by its RAM: such an unload is `unverified`, never `proc`.
+            let vram_unread = expected.vram >= RECLAIM_NOISE_BYTES && vram_ok.is_none();
             match (ram_ok, vram_ok) {
                 (Some(false), _) | (_, Some(false)) => None,
+                _ if vram_unread => Some(SeenBy::Unverified),
                 (Some(true), _) => Some(SeenBy::Proc),
                 (None, Some(true)) => Some(SeenBy::Nvml),
                 (None, None) => Some(SeenBy::Unverified),
@@ -213,6 +218,57 @@ mod tests {
                 Footprint::new(0, 10)
             ),
             Some(SeenBy::Unverified)
+        );
+    }
+
+    /// Path (c) of docs/gpu.md: a model that held VRAM, unloaded where nothing reads VRAM
+    /// (no NVML in the pod), is `unverified` even when its RAM came back; RAM that did not
+    /// come back still waits.
+    #[test]
+    fn vram_no_reading_covers_leaves_the_unload_unverified() {
+        let reference = Sizes::new(None, Some(300 * MIB));
+        let expected = Footprint::new(2 << 30, 200 * MIB);
+        assert_eq!(
+            seen_back(false, Some(1), alive(90 * MIB), reference, expected),
+            Some(SeenBy::Unverified),
+            "RAM back, VRAM unread"
+        );
+        assert_eq!(
+            seen_back(false, Some(1), alive(290 * MIB), reference, expected),
+            None,
+            "RAM not back yet: wait"
+        );
+        // With a VRAM reading both ways, the same unload is proven.
+        let read = Sizes::new(Some(3 << 30), Some(300 * MIB));
+        let after = Some(ProcessNow {
+            alive: true,
+            rss: Some(90 * MIB),
+            vram: Some(1 << 30),
+        });
+        assert_eq!(
+            seen_back(false, Some(1), after, read, expected),
+            Some(SeenBy::Proc)
+        );
+        // A CPU-only model is proven by RAM alone, and an exit proves both.
+        assert_eq!(
+            seen_back(
+                false,
+                Some(1),
+                alive(90 * MIB),
+                reference,
+                Footprint::new(0, 200 * MIB)
+            ),
+            Some(SeenBy::Proc)
+        );
+        assert_eq!(
+            seen_back(
+                false,
+                Some(1),
+                Some(ProcessNow::default()),
+                reference,
+                expected
+            ),
+            Some(SeenBy::ProcessExit)
         );
     }
 

@@ -42,6 +42,8 @@ pub struct ServerTrack {
     pub found_by: Option<&'static str>,
     /// The process tree's RSS at the last reading, bytes.
     pub rss: Option<u64>,
+    /// The process tree's VRAM at the last reading (NVML), bytes; `None`: no GPU reading.
+    pub vram: Option<u64>,
     /// Instances dropped because the server no longer held them.
     pub dropped: u64,
     /// Models loaded behind the sidecar's back and adopted.
@@ -84,6 +86,7 @@ impl ServerTrack {
             pid: self.process.map(|p| p.0),
             found_by: self.found_by.map(str::to_owned),
             rss_bytes: self.rss,
+            vram_bytes: self.vram,
             dropped: self.dropped,
             adopted: self.adopted,
             reclaims: self
@@ -112,7 +115,9 @@ impl Core {
 
     /// The server's instances' level, for load and unload references.
     pub(super) fn server_levels(&self) -> Option<Sizes> {
-        self.server.rss.map(|rss| Sizes::new(None, Some(rss)))
+        self.server
+            .rss
+            .map(|rss| Sizes::new(self.server.vram, Some(rss)))
     }
 
     /// The server's process, for reclaim checks.
@@ -141,6 +146,7 @@ impl Core {
         self.server.process = current;
         self.server.found_by = poll.tree.as_ref().map(|t| t.found_by);
         self.server.rss = poll.tree.as_ref().map(|t| t.rss_bytes);
+        self.server.vram = poll.tree.as_ref().and_then(|t| t.vram_bytes);
         match poll.view {
             Err(reason) => {
                 if self.server.down.as_deref() != Some(reason.as_str()) {
@@ -391,7 +397,7 @@ impl Core {
                 let reading = ProcessNow {
                     alive: true,
                     rss: Some(rss),
-                    vram: None,
+                    vram: self.server.vram,
                 };
                 self.check_reclaims(now, &std::collections::BTreeMap::from([(pid, reading)]), fx);
             }

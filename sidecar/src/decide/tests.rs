@@ -1758,6 +1758,7 @@ fn a_server_model_unloaded_before_any_poll_saw_it_is_still_seen_reclaimed() {
             started: 1,
             pids: vec![42],
             rss_bytes: rss,
+            vram_bytes: None,
             found_by: "port",
         });
         poll
@@ -1832,4 +1833,84 @@ fn state_shows_declared_measured_peak_and_need_side_by_side() {
         "{a}"
     );
     assert_eq!(a["need"], bytes(30), "{a}");
+}
+
+/// Issue 14 path (c) and issue 18: a server model that holds VRAM is proven back only by a
+/// VRAM reading of the server's process tree (NVML over its pids). With one, the unload is
+/// `proc`; with none (no GPU reading in the pod), it is counted `unverified`, in the metric
+/// and in `/v1/state`, even though the tree's RSS fell.
+#[test]
+fn a_server_models_vram_unload_is_proven_only_by_a_vram_reading() {
+    const GIB: u64 = 1 << 30;
+    for (tree_vram, seen_by) in [(Some((3 * GIB, GIB)), "proc"), (None, "unverified")] {
+        let mut pool = pool_with("Aggressive", None, &[("a", 60, false)]);
+        pool.config.models[0].declared = Footprint::new(2 * GIB, 60 * MIB);
+        pool.info.models[0].vram_bytes = 2 * GIB;
+        let mut rig = Rig {
+            core: core_with(pool, true),
+            ..Rig::new("Aggressive", None, &[])
+        };
+        rig.core.enable_server(true);
+        let poll = |rss: u64, vram: Option<u64>, loaded: &[&str]| {
+            let mut poll = server_view(loaded);
+            poll.tree = Some(crate::measure::tree::TreeReading {
+                root: 42,
+                started: 1,
+                pids: vec![42],
+                rss_bytes: rss,
+                vram_bytes: vram,
+                found_by: "port",
+            });
+            poll
+        };
+        rig.core.reconcile_server(
+            rig.now,
+            poll(100 * MIB, tree_vram.map(|v| v.1), &[]),
+            &mut rig.fx,
+        );
+        let s = rig.open(7, &["a"]);
+        let (lease, action, generation) = rig.grant(&s, "a");
+        assert_eq!(action, Action::Load);
+        rig.core.driver_loaded(
+            rig.now,
+            APP_HOLDER,
+            "a",
+            generation,
+            Sizes::default(),
+            0.1,
+            &mut rig.fx,
+        );
+        rig.advance(ms(100));
+        rig.core.reconcile_server(
+            rig.now,
+            poll(160 * MIB, tree_vram.map(|v| v.0), &["a"]),
+            &mut rig.fx,
+        );
+        rig.release(&s, &lease);
+        assert!(rig.take().unloads.iter().any(|u| u.model == "a"));
+        rig.core
+            .driver_unloaded(rig.now, APP_HOLDER, "a", generation, &mut rig.fx);
+        rig.advance(ms(100));
+        // RSS back to its level before the load; VRAM back too where it is read.
+        rig.core.reconcile_server(
+            rig.now,
+            poll(100 * MIB, tree_vram.map(|v| v.1), &[]),
+            &mut rig.fx,
+        );
+        assert!(rig.state("a").is_none(), "{:?}", rig.state("a"));
+        assert_eq!(
+            rig.core
+                .metrics
+                .reclaims
+                .with_label_values(&[seen_by])
+                .get(),
+            1,
+            "{seen_by}"
+        );
+        let state = rig.core.state(rig.now, &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(state.counters.reclaims.get(seen_by), Some(&1), "{seen_by}");
+        let server = state.server.expect("a server driver's state");
+        assert_eq!(server.reclaims.get(seen_by), Some(&1), "{seen_by}");
+        assert_eq!(server.vram_bytes, tree_vram.map(|v| v.1));
+    }
 }

@@ -133,6 +133,7 @@ impl Core {
                 refusals: owned_keys(&counters.refusals),
                 not_reclaimed: counters.not_reclaimed,
                 ceiling_breaches: owned_keys(&counters.ceiling_breaches),
+                reclaims: owned_keys(&self.reclaims),
             },
             shutting_down: self.shutting_down,
             server: self.server.enabled.then(|| self.server.wire()),

@@ -40,6 +40,9 @@ pub struct TreeReading {
     pub pids: Vec<u32>,
     /// The tree's resident memory, bytes.
     pub rss_bytes: u64,
+    /// The tree's VRAM (NVML per process, summed over the tree's pids that NVML lists);
+    /// `None`: no GPU reading covers the server (filled in by the shell, which has the meter).
+    pub vram_bytes: Option<u64>,
     /// How the root was found: `command line` or `port`.
     pub found_by: &'static str,
 }
@@ -141,6 +144,7 @@ impl ServerProcesses {
             started: table.get(&root).map_or(0, |e| e.started),
             pids,
             rss_bytes,
+            vram_bytes: None,
             found_by,
         })
     }
