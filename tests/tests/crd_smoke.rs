@@ -7,7 +7,16 @@ use std::sync::OnceLock;
 use modelpool_e2e::{ControlPlane, repo_root};
 
 const COLUMNS: &[&str] = &[
-    "NAME", "MODELS", "PODS", "VRAM", "CEILING", "RAM", "MODE", "READY", "AGE",
+    "NAME",
+    "MODELS",
+    "PODS",
+    "VRAM",
+    "CEILING",
+    "RAM",
+    "MODE",
+    "READY",
+    "UNVERIFIED",
+    "AGE",
 ];
 
 /// Installs the CRD once per test process and waits until it is served.
@@ -115,7 +124,7 @@ async fn examples_apply_and_print_columns() {
         ]);
         assert_eq!(cell("CEILING"), vram, "{shown}:\n{table}");
         // No operator runs here: the status columns are empty.
-        for status_column in ["MODELS", "PODS", "VRAM", "RAM", "READY"] {
+        for status_column in ["MODELS", "PODS", "VRAM", "RAM", "READY", "UNVERIFIED"] {
             assert_eq!(cell(status_column), "", "{shown}:\n{table}");
         }
         assert!(!cell("AGE").is_empty(), "{shown}:\n{table}");

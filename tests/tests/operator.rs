@@ -313,7 +313,16 @@ async fn operator_injects_aggregates_fails_over_and_drains() {
     assert_eq!(
         header,
         [
-            "NAME", "MODELS", "PODS", "VRAM", "CEILING", "RAM", "MODE", "READY", "AGE"
+            "NAME",
+            "MODELS",
+            "PODS",
+            "VRAM",
+            "CEILING",
+            "RAM",
+            "MODE",
+            "READY",
+            "UNVERIFIED",
+            "AGE"
         ],
         "{table}"
     );
