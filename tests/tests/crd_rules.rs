@@ -86,6 +86,11 @@ async fn each_rule_refuses_its_bad_pool_with_its_message() {
             "  models:\n    - {name: a, vram: 12Gx}\n",
             "spec.models[0].vram",
         ),
+        (
+            "proxyconns",
+            "  driver: {kind: Ollama, url: 'http://127.0.0.1:11434'}\n  proxy: {port: 8080, maxConnections: 0}\n  models:\n    - {name: a}\n",
+            "spec.proxy.maxConnections",
+        ),
         ("nomodels", "  models: []\n", "spec.models"),
     ];
     for (name, spec, message) in cases {

@@ -156,6 +156,12 @@ pub struct ProxySpec {
     /// `acquireTimeout`). Absent or 0: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_concurrency: Option<u32>,
+    /// The most client connections the proxy holds open at once; more are answered 503 and
+    /// closed. Each also holds a connection to the server, and the sidecar lowers the cap to
+    /// fit its open-file limit (it logs the figure). Absent: 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_connections: Option<u32>,
 }
 
 /// How the sidecar sees the app's GPU in a pod (see docs/gpu.md).
