@@ -1163,6 +1163,25 @@ impl Engine {
         out
     }
 
+    /// Whether `model` fits now beside what is held, without evicting anything: a model that
+    /// is already in memory (loaded on a server behind the sidecar's back, or re-announced by
+    /// an app) is adopted only so, since evicting another for it could still end in refusing
+    /// it. `Err` says why, with the numbers.
+    pub fn fits_without_eviction(&self, model: &str) -> Result<(), String> {
+        let Some(index) = self.model_index(model) else {
+            return Err(format!("model {model:?} is not in the pool"));
+        };
+        let need = self.need_of(index);
+        if self.fits(need) {
+            Ok(())
+        } else {
+            Err(format!(
+                "it does not fit beside what is held: need {need}; {}",
+                self.room_sentence(need)
+            ))
+        }
+    }
+
     /// The seed's `check_memory_available`: would `need` fit now, or after evicting idle
     /// (unpinned) instances?
     pub fn check(&self, need: Footprint) -> CheckResult {

@@ -1457,6 +1457,9 @@ impl Core {
         in_use: bool,
         fx: &mut Effects,
     ) -> Result<u64, String> {
+        // Already in memory: it fits beside what is held, or it alone is refused. Evicting an
+        // idle model for it first could still end in refusing it (both gone).
+        self.engine.fits_without_eviction(model)?;
         let request = RequestId(self.next_request);
         self.next_request += 1;
         let out = self.engine.acquire(now, request, id, model);

@@ -1914,3 +1914,45 @@ fn a_server_models_vram_unload_is_proven_only_by_a_vram_reading() {
         assert_eq!(server.vram_bytes, tree_vram.map(|v| v.1));
     }
 }
+
+/// Found in round 4's review: a model loaded on the server behind the sidecar's back that fits
+/// only after evicting an idle model started that eviction and was then refused anyway, so
+/// both models went. Such a model is adopted only if it fits beside what is held; otherwise it
+/// alone is asked out (it broke the ceiling), and the idle model stays.
+#[test]
+fn a_model_loaded_behind_our_back_never_evicts_another_to_be_refused() {
+    let mut rig = Rig {
+        core: core_with(
+            pool_with("Cache", Some(100), &[("a", 60, false), ("big", 80, false)]),
+            true,
+        ),
+        ..Rig::new("Cache", None, &[])
+    };
+    rig.core.enable_server(true);
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a"]), &mut rig.fx);
+    assert_eq!(rig.state("a").unwrap().0, InstanceState::Loaded, "adopted");
+    rig.take();
+    rig.advance(ms(200));
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a", "big"]), &mut rig.fx);
+    let fx = rig.take();
+    let asked: Vec<(&str, UnloadReason)> = fx
+        .unloads
+        .iter()
+        .map(|u| (u.model.as_str(), u.reason))
+        .collect();
+    assert_eq!(asked, [("big", UnloadReason::Ceiling)]);
+    assert_eq!(
+        rig.state("a").unwrap().0,
+        InstanceState::Loaded,
+        "the idle model stays"
+    );
+    assert!(
+        fx.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("big") && e.contains("100.0 MiB")),
+        "the refusal names the numbers: {:?}",
+        fx.last_error
+    );
+}
