@@ -363,6 +363,7 @@ impl Ours {
                 pinned: m.pinned,
                 load_seconds: Some(m.load_s),
                 sized: true,
+                estimated: false,
             })
             .collect();
         let mut config = PoolConfig::new(w.limits, models);

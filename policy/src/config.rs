@@ -64,6 +64,10 @@ pub struct ModelConfig {
     /// Whether `declared` says anything: a size was declared or estimated from the weights.
     /// False: the size is unknown until a load is measured (see [`UnsizedModels`]).
     pub sized: bool,
+    /// `declared` is an estimate from the weights' headers (plus a runtime's overhead), not
+    /// the pool's word: once a load is measured, the measured peak replaces it. A declared
+    /// size stays a floor under what is measured.
+    pub estimated: bool,
 }
 
 /// The pool as the engine sees it.
@@ -123,6 +127,7 @@ impl ModelConfig {
             pinned: false,
             load_seconds: None,
             sized: true,
+            estimated: false,
         }
     }
 }

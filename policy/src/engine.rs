@@ -562,6 +562,9 @@ impl Engine {
         let declared = self.config.models[model].declared;
         let learned = &self.learned[model];
         match learned.measured {
+            // An estimate is a guess: what loads really took replaces it (a side no reading
+            // measured kept the estimate in the measurement itself).
+            Some(_) if self.config.models[model].estimated => learned.peak,
             Some(_) => declared.max(beyond_noise(learned.peak, declared)),
             // Unknown size: it needs the whole ceiling, so it is admitted only alone (the
             // `Refuse` rule never lets it this far).

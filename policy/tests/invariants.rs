@@ -95,6 +95,7 @@ fn pool() -> impl Strategy<Value = PoolConfig> {
                         pinned,
                         load_seconds,
                         sized,
+                        estimated: false,
                     },
                 )
                 .collect();

@@ -876,6 +876,7 @@ fn unsized_pool(rule: UnsizedModels) -> PoolConfig {
     let mut config = seed_pool(Mode::Cache);
     config.models.push(ModelConfig {
         sized: false,
+        estimated: false,
         ..ModelConfig::new("mystery", 0, 0)
     });
     config.unsized_models = rule;
@@ -1021,4 +1022,42 @@ fn a_model_asleep_in_host_ram_counts_against_the_ram_ceiling() {
         1,
         "the waiting acquire is granted once the RAM is free"
     );
+}
+
+/// Issue 20: an estimate from the weights' headers is replaced by what loads really took (a
+/// runtime overhead guessed too high is not kept reserved), while a declared size stays a
+/// floor under the measurement.
+#[test]
+fn a_measured_load_replaces_an_estimate_but_not_a_declared_size() {
+    for (estimated, need_after) in [
+        (true, Footprint::new(3 * GIB, GIB)),
+        (false, Footprint::new(5 * GIB, 2 * GIB)),
+    ] {
+        let mut config = seed_pool(Mode::Cache);
+        config.models.push(ModelConfig {
+            estimated,
+            ..ModelConfig::new("guessed", 5 * GIB, 2 * GIB)
+        });
+        let mut engine = Engine::new(config);
+        assert_eq!(
+            engine.need("guessed"),
+            Some(Footprint::new(5 * GIB, 2 * GIB))
+        );
+        let out = engine.acquire(secs(0), RequestId(1), APP, "guessed");
+        let (_, action, lease) = granted(&out)[0];
+        assert_eq!(action, Action::Load);
+        engine.loaded(
+            secs(1),
+            APP,
+            "guessed",
+            Some(Footprint::new(3 * GIB, GIB)),
+            Some(2.0),
+        );
+        engine.release(secs(2), lease);
+        assert_eq!(
+            engine.need("guessed"),
+            Some(need_after),
+            "estimated: {estimated}"
+        );
+    }
 }

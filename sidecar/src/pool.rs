@@ -240,6 +240,7 @@ pub fn convert_with(
             pinned: model.pinned,
             load_seconds: model.load_seconds,
             sized: declared,
+            estimated: false,
         });
         infos.push(ModelInfo {
             name: model.name.clone(),
@@ -359,6 +360,7 @@ impl LoadedPool {
                 info.ram_bytes = ram;
                 config.declared = Footprint::new(vram, ram);
                 config.sized = true;
+                config.estimated = true;
                 let through = root.path().display().to_string();
                 tracing::info!(
                     model = info.name,

@@ -683,8 +683,8 @@ pub struct ModelStatus {
     pub sizes: Option<ModelSizes>,
 }
 
-/// A model's sizes side by side. Admission counts the larger of declared (or, when nothing is
-/// declared, estimated) and peak.
+/// A model's sizes side by side. Admission counts the larger of declared and peak; a model with
+/// nothing declared counts its estimate until a load is measured, then its peak.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSizes {
