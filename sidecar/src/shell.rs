@@ -444,8 +444,8 @@ impl Shared {
         self: &Arc<Self>,
         request: wire::CreateSession,
     ) -> Result<wire::SessionCreated, LookupError> {
-        // The app's process is known: the weights only it sees can be read (once per pid).
-        self.estimate_through(&[request.pid]);
+        // The weights the app's process sees were estimated before (api::open_session, off
+        // the runtime's thread).
         let process = self.read_pid(request.pid);
         let now = self.now();
         let mut fx = Effects::default();

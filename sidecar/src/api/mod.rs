@@ -148,6 +148,12 @@ async fn open_session(
     JsonBody(body): JsonBody<wire::CreateSession>,
 ) -> Result<Response, ApiError> {
     limits::create_session(&body)?;
+    // The app's process is known: the weights only it sees can be estimated (once per pid).
+    // That reads files (up to 2 s each): on the blocking pool, not the runtime's one thread,
+    // and before the session opens, so its first acquire sees the estimate.
+    let estimator = Arc::clone(&shared);
+    let pid = body.pid;
+    let _ = tokio::task::spawn_blocking(move || estimator.estimate_through(&[pid])).await;
     let answer = {
         // The count and the open as one step, so concurrent opens cannot pass the cap.
         let _gate = limits::OPEN_GATE
