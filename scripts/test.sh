@@ -5,8 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
 started=$(date +%s)
+# Each step's heading says how long the run has taken so far (wall clock) and how much CPU the
+# steps before used (user + system of the finished children: fields 16 and 17 of
+# /proc/<this shell>/stat, in clock ticks), so that a slow CI run shows where its minutes went,
+# and a run on a loaded machine can be told apart from one that does more work.
+ticks=$(getconf CLK_TCK)
+cpu_s() { awk -v hz="$ticks" '{ printf "%d", ($16 + $17) / hz }' "/proc/$$/stat"; }
+step() { printf '\n==> [%d s, %d s CPU] %s\n' "$(($(date +%s) - started))" "$(cpu_s)" "$*"; }
 
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
@@ -67,4 +73,4 @@ step "GPU script logic, without a GPU (tests/gpu)"
 target/py-venv/bin/python -m pytest -q tests/gpu
 
 echo
-echo "all tests passed in $(( $(date +%s) - started )) s"
+echo "all tests passed in $(( $(date +%s) - started )) s ($(cpu_s) s CPU; load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
