@@ -165,6 +165,7 @@ pub fn markdown(rows: &[Row], memory: &[Row]) -> String {
         }
         let _ = writeln!(out);
     }
+    verdicts(&mut out, rows, &keys);
     if !memory.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(
@@ -213,6 +214,184 @@ pub fn markdown(rows: &[Row], memory: &[Row]) -> String {
     out
 }
 
+/// What can be said of one (ours, baseline) pair on one trace and seed against the 10 %
+/// target, from the costs alone.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    /// Ours is at least 10 % cheaper.
+    Met,
+    /// Ours is not, and an online contender (one that does not know the future) is.
+    MissedOnline,
+    /// Ours is not, and only the clairvoyant schedule is.
+    MissedClairvoyant,
+    /// No known schedule is 10 % cheaper, and the bound does not rule it out.
+    NoneKnown,
+    /// The lower bound is above 90 % of the baseline: no schedule at all can be 10 % cheaper.
+    NoneCan,
+}
+
+impl Verdict {
+    /// Judges `ours` against `base`, given the cheapest online and clairvoyant costs known
+    /// and the lower bound (all on the same trace, under the same TTL rule).
+    pub fn judge(
+        ours: f64,
+        base: f64,
+        best_online: f64,
+        best_clairvoyant: f64,
+        bound: Option<f64>,
+    ) -> Self {
+        let target = 0.9 * base;
+        if ours <= target {
+            Verdict::Met
+        } else if bound.is_some_and(|b| b > target) {
+            Verdict::NoneCan
+        } else if best_online <= target {
+            Verdict::MissedOnline
+        } else if best_clairvoyant <= target {
+            Verdict::MissedClairvoyant
+        } else {
+            Verdict::NoneKnown
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Verdict::Met => "met",
+            Verdict::MissedOnline => "missed (an online contender is)",
+            Verdict::MissedClairvoyant => "missed (only the clairvoyant schedule is)",
+            Verdict::NoneKnown => "none known",
+            Verdict::NoneCan => "none can (bound)",
+        }
+    }
+}
+
+/// The per-pair verdicts on the targets, and their counts.
+fn verdicts(out: &mut String, rows: &[Row], keys: &[(String, String)]) {
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Verdicts, computed from the rows above. ≥ 10 % cheaper than the baseline: `met`; \
+         `none can (bound)` where the lower bound itself is above 90 % of the baseline (proven: \
+         no schedule, online or clairvoyant, is 10 % cheaper); `none known` where no contender \
+         is 10 % cheaper and the bound does not rule it out; `missed` where one is, saying \
+         whether an online contender (one that does not know the future) is or only the \
+         clairvoyant schedule. The TTL pair counts only contenders that honour the TTL (the \
+         bound holds for every schedule, so for those too)."
+    );
+    let _ = writeln!(out);
+    let _ = write!(out, "| trace | seed | costaware_keep / offline ≤ 1.15 |");
+    for (ours, base, _) in PAIRS {
+        let _ = write!(out, " {ours} vs {base} |");
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let mut counts = vec![Vec::new(); PAIRS.len()];
+    let mut offline_misses = Vec::new();
+    let mut offline_pairs = 0;
+    let mut to_bound: Vec<f64> = Vec::new();
+    for (trace, seed) in keys {
+        let row = |p: &str| find(rows, trace, seed, p);
+        let cost = |p: &str| row(p).and_then(|r| num(r, "cost_s"));
+        let bound = cost("bound");
+        let best = |under_ttl: bool, clairvoyant: bool| {
+            rows.iter()
+                .filter(|r| {
+                    &text(r, "trace") == trace
+                        && &text(r, "seed") == seed
+                        && text(r, "kind") != "bound"
+                        && (text(r, "kind") == "clairvoyant") == clairvoyant
+                        && (!under_ttl || UNDER_TTL.contains(&text(r, "policy").as_str()))
+                })
+                .filter_map(|r| num(r, "cost_s"))
+                .fold(f64::INFINITY, f64::min)
+        };
+        let ratio = row("costaware_keep").and_then(|r| num(r, "ratio_to_offline"));
+        if let Some(b) = row("costaware_keep").and_then(|r| num(r, "ratio_to_bound")) {
+            to_bound.push(b);
+        }
+        let within = match ratio {
+            Some(r) => {
+                offline_pairs += 1;
+                if r > 1.15 {
+                    offline_misses.push(format!("`{trace}` {seed} ({r:.2})"));
+                }
+                format!("{} ({r:.3})", if r <= 1.15 { "met" } else { "missed" })
+            }
+            None => "-".to_owned(),
+        };
+        let _ = write!(out, "| {trace} | {seed} | {within} |");
+        for (i, (ours, base, under_ttl)) in PAIRS.into_iter().enumerate() {
+            let (Some(o), Some(b)) = (cost(ours), cost(base)) else {
+                let _ = write!(out, " - |");
+                continue;
+            };
+            let v = Verdict::judge(o, b, best(under_ttl, false), best(under_ttl, true), bound);
+            counts[i].push((v, format!("`{trace}` {seed}")));
+            let _ = write!(out, " {} |", v.label());
+        }
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "- `costaware_keep` ≤ 1.15× the offline schedule on {} of {offline_pairs} pairs{}.",
+        offline_pairs - offline_misses.len(),
+        if offline_misses.is_empty() {
+            String::new()
+        } else {
+            format!("; not on {}", offline_misses.join(", "))
+        }
+    );
+    if let (Some(low), Some(high)) = (
+        to_bound.iter().copied().reduce(f64::min),
+        to_bound.iter().copied().reduce(f64::max),
+    ) {
+        let _ = writeln!(
+            out,
+            "- `costaware_keep` over the lower bound: {low:.2}–{high:.2}× on {} pairs.",
+            to_bound.len()
+        );
+    }
+    for ((ours, base, _), judged) in PAIRS.into_iter().zip(&counts) {
+        let of = |v: Verdict| -> Vec<&str> {
+            judged
+                .iter()
+                .filter(|(x, _)| *x == v)
+                .map(|(_, k)| k.as_str())
+                .collect()
+        };
+        let (met, online, clairvoyant, known, can) = (
+            of(Verdict::Met),
+            of(Verdict::MissedOnline),
+            of(Verdict::MissedClairvoyant),
+            of(Verdict::NoneKnown),
+            of(Verdict::NoneCan),
+        );
+        let list = |v: &[&str]| {
+            if v.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", v.join(", "))
+            }
+        };
+        let _ = writeln!(
+            out,
+            "- `{ours}` vs `{base}`: met on {} of the {} pairs where a known schedule is 10 % \
+             cheaper; missed where an online contender is on {}{}; missed where only the \
+             clairvoyant schedule is on {}{}; none known on {}; none can (bound) on {}{}.",
+            met.len(),
+            met.len() + online.len() + clairvoyant.len(),
+            online.len(),
+            list(&online),
+            clairvoyant.len(),
+            list(&clairvoyant),
+            known.len(),
+            can.len(),
+            list(&can),
+        );
+    }
+}
+
 /// Replaces what lies between the markers in a file.
 pub fn splice(path: &Path, tables: &str) -> anyhow::Result<()> {
     let doc = std::fs::read_to_string(path)
@@ -230,4 +409,34 @@ pub fn splice(path: &Path, tables: &str) -> anyhow::Result<()> {
     let tail = &doc[end..];
     let new = format!("{head}\n{tables}{tail}");
     std::fs::write(path, new).with_context(|| format!("failed to write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Verdict;
+
+    #[test]
+    fn verdicts_follow_the_costs_and_the_bound() {
+        // Baseline 100: the target is 90.
+        assert_eq!(
+            Verdict::judge(89.0, 100.0, 89.0, 80.0, Some(50.0)),
+            Verdict::Met
+        );
+        assert_eq!(
+            Verdict::judge(95.0, 100.0, 95.0, 92.0, Some(91.0)),
+            Verdict::NoneCan
+        );
+        assert_eq!(
+            Verdict::judge(95.0, 100.0, 85.0, 80.0, Some(50.0)),
+            Verdict::MissedOnline
+        );
+        assert_eq!(
+            Verdict::judge(95.0, 100.0, 95.0, 80.0, None),
+            Verdict::MissedClairvoyant
+        );
+        assert_eq!(
+            Verdict::judge(95.0, 100.0, 93.0, 91.0, Some(50.0)),
+            Verdict::NoneKnown
+        );
+    }
 }
