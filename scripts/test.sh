@@ -14,6 +14,25 @@ ticks=$(getconf CLK_TCK)
 cpu_s() { awk -v hz="$ticks" '{ printf "%d", ($16 + $17) / hz }' "/proc/$$/stat"; }
 step() { printf '\n==> [%d s, %d s CPU] %s\n' "$(($(date +%s) - started))" "$(cpu_s)" "$*"; }
 
+# Ollama's first build (cgo: llama.cpp, ≈ 5–10 min) compiles one C++ file at a time, so it
+# leaves a core idle: it starts here, in the background, beside the Go tools' and the Rust
+# builds, and is waited for before the tests that need it. Cached, it returns at once.
+background=$(mktemp -d)
+# In a session of its own, so that a run that stops early takes the build's compilers with it.
+setsid -w scripts/servers.sh ollama >"$background/ollama.out" 2>"$background/ollama.err" &
+ollama_job=$!
+trap 'kill -- -"$ollama_job" 2>/dev/null || true; rm -rf "$background"' EXIT
+# Waits for a background install (in this shell: only it can wait for its jobs). On failure it
+# shows what the install printed and stops the run.
+wait_for_background() { # <name> <pid>
+  if ! wait "$2"; then
+    printf '%s failed to install; what it printed:\n' "$1" >&2
+    cat "$background/$1.err" "$background/$1.out" >&2
+    exit 1
+  fi
+  cat "$background/$1.err" >&2
+}
+
 step "formatting (cargo fmt --check)"
 cargo fmt --all -- --check
 
@@ -27,13 +46,10 @@ MODELPOOL_NODE_TOOLS_BIN=$(scripts/build-tools.sh node | tail -n 1)
 export MODELPOOL_NODE_TOOLS_BIN
 echo "node tools: $MODELPOOL_NODE_TOOLS_BIN"
 
-step "model servers for the driver tests (scripts/servers.sh: MLServer, Ollama; cached after the first time)"
+step "MLServer for the driver tests (scripts/servers.sh mlserver; cached after the first time)"
 MODELPOOL_MLSERVER_BIN="$(scripts/servers.sh mlserver | tail -n 1)/mlserver"
 export MODELPOOL_MLSERVER_BIN
 echo "mlserver: $MODELPOOL_MLSERVER_BIN"
-MODELPOOL_OLLAMA_DIR=$(scripts/servers.sh ollama | tail -n 1)
-export MODELPOOL_OLLAMA_DIR
-echo "ollama: $MODELPOOL_OLLAMA_DIR"
 
 step "lint (cargo clippy --all-targets -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -53,6 +69,15 @@ if [[ "$first" != "$second" ]]; then
   printf 'the images are not reproducible:\n%s\n---\n%s\n' "$first" "$second" >&2
   exit 1
 fi
+cargo test --workspace --locked --no-run
+
+step "Ollama for the driver tests (scripts/servers.sh ollama, built in the background since the start)"
+wait_for_background ollama "$ollama_job"
+MODELPOOL_OLLAMA_DIR=$(tail -n 1 "$background/ollama.out")
+export MODELPOOL_OLLAMA_DIR
+echo "ollama: $MODELPOOL_OLLAMA_DIR"
+
+step "cargo test --workspace"
 cargo test --workspace --locked
 
 step "Python SDK tests (sdk/python, against the real sidecar)"
