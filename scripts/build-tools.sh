@@ -86,6 +86,35 @@ build() { # <binary name> <module dir> <package> [extra ldflags...]   ($tags: bu
   log "$name: built in $((SECONDS - start))s"
 }
 
+# Several main packages of one module in one `go build`: each package is compiled once for all
+# of them (kubelet, kube-controller-manager and kube-scheduler share most of Kubernetes) and the
+# links, each single-threaded, run side by side. The binaries are named after their packages.
+build_together() { # <module dir> <ldflags> <package>...   ($tags: build tags)
+  local dir=$1 ld=$2
+  shift 2
+  local pkg name missing=() pkgs=()
+  for pkg; do
+    name=${pkg##*/}
+    if [[ -x "$bin/$name" ]]; then
+      log "$name: cached ($bin/$name)"
+    else
+      missing+=("$name")
+      pkgs+=("$pkg")
+    fi
+  done
+  ((${#pkgs[@]})) || return 0
+  log "${missing[*]}: building together ..."
+  local start=$SECONDS tmp="$bin/.together.$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  go build -C "$tools/$dir" -trimpath -tags "${tags:-netgo}" -ldflags="-s -w $ld" -o "$tmp/" "${pkgs[@]}"
+  for name in "${missing[@]}"; do
+    mv -f "$tmp/$name" "$bin/$name"
+  done
+  rm -rf "$tmp"
+  log "${missing[*]}: built in $((SECONDS - start))s"
+}
+
 total=$SECONDS
 
 k8s=$(pinned kubernetes k8s.io/kubernetes) # v1.37.2
@@ -97,16 +126,12 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 
 if [[ $set_name == node ]]; then
-  build kubelet node k8s.io/kubernetes/cmd/kubelet "${k8s_ld[@]}"
-  build kube-controller-manager node k8s.io/kubernetes/cmd/kube-controller-manager "${k8s_ld[@]}"
-  build kube-scheduler node k8s.io/kubernetes/cmd/kube-scheduler "${k8s_ld[@]}"
+  build_together node "${k8s_ld[*]}" k8s.io/kubernetes/cmd/{kubelet,kube-controller-manager,kube-scheduler}
 
   ctd=$(pinned containerd github.com/containerd/containerd/v2)
   ctd_ld="-X github.com/containerd/containerd/v2/version.Version=$ctd -X github.com/containerd/containerd/v2/version.Revision=$ctd"
-  for b in containerd containerd-shim-runc-v2 ctr; do
-    tags="netgo no_btrfs no_devmapper no_zfs no_aufs" \
-      build "$b" containerd "github.com/containerd/containerd/v2/cmd/$b" "$ctd_ld"
-  done
+  tags="netgo no_btrfs no_devmapper no_zfs no_aufs" \
+    build_together containerd "$ctd_ld" github.com/containerd/containerd/v2/cmd/{containerd,containerd-shim-runc-v2,ctr}
   # The sandbox ("pause") container's process: sleeps, reaps children, exits on TERM/INT.
   build pause node ./pause
 
@@ -151,8 +176,7 @@ prom=$(pinned prometheus github.com/prometheus/prometheus)
 prom_minor=$(echo "$prom" | cut -d. -f2)
 prom_version="$((prom_minor / 100)).$((prom_minor % 100)).$(echo "$prom" | cut -d. -f3)"
 prom_ld="-X github.com/prometheus/common/version.Version=$prom_version -X github.com/prometheus/common/version.Branch=HEAD"
-build promtool prometheus github.com/prometheus/prometheus/cmd/promtool "$prom_ld"
-build prometheus prometheus github.com/prometheus/prometheus/cmd/prometheus "$prom_ld"
+build_together prometheus "$prom_ld" github.com/prometheus/prometheus/cmd/{promtool,prometheus}
 
 log "done in $((SECONDS - total))s"
 echo "$bin"
