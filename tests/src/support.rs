@@ -258,3 +258,18 @@ pub fn cluster_sidecar(
     }
     sidecar
 }
+
+/// The columns `kubectl get modelpools` prints, in order: the CRD's `additionalPrinterColumns`
+/// (crds/modelpool.yaml) after NAME, then AGE. One list, so a new column is added in one place.
+pub const GET_MP_COLUMNS: &[&str] = &[
+    "NAME",
+    "MODELS",
+    "PODS",
+    "VRAM",
+    "CEILING",
+    "RAM",
+    "MODE",
+    "READY",
+    "UNVERIFIED",
+    "AGE",
+];

@@ -4,20 +4,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use modelpool_e2e::{ControlPlane, repo_root};
-
-const COLUMNS: &[&str] = &[
-    "NAME",
-    "MODELS",
-    "PODS",
-    "VRAM",
-    "CEILING",
-    "RAM",
-    "MODE",
-    "READY",
-    "UNVERIFIED",
-    "AGE",
-];
+use modelpool_e2e::{ControlPlane, repo_root, support::GET_MP_COLUMNS as COLUMNS};
 
 /// Installs the CRD once per test process and waits until it is served.
 fn install_crd() -> &'static ControlPlane {

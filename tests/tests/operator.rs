@@ -22,7 +22,7 @@ use modelpool_crds::{
 };
 use modelpool_e2e::{
     ControlPlane,
-    support::{eventually, free_port, install_crd, operator_command, webhook_config},
+    support::{self, eventually, free_port, install_crd, operator_command, webhook_config},
 };
 
 struct Operator {
@@ -310,22 +310,7 @@ async fn operator_injects_aggregates_fails_over_and_drains() {
         .unwrap_or_default()
         .split_whitespace()
         .collect();
-    assert_eq!(
-        header,
-        [
-            "NAME",
-            "MODELS",
-            "PODS",
-            "VRAM",
-            "CEILING",
-            "RAM",
-            "MODE",
-            "READY",
-            "UNVERIFIED",
-            "AGE"
-        ],
-        "{table}"
-    );
+    assert_eq!(header, support::GET_MP_COLUMNS, "{table}");
     let row: Vec<&str> = table
         .lines()
         .nth(1)

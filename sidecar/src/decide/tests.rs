@@ -1666,6 +1666,21 @@ fn as_json(answer: impl serde::Serialize) -> serde_json::Value {
 
 // ---- server drivers ----
 
+/// A server poll that also read the server's process tree (pid 42): its RSS and, where NVML
+/// covered it, its VRAM.
+fn tree_poll(rss: u64, vram: Option<u64>, loaded: &[&str]) -> ServerPoll {
+    let mut poll = server_view(loaded);
+    poll.tree = Some(crate::measure::tree::TreeReading {
+        root: 42,
+        started: 1,
+        pids: vec![42],
+        rss_bytes: rss,
+        vram_bytes: vram,
+        found_by: "port",
+    });
+    poll
+}
+
 fn server_view(loaded: &[&str]) -> ServerPoll {
     let models = loaded
         .iter()
@@ -1751,18 +1766,7 @@ fn a_server_model_unloaded_before_any_poll_saw_it_is_still_seen_reclaimed() {
         ..Rig::new("Aggressive", None, &[])
     };
     rig.core.enable_server(true);
-    let poll = |rss: u64, loaded: &[&str]| {
-        let mut poll = server_view(loaded);
-        poll.tree = Some(crate::measure::tree::TreeReading {
-            root: 42,
-            started: 1,
-            pids: vec![42],
-            rss_bytes: rss,
-            vram_bytes: None,
-            found_by: "port",
-        });
-        poll
-    };
+    let poll = |rss: u64, loaded: &[&str]| tree_poll(rss, None, loaded);
     rig.core
         .reconcile_server(rig.now, poll(100 * MIB, &[]), &mut rig.fx);
     let s = rig.open(7, &["a"]);
@@ -1851,21 +1855,9 @@ fn a_server_models_vram_unload_is_proven_only_by_a_vram_reading() {
             ..Rig::new("Aggressive", None, &[])
         };
         rig.core.enable_server(true);
-        let poll = |rss: u64, vram: Option<u64>, loaded: &[&str]| {
-            let mut poll = server_view(loaded);
-            poll.tree = Some(crate::measure::tree::TreeReading {
-                root: 42,
-                started: 1,
-                pids: vec![42],
-                rss_bytes: rss,
-                vram_bytes: vram,
-                found_by: "port",
-            });
-            poll
-        };
         rig.core.reconcile_server(
             rig.now,
-            poll(100 * MIB, tree_vram.map(|v| v.1), &[]),
+            tree_poll(100 * MIB, tree_vram.map(|v| v.1), &[]),
             &mut rig.fx,
         );
         let s = rig.open(7, &["a"]);
@@ -1883,7 +1875,7 @@ fn a_server_models_vram_unload_is_proven_only_by_a_vram_reading() {
         rig.advance(ms(100));
         rig.core.reconcile_server(
             rig.now,
-            poll(160 * MIB, tree_vram.map(|v| v.0), &["a"]),
+            tree_poll(160 * MIB, tree_vram.map(|v| v.0), &["a"]),
             &mut rig.fx,
         );
         rig.release(&s, &lease);
@@ -1894,7 +1886,7 @@ fn a_server_models_vram_unload_is_proven_only_by_a_vram_reading() {
         // RSS back to its level before the load; VRAM back too where it is read.
         rig.core.reconcile_server(
             rig.now,
-            poll(100 * MIB, tree_vram.map(|v| v.1), &[]),
+            tree_poll(100 * MIB, tree_vram.map(|v| v.1), &[]),
             &mut rig.fx,
         );
         assert!(rig.state("a").is_none(), "{:?}", rig.state("a"));
