@@ -140,6 +140,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         proxy_max_queue,
         proxy_model_concurrency,
         proxy_max_connections,
+        proxy_threads,
         driver_url: default_driver_url,
         process_match: default_process_match,
     } = args.clone();
@@ -272,6 +273,9 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         tracing::info!(%addr, max_connections = caps[2], "API listening on TCP");
     }
     let mut proxy_task = None;
+    // Kept to the end of `run`, then shut down in the background: a runtime may not be
+    // dropped inside another one's task.
+    let mut proxy_runtime: Option<tokio::runtime::Runtime> = None;
     if let Some(listen) = proxy_listen {
         let config = proxy::ProxyConfig {
             listen,
@@ -288,26 +292,39 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         };
         let upstream = config.upstream.clone();
         let proxy = proxy::Proxy::new(Arc::clone(&shared), config)?;
-        let tcp = api::http::bind_tcp(listen).await?;
-        let addr = tcp.local_addr().map_or(listen, |a| a);
-        // Streams are many small writes: without TCP_NODELAY each waits for the client's
-        // delayed ACK (40 ms).
-        let tcp = axum::serve::ListenerExt::tap_io(tcp, |stream| {
-            let _ = stream.set_nodelay(true);
-        });
+        let runtime = proxy::runtime(proxy_threads)?;
         let cap = proxy_cap.map_or(proxy_max_connections as usize, |i| caps[i]);
-        servers.push(listen::serve_worded(
-            tcp,
-            proxy::router(Arc::clone(&proxy)),
-            limits(cap),
-            conn_metrics.clone(),
-            stop_rx.clone(),
-            "proxy",
-            listen::Wording {
-                cap_flag: "--proxy-max-connections",
-                body: proxy::reply::http_layer_body,
-            },
-        ));
+        let router = proxy::router(Arc::clone(&proxy));
+        let (limits, metrics, stop) = (limits(cap), conn_metrics.clone(), stop_rx.clone());
+        // Bound and served on the proxy's runtime: a listener belongs to the reactor of the
+        // runtime that binds it, and the connections' tasks go where the accept loop runs.
+        let (addr, server) = runtime
+            .spawn(async move {
+                let tcp = api::http::bind_tcp(listen).await?;
+                let addr = tcp.local_addr().map_or(listen, |a| a);
+                // Streams are many small writes: without TCP_NODELAY each waits for the
+                // client's delayed ACK (40 ms).
+                let tcp = axum::serve::ListenerExt::tap_io(tcp, |stream| {
+                    let _ = stream.set_nodelay(true);
+                });
+                let server = listen::serve_worded(
+                    tcp,
+                    router,
+                    limits,
+                    metrics,
+                    stop,
+                    "proxy",
+                    listen::Wording {
+                        cap_flag: "--proxy-max-connections",
+                        body: proxy::reply::http_layer_body,
+                    },
+                );
+                Ok::<_, api::http::ListenError>((addr, server))
+            })
+            .await
+            .map_err(|error| proxy::SetupError::Runtime(std::io::Error::other(error)))??;
+        servers.push(server);
+        proxy_runtime = Some(runtime);
         proxy_task = Some(tokio::spawn(proxy.heartbeat_loop(stop_rx.clone())));
         tracing::info!(%addr, upstream, max_connections = cap, "serving proxy listening");
     }
@@ -406,6 +423,9 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         {
             tracing::debug!("a server did not stop within 2 s");
         }
+    }
+    if let Some(runtime) = proxy_runtime {
+        runtime.shutdown_background();
     }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("sidecar stopped");
