@@ -226,7 +226,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MODELPOOL_PROXY_MAX_CONNECTIONS", default_value_t = crate::proxy::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub proxy_max_connections: u32,
 
-    /// Serving proxy: worker threads of its own runtime (0: one per core, at most 4). The API
+    /// Serving proxy: worker threads of its own runtime (0: one per core this process may use,
+    /// a CPU limit included, at most 4). The API
     /// answers on one thread (its work per request is microseconds); the proxy does a second
     /// HTTP exchange per request, and on one thread 32 clients arriving together queue behind
     /// each other (+1.5 ms p99 at 10 ms of server work on 2 cores).

@@ -162,6 +162,12 @@ pub struct ProxySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub max_connections: Option<u32>,
+    /// Worker threads of the proxy, apart from the sidecar's API thread. More serve requests
+    /// that arrive together in parallel; 1 uses the least CPU. Absent: one per core the
+    /// sidecar may use (its CPU limit counts), at most 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub threads: Option<u16>,
 }
 
 /// How the sidecar sees the app's GPU in a pod (see docs/gpu.md).

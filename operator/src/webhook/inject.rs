@@ -165,6 +165,9 @@ fn proxy_args(proxy: &ProxySpec) -> Vec<String> {
     if let Some(n) = proxy.max_connections {
         args.extend(["--proxy-max-connections".to_owned(), n.to_string()]);
     }
+    if let Some(n) = proxy.threads {
+        args.extend(["--proxy-threads".to_owned(), n.to_string()]);
+    }
     args
 }
 
@@ -405,6 +408,7 @@ mod tests {
                 max_body_bytes: None,
                 model_concurrency: Some(2),
                 max_connections: Some(512),
+                threads: Some(2),
             }),
             ..SidecarTemplate::default()
         };
@@ -413,7 +417,7 @@ mod tests {
         let args = sidecar.args.as_ref().unwrap().join(" ");
         assert!(
             args.ends_with(
-                "--proxy-listen 0.0.0.0:8080 --upstream http://127.0.0.1:11434 --proxy-max-queue 64 --proxy-model-concurrency 2 --proxy-max-connections 512"
+                "--proxy-listen 0.0.0.0:8080 --upstream http://127.0.0.1:11434 --proxy-max-queue 64 --proxy-model-concurrency 2 --proxy-max-connections 512 --proxy-threads 2"
             ),
             "{args}"
         );
