@@ -273,9 +273,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         tracing::info!(%addr, max_connections = caps[2], "API listening on TCP");
     }
     let mut proxy_task = None;
-    // Kept to the end of `run`, then shut down in the background: a runtime may not be
-    // dropped inside another one's task.
-    let mut proxy_runtime: Option<tokio::runtime::Runtime> = None;
+    // Kept to the end of `run`; dropped, it shuts down in the background.
+    let mut proxy_runtime = None;
     if let Some(listen) = proxy_listen {
         let config = proxy::ProxyConfig {
             listen,
@@ -299,6 +298,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
         // Bound and served on the proxy's runtime: a listener belongs to the reactor of the
         // runtime that binds it, and the connections' tasks go where the accept loop runs.
         let (addr, server) = runtime
+            .handle()
             .spawn(async move {
                 let tcp = api::http::bind_tcp(listen).await?;
                 let addr = tcp.local_addr().map_or(listen, |a| a);
@@ -424,9 +424,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Error> {
             tracing::debug!("a server did not stop within 2 s");
         }
     }
-    if let Some(runtime) = proxy_runtime {
-        runtime.shutdown_background();
-    }
+    drop(proxy_runtime);
     let _ = std::fs::remove_file(&socket);
     tracing::info!("sidecar stopped");
     Ok(())

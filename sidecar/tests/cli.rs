@@ -277,3 +277,32 @@ fn status_says_what_to_check_when_nobody_answers() {
     );
     holder.join().unwrap();
 }
+
+/// The proxy's port taken by another process: the sidecar exits with the listen error naming
+/// the address, not a panic (the proxy's own runtime is shut down on the way out).
+#[test]
+fn a_proxy_port_in_use_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let socket = dir.path().join("proxy.sock");
+    let out = run(&[
+        "--pool",
+        &example("ollama.yaml"),
+        "--socket",
+        socket.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--no-nvml",
+        "--proxy-listen",
+        &addr,
+    ]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("failed to listen on {addr}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+}

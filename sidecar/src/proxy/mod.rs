@@ -856,17 +856,45 @@ async fn handle(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
 /// Apart from the API's single thread: a proxied request is a second HTTP exchange (tens of
 /// µs of CPU), and requests that arrive together would otherwise wait for each other on one
 /// core, and the API's acquires behind them.
-pub fn runtime(threads: u16) -> Result<tokio::runtime::Runtime, SetupError> {
+pub fn runtime(threads: u16) -> Result<ProxyRuntime, SetupError> {
     let threads = match threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         n => usize::from(n),
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .thread_name("proxy")
         .enable_all()
         .build()
-        .map_err(SetupError::Runtime)
+        .map_err(SetupError::Runtime)?;
+    Ok(ProxyRuntime {
+        handle: runtime.handle().clone(),
+        runtime: Some(runtime),
+    })
+}
+
+/// The proxy's runtime. It lives inside the sidecar's own runtime, where dropping a tokio
+/// runtime panics, so dropping this one (at shutdown, or on an early return such as the
+/// proxy's port in use) shuts it down in the background instead.
+#[derive(Debug)]
+pub struct ProxyRuntime {
+    handle: tokio::runtime::Handle,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl ProxyRuntime {
+    /// Where to spawn the proxy's tasks.
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for ProxyRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -877,10 +905,8 @@ mod tests {
     fn proxy_runtime_has_one_worker_per_core_up_to_four_unless_told() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let default = runtime(0).expect("default runtime");
-        assert_eq!(default.metrics().num_workers(), cores.min(4));
-        default.shutdown_background();
+        assert_eq!(default.handle().metrics().num_workers(), cores.min(4));
         let three = runtime(3).expect("three workers");
-        assert_eq!(three.metrics().num_workers(), 3);
-        three.shutdown_background();
+        assert_eq!(three.handle().metrics().num_workers(), 3);
     }
 }
