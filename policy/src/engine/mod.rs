@@ -830,14 +830,8 @@ impl Engine {
         if self.config.mode == Mode::Cache {
             let ttl = self.config.idle_ttl;
             let expired: Vec<Key> = self
-                .instances
-                .iter()
-                .filter(|(key, i)| {
-                    i.state == InstanceState::Loaded
-                        && i.leases.is_empty()
-                        && !self.config.models[key.1].pinned
-                        && now.saturating_sub(i.last_used) >= ttl
-                })
+                .evictable()
+                .filter(|(_, i)| now.saturating_sub(i.last_used) >= ttl)
                 .map(|(key, _)| *key)
                 .collect();
             for key in expired {

@@ -101,13 +101,7 @@ impl Engine {
     }
 
     pub(super) fn reclaimable(&self) -> Footprint {
-        self.instances
-            .iter()
-            .filter(|(key, i)| {
-                i.state == InstanceState::Loaded
-                    && i.leases.is_empty()
-                    && !self.config.models[key.1].pinned
-            })
+        self.evictable()
             .fold(Footprint::default(), |sum, (_, i)| sum.plus(i.held))
     }
 

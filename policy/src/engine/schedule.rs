@@ -43,16 +43,20 @@ impl Engine {
         }
     }
 
+    /// Idle (no lease), unpinned, loaded instances: what eviction, the idle TTL and the room
+    /// count may take.
+    pub(super) fn evictable(&self) -> impl Iterator<Item = (&Key, &Instance)> {
+        self.instances.iter().filter(|(key, i)| {
+            i.state == InstanceState::Loaded
+                && i.leases.is_empty()
+                && !self.config.models[key.1].pinned
+        })
+    }
+
     /// Idle, unpinned, loaded instances, as eviction candidates.
     pub(super) fn candidates(&self, now: Duration) -> Vec<Candidate<Key>> {
         let prior = self.prior_gap_s(now);
-        self.instances
-            .iter()
-            .filter(|(key, i)| {
-                i.state == InstanceState::Loaded
-                    && i.leases.is_empty()
-                    && !self.config.models[key.1].pinned
-            })
+        self.evictable()
             .map(|(key, i)| Candidate {
                 key: *key,
                 priority: self.config.models[key.1].priority,
