@@ -131,10 +131,12 @@ impl Core {
             return;
         }
         let current = poll.tree.as_ref().map(|t| (t.root, t.started));
+        let mut replaced = false;
         if self.server.single
             && let Some((old, _)) = self.server.process
             && current != self.server.process
         {
+            replaced = true;
             let why = match current {
                 Some((pid, _)) => {
                     format!("the server's process {old} is gone (now process {pid} serves)")
@@ -171,7 +173,18 @@ impl Core {
                     tracing::info!(was, "the model server answers again");
                 }
                 self.server.polls += 1;
-                self.reconcile_view(now, &view, fx);
+                if replaced {
+                    // The view is read before the tree: it may be the old process's last
+                    // answer, listing what just died with it (found by CI: a and b, dropped
+                    // with the killed Ollama, were adopted back from its last /api/ps and
+                    // held while it was down). What the new process holds, the next poll
+                    // adopts.
+                    tracing::info!(
+                        "the server's process changed during the poll: its list is read again next poll"
+                    );
+                } else {
+                    self.reconcile_view(now, &view, fx);
+                }
             }
         }
         self.check_server_reclaims(now, fx);

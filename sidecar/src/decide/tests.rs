@@ -1701,6 +1701,73 @@ fn server_view(loaded: &[&str]) -> ServerPoll {
     }
 }
 
+/// Found by CI (`ollama_killed_and_restarted`): the shell reads the server's list before its
+/// process tree, so a poll can carry the last list of a process that the tree then shows gone.
+/// What died with the process leaves the ledger and is not adopted back from that list; the
+/// next poll adopts what the server (a new process, or none) really holds.
+#[test]
+fn a_list_read_before_the_server_died_does_not_bring_its_models_back() {
+    let mut rig = Rig {
+        core: core_with(
+            pool_with("Cache", Some(1000), &[("a", 60, false), ("b", 60, false)]),
+            true,
+        ),
+        ..Rig::new("Cache", None, &[])
+    };
+    rig.core.enable_server(true);
+    let loaded = |rig: &Rig| -> Vec<String> {
+        rig.core
+            .engine
+            .instances(rig.now)
+            .into_iter()
+            .filter(|v| v.state == InstanceState::Loaded)
+            .map(|v| v.model)
+            .collect()
+    };
+    let with_root = |root: u32, loaded: &[&str]| {
+        let mut poll = tree_poll(100 * MIB, None, loaded);
+        if let Some(tree) = poll.tree.as_mut() {
+            tree.root = root;
+            tree.pids = vec![root];
+        }
+        poll
+    };
+    rig.core
+        .reconcile_server(rig.now, with_root(42, &["a", "b"]), &mut rig.fx);
+    assert_eq!(loaded(&rig), ["a", "b"], "adopted");
+
+    // Killed between the list and the tree: the list still names a and b.
+    rig.advance(ms(100));
+    rig.core
+        .reconcile_server(rig.now, server_view(&["a", "b"]), &mut rig.fx);
+    assert!(loaded(&rig).is_empty(), "{:?}", loaded(&rig));
+    assert_eq!(rig.core.server().dropped, 2);
+    assert_eq!(rig.core.server().adopted, 2, "nothing adopted back");
+    // Down: nothing comes back either.
+    rig.advance(ms(100));
+    let down = ServerPoll {
+        view: Err("connection refused".to_owned()),
+        tree: None,
+    };
+    rig.core.reconcile_server(rig.now, down, &mut rig.fx);
+    assert!(loaded(&rig).is_empty());
+    // Restarted, holding a: adopted once.
+    rig.advance(ms(100));
+    rig.core
+        .reconcile_server(rig.now, with_root(43, &["a"]), &mut rig.fx);
+    assert_eq!(loaded(&rig), ["a"]);
+
+    // Replaced within one poll (43 gone, 44 serves): the list may be 43's; read again next poll.
+    rig.advance(ms(100));
+    rig.core
+        .reconcile_server(rig.now, with_root(44, &["a", "b"]), &mut rig.fx);
+    assert!(loaded(&rig).is_empty(), "{:?}", loaded(&rig));
+    rig.advance(ms(100));
+    rig.core
+        .reconcile_server(rig.now, with_root(44, &["b"]), &mut rig.fx);
+    assert_eq!(loaded(&rig), ["b"]);
+}
+
 /// Found by CI: a model loaded on the server behind the sidecar's back that does not fit was
 /// asked out, and the next poll, which still listed it (the unload in flight, or MLServer's
 /// index lagging its unload), asked and counted it a second time. It is asked once, and again
