@@ -142,7 +142,36 @@ impl ModelScan {
             return done.clone();
         }
         let mut found = None;
-        for &b in chunk {
+        let mut i = 0;
+        while i < chunk.len() {
+            // Inside a string the scan only waits for its closing quote: skip to it (memchr,
+            // many bytes a step), past any escaped character, instead of stepping through a
+            // prompt byte by byte (most of a chat body is its messages' text).
+            if self.in_string && self.capture.is_none() {
+                if self.escape {
+                    // The escaped character, first in this chunk.
+                    self.escape = false;
+                    i += 1;
+                }
+                let mut quote = None;
+                while let Some(at) = chunk.get(i..).and_then(next_quote_or_backslash) {
+                    let at = at + i;
+                    if chunk[at] == b'"' {
+                        quote = Some(at);
+                        break;
+                    }
+                    // A backslash: it and the character it escapes (maybe in the next chunk).
+                    self.escape = at + 1 >= chunk.len();
+                    i = at + 2;
+                }
+                // At the closing quote, or past the end of the chunk: the string goes on.
+                i = quote.unwrap_or(chunk.len());
+                if i >= chunk.len() {
+                    break;
+                }
+            }
+            let b = chunk[i];
+            i += 1;
             match self.step(b) {
                 None => {}
                 Some(Scan::Found(model)) => {
@@ -266,6 +295,13 @@ impl ModelScan {
     }
 }
 
+/// Where the next `"` or `\` is: eight bytes a step (memchr's portable word-at-a-time
+/// search). Not memchr's SIMD search: chat text has an escape (`\n`, `\"`) every few words,
+/// and each SIMD call cost about 100 instructions to set up (callgrind), more than it saved.
+fn next_quote_or_backslash(bytes: &[u8]) -> Option<usize> {
+    memchr::arch::all::memchr::Two::new(b'"', b'\\').find(bytes)
+}
+
 fn not_object() -> Scan {
     Scan::Invalid("the body is not a JSON object".to_owned())
 }
@@ -342,6 +378,65 @@ mod tests {
             };
             assert_eq!(outcome, Scan::Found("tiny".to_owned()), "split at {split}");
         }
+    }
+
+    /// Strings are skipped to their closing quote (memchr), not stepped through: escapes,
+    /// quotes and backslashes at every chunk boundary (and fed byte by byte) give the same outcome.
+    #[test]
+    fn skipping_strings_keeps_the_outcome_at_every_chunk_boundary() {
+        // Raw strings: each backslash below is one byte of the body.
+        let found = |m: &str| Scan::Found(m.to_owned());
+        let twice = Scan::Invalid(
+            "the body names \"model\" twice (keys compared without regard to case)".to_owned(),
+        );
+        let open = Scan::Invalid("the JSON body ends before its object closes".to_owned());
+        // Runs of plain text longer than the byte loop's look ahead (memchr's part).
+        let long = format!(
+            r#"{{"prompt": "{}\" {}\\", "x": "{}", "model": "m"}}"#,
+            "a".repeat(80),
+            "b".repeat(70),
+            "c".repeat(33)
+        );
+        let cases: [(&[u8], Scan); 9] = [
+            (long.as_bytes(), found("m")),
+            (
+                br#"{"messages": [{"content": "a \" quote \\ and \\\" more"}], "model": "m", "p": "x"}"#,
+                found("m"),
+            ),
+            (br#"{"prompt": "ends in a backslash \\", "model": "m"}"#, found("m")),
+            (br#"{"prompt": "\"model\": \"not me\"", "model": "real"}"#, found("real")),
+            (
+                br#"{"prompt": "long \" text", "Model": "a", "x": "\\", "MODEL": "b"}"#,
+                twice,
+            ),
+            (br#"{"prompt": "no model here \" at all"}"#, Scan::NoModel),
+            (br#"{"prompt": "line\nbreak\t\n", "model": "m"}"#, found("m")),
+            (br#"{"prompt": "\u0022model\u0022\n", "model": "m"}"#, found("m")),
+            (br#"{"prompt": "unterminated \""#, open),
+        ];
+        for (body, expected) in cases {
+            let text = String::from_utf8_lossy(body);
+            let mut by_byte = ModelScan::new();
+            let mut answers: Vec<Scan> = body.iter().map(|b| by_byte.feed(&[*b])).collect();
+            answers.push(by_byte.finish());
+            assert_eq!(outcome(&answers), expected, "{text} byte by byte");
+            for split in 0..=body.len() {
+                let mut scan = ModelScan::new();
+                let mut answers = vec![scan.feed(&body[..split]), scan.feed(&body[split..])];
+                answers.push(scan.finish());
+                assert_eq!(outcome(&answers), expected, "{text} split at {split}");
+            }
+        }
+    }
+
+    /// What a sequence of answers says in the end: a refusal if any (a second key refuses the
+    /// body, whether or not the first was answered), else the model found, else no model.
+    fn outcome(answers: &[Scan]) -> Scan {
+        let first = |pick: fn(&Scan) -> bool| answers.iter().find(|a| pick(a)).cloned();
+        first(|a| matches!(a, Scan::Invalid(_)))
+            .or_else(|| first(|a| matches!(a, Scan::Found(_))))
+            .or_else(|| first(|a| matches!(a, Scan::NoModel)))
+            .unwrap_or(Scan::More)
     }
 
     #[test]
