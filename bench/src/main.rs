@@ -163,6 +163,10 @@ struct ProxyArgs {
     /// Simulated inference time of the upstream per request, µs.
     #[arg(long, default_value_t = 0)]
     work_us: u64,
+    /// Bytes of prompt text in each request body (0: a one-word prompt). A chat request with
+    /// a long context: the proxy scans every byte of the body for a second `"model"` key.
+    #[arg(long, default_value_t = 0)]
+    prompt_bytes: usize,
 }
 
 #[derive(Debug, Args)]
@@ -294,6 +298,7 @@ fn main() -> anyhow::Result<()> {
                 clients: args.clients,
                 chunks: args.chunks,
                 work_us: args.work_us,
+                prompt_bytes: args.prompt_bytes,
             };
             runtime()?.block_on(modelpool_bench::proxy::run(
                 &options,

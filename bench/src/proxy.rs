@@ -45,6 +45,8 @@ pub struct Options {
     pub chunks: usize,
     /// Simulated inference time per request, µs.
     pub work_us: u64,
+    /// Bytes of prompt text per request body (0: a one-word prompt).
+    pub prompt_bytes: usize,
 }
 
 const SMALL_REPLY: &str = r#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,0.2,0.3,0.4]}],"model":"m"}"#;
@@ -61,7 +63,10 @@ async fn upstream_answer(
     // Read the body, as a real server does.
     let _ = request.into_body().collect().await;
     if !work.is_zero() && !path.starts_with("/models/") {
-        tokio::time::sleep(work).await;
+        // Not tokio's timer: it wakes on whole milliseconds, so a 10 ms answer took 10-12 ms
+        // and both sides' p99 moved in 1 ms steps, more than the proxy adds. A thread's sleep
+        // wakes within tens of µs of its time, as a model's answer would.
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(work)).await;
     }
     let body: UpBody = if path == "/v1/chat/completions" {
         let frames = (0..chunks)
@@ -150,13 +155,36 @@ impl Kind {
         }
     }
 
-    fn body(self) -> Bytes {
-        match self {
-            Self::Small => Bytes::from_static(br#"{"model": "m", "prompt": "hello"}"#),
-            Self::Stream => Bytes::from_static(
-                br#"{"messages": [{"role": "user", "content": "hello"}], "model": "m", "stream": true}"#,
+    /// The request body, with `prompt_bytes` of text (words, with an escaped quote and a
+    /// newline now and then, as a chat history has) in place of "hello" when not zero.
+    fn body(self, prompt_bytes: usize) -> Bytes {
+        let prompt = if prompt_bytes == 0 {
+            "hello".to_owned()
+        } else {
+            let words = [
+                "the ",
+                "model ",
+                "said ",
+                "\\\"yes\\\" ",
+                "and\\n",
+                "tokens ",
+            ];
+            let mut text = String::with_capacity(prompt_bytes + 16);
+            for word in words.iter().cycle() {
+                if text.len() >= prompt_bytes {
+                    break;
+                }
+                text.push_str(word);
+            }
+            text
+        };
+        let body = match self {
+            Self::Small => format!(r#"{{"model": "m", "prompt": "{prompt}"}}"#),
+            Self::Stream => format!(
+                r#"{{"messages": [{{"role": "user", "content": "{prompt}"}}], "model": "m", "stream": true}}"#
             ),
-        }
+        };
+        Bytes::from(body)
     }
 }
 
@@ -164,6 +192,7 @@ impl Kind {
 async fn measure(
     target: &Target,
     kind: Kind,
+    body: &Bytes,
     clients: usize,
     seconds: f64,
 ) -> anyhow::Result<(f64, Vec<f64>)> {
@@ -172,7 +201,7 @@ async fn measure(
         let mut client = Client::connect(target).await?;
         // Warm up the connection (and, the first time, load the model).
         let (status, body) = client
-            .raw(Method::POST, kind.path(), Some(kind.body()))
+            .raw(Method::POST, kind.path(), Some(body.clone()))
             .await?;
         if status != 200 {
             bail!(
@@ -187,12 +216,13 @@ async fn measure(
     let deadline = start + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for mut client in connections {
+        let body = body.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let (status, _) = client
-                    .raw(Method::POST, kind.path(), Some(kind.body()))
+                    .raw(Method::POST, kind.path(), Some(body.clone()))
                     .await?;
                 if status != 200 {
                     bail!("{} answered {status}", kind.path());
@@ -240,13 +270,14 @@ pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow
     let slices = options.slices.max(1);
     let slice = options.seconds / slices as f64;
     for kind in [Kind::Small, Kind::Stream] {
+        let body = kind.body(options.prompt_bytes);
         for &clients in &options.clients {
             let (mut base_n, mut base_lat, mut n, mut lat) = (0.0, Vec::new(), 0.0, Vec::new());
             for _ in 0..slices {
-                let (ops, l) = measure(&direct, kind, clients, slice).await?;
+                let (ops, l) = measure(&direct, kind, &body, clients, slice).await?;
                 base_n += ops * slice;
                 base_lat.extend(l);
-                let (ops, l) = measure(&through, kind, clients, slice).await?;
+                let (ops, l) = measure(&through, kind, &body, clients, slice).await?;
                 n += ops * slice;
                 lat.extend(l);
             }
@@ -258,6 +289,7 @@ pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow
                 &Row::new("proxy")
                     .with("kind", kind.name())
                     .with("clients", clients)
+                    .with("body_bytes", body.len())
                     .num("req_per_s", ops, 4)
                     .num("p50_us", percentile(&lat, 50.0), 3)
                     .num("p99_us", percentile(&lat, 99.0), 3)
