@@ -37,6 +37,9 @@
 //!   as the TTL contenders must): the reference for `costaware_cache`, `lru_cache` and
 //!   `ttl_keepalive`, which cannot keep a model through a lull longer than the TTL whatever
 //!   they know.
+//! - `rate_oracle` (clairvoyant about rates only): `costaware_keep` told each model's true
+//!   long-run request rate over the trace instead of estimating it. Between it and `offline`
+//!   lies what knowing the order of the requests buys, which no estimate of rates gives.
 //! - `bound` (`bench/src/bound.rs`): the optimum of a linear-programming relaxation, a proven
 //!   lower bound on `cost_s` for every schedule of the trace, online or not.
 
@@ -86,11 +89,15 @@ pub enum Contender {
     /// The clairvoyant schedule under the workload's idle TTL (it unloads what stays idle that
     /// long, as the TTL policies must): the reference for the TTL policies.
     OfflineTtl,
+    /// `costaware_keep` told each model's true long-run request rate (its requests in the
+    /// trace over the trace's length) instead of estimating it: what knowing the popularity
+    /// buys, apart from knowing the order.
+    RateOracle,
 }
 
 impl Contender {
     /// All, ours first.
-    pub const ALL: [Contender; 10] = [
+    pub const ALL: [Contender; 11] = [
         Self::CostAwareCache,
         Self::CostAwareKeep,
         Self::LruCache,
@@ -101,6 +108,7 @@ impl Contender {
         Self::MaxNLru,
         Self::Offline,
         Self::OfflineTtl,
+        Self::RateOracle,
     ];
 
     /// The contender of a name.
@@ -121,6 +129,7 @@ impl Contender {
             Self::MaxNLru => "max_n_lru",
             Self::Offline => "offline",
             Self::OfflineTtl => "offline_ttl",
+            Self::RateOracle => "rate_oracle",
         }
     }
 
@@ -132,7 +141,7 @@ impl Contender {
             | Self::LruCache
             | Self::Aggressive
             | Self::Manifest => "ours",
-            Self::Offline | Self::OfflineTtl => "clairvoyant",
+            Self::Offline | Self::OfflineTtl | Self::RateOracle => "clairvoyant",
             _ => "baseline",
         }
     }
@@ -898,7 +907,34 @@ pub fn run(w: &Workload, contender: Contender) -> Option<Stats> {
         }
         Contender::Offline => offline(w, None),
         Contender::OfflineTtl => offline(w, ttl),
+        Contender::RateOracle => {
+            let mut ours = Ours::new(w, Mode::Cache, EvictionPolicy::CostAware, None);
+            ours.engine.set_known_gaps(Some(true_gaps(w)));
+            simulate(w, &mut ours)
+        }
     })
+}
+
+/// Each model's true mean time between requests over the whole trace (the trace's length over
+/// its requests; a model never asked for: never).
+fn true_gaps(w: &Workload) -> Vec<f64> {
+    let span = w.requests.last().map_or(0.0, |r| r.t).max(1.0);
+    let mut requests = vec![0u32; w.models.len()];
+    for r in &w.requests {
+        if let Some(n) = requests.get_mut(r.model) {
+            *n += 1;
+        }
+    }
+    requests
+        .into_iter()
+        .map(|n| {
+            if n == 0 {
+                f64::INFINITY
+            } else {
+                span / f64::from(n)
+            }
+        })
+        .collect()
 }
 
 /// The clairvoyant schedule, optionally under an idle TTL: the cheaper of Belady and

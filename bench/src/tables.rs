@@ -36,9 +36,10 @@ fn fmt(value: Option<f64>, digits: usize) -> String {
 }
 
 /// The ratio columns: the bound, then each contender's cost over the bound.
-const RATIO_POLICIES: [&str; 10] = [
+const RATIO_POLICIES: [&str; 11] = [
     "offline",
     "offline_ttl",
+    "rate_oracle",
     "costaware_keep",
     "costaware_cache",
     "lru_cache",
@@ -222,7 +223,11 @@ pub enum Verdict {
     Met,
     /// Ours is not, and an online contender (one that does not know the future) is.
     MissedOnline,
-    /// Ours is not, and only the clairvoyant schedule is.
+    /// Ours is not, and only a clairvoyant contender is, the rate oracle among them: knowing
+    /// each model's true request rate would have been enough.
+    MissedRates,
+    /// Ours is not, and only the offline schedule is (not the rate oracle): it takes knowing
+    /// the order of the requests.
     MissedClairvoyant,
     /// No known schedule is 10 % cheaper, and the bound does not rule it out.
     NoneKnown,
@@ -231,13 +236,15 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// Judges `ours` against `base`, given the cheapest online and clairvoyant costs known
-    /// and the lower bound (all on the same trace, under the same TTL rule).
+    /// Judges `ours` against `base`, given the cheapest online and clairvoyant costs known,
+    /// the rate oracle's (`rate_oracle`, where it applies) and the lower bound (all on the
+    /// same trace, under the same TTL rule).
     pub fn judge(
         ours: f64,
         base: f64,
         best_online: f64,
         best_clairvoyant: f64,
+        rate_oracle: Option<f64>,
         bound: Option<f64>,
     ) -> Self {
         let target = 0.9 * base;
@@ -247,6 +254,8 @@ impl Verdict {
             Verdict::NoneCan
         } else if best_online <= target {
             Verdict::MissedOnline
+        } else if rate_oracle.is_some_and(|r| r <= target) {
+            Verdict::MissedRates
         } else if best_clairvoyant <= target {
             Verdict::MissedClairvoyant
         } else {
@@ -258,7 +267,8 @@ impl Verdict {
         match self {
             Verdict::Met => "met",
             Verdict::MissedOnline => "missed (an online contender is)",
-            Verdict::MissedClairvoyant => "missed (only the clairvoyant schedule is)",
+            Verdict::MissedRates => "missed (the rate oracle is)",
+            Verdict::MissedClairvoyant => "missed (only the offline schedule is)",
             Verdict::NoneKnown => "none known",
             Verdict::NoneCan => "none can (bound)",
         }
@@ -274,9 +284,10 @@ fn verdicts(out: &mut String, rows: &[Row], keys: &[(String, String)]) {
          `none can (bound)` where the lower bound itself is above 90 % of the baseline (proven: \
          no schedule, online or clairvoyant, is 10 % cheaper); `none known` where no contender \
          is 10 % cheaper and the bound does not rule it out; `missed` where one is, saying \
-         whether an online contender (one that does not know the future) is or only the \
-         clairvoyant schedule. The TTL pair counts only contenders that honour the TTL (the \
-         bound holds for every schedule, so for those too)."
+         whether an online contender (one that does not know the future) is, the rate oracle \
+         (ours told each model's true request rate over the trace), or only the offline \
+         schedule (which knows the order of the requests). The TTL pair counts only contenders \
+         that honour the TTL (the bound holds for every schedule, so for those too)."
     );
     let _ = writeln!(out);
     let _ = write!(out, "| trace | seed | costaware_keep / offline ≤ 1.15 |");
@@ -325,7 +336,16 @@ fn verdicts(out: &mut String, rows: &[Row], keys: &[(String, String)]) {
                 let _ = write!(out, " - |");
                 continue;
             };
-            let v = Verdict::judge(o, b, best(under_ttl, false), best(under_ttl, true), bound);
+            // The rate oracle keeps models through any lull: not a TTL contender.
+            let oracle = if under_ttl { None } else { cost("rate_oracle") };
+            let v = Verdict::judge(
+                o,
+                b,
+                best(under_ttl, false),
+                best(under_ttl, true),
+                oracle,
+                bound,
+            );
             counts[i].push((v, format!("`{trace}` {seed}")));
             let _ = write!(out, " {} |", v.label());
         }
@@ -360,9 +380,10 @@ fn verdicts(out: &mut String, rows: &[Row], keys: &[(String, String)]) {
                 .map(|(_, k)| k.as_str())
                 .collect()
         };
-        let (met, online, clairvoyant, known, can) = (
+        let (met, online, rates, clairvoyant, known, can) = (
             of(Verdict::Met),
             of(Verdict::MissedOnline),
+            of(Verdict::MissedRates),
             of(Verdict::MissedClairvoyant),
             of(Verdict::NoneKnown),
             of(Verdict::NoneCan),
@@ -377,12 +398,15 @@ fn verdicts(out: &mut String, rows: &[Row], keys: &[(String, String)]) {
         let _ = writeln!(
             out,
             "- `{ours}` vs `{base}`: met on {} of the {} pairs where a known schedule is 10 % \
-             cheaper; missed where an online contender is on {}{}; missed where only the \
-             clairvoyant schedule is on {}{}; none known on {}; none can (bound) on {}{}.",
+             cheaper; missed where an online contender is on {}{}; missed where the rate oracle \
+             is on {}{}; missed where only the offline schedule is on {}{}; none known on {}; \
+             none can (bound) on {}{}.",
             met.len(),
-            met.len() + online.len() + clairvoyant.len(),
+            met.len() + online.len() + rates.len() + clairvoyant.len(),
             online.len(),
             list(&online),
+            rates.len(),
+            list(&rates),
             clairvoyant.len(),
             list(&clairvoyant),
             known.len(),
@@ -419,23 +443,27 @@ mod tests {
     fn verdicts_follow_the_costs_and_the_bound() {
         // Baseline 100: the target is 90.
         assert_eq!(
-            Verdict::judge(89.0, 100.0, 89.0, 80.0, Some(50.0)),
+            Verdict::judge(89.0, 100.0, 89.0, 80.0, None, Some(50.0)),
             Verdict::Met
         );
         assert_eq!(
-            Verdict::judge(95.0, 100.0, 95.0, 92.0, Some(91.0)),
+            Verdict::judge(95.0, 100.0, 95.0, 92.0, Some(85.0), Some(91.0)),
             Verdict::NoneCan
         );
         assert_eq!(
-            Verdict::judge(95.0, 100.0, 85.0, 80.0, Some(50.0)),
+            Verdict::judge(95.0, 100.0, 85.0, 80.0, Some(85.0), Some(50.0)),
             Verdict::MissedOnline
         );
         assert_eq!(
-            Verdict::judge(95.0, 100.0, 95.0, 80.0, None),
+            Verdict::judge(95.0, 100.0, 95.0, 80.0, Some(95.0), None),
             Verdict::MissedClairvoyant
         );
         assert_eq!(
-            Verdict::judge(95.0, 100.0, 93.0, 91.0, Some(50.0)),
+            Verdict::judge(95.0, 100.0, 95.0, 80.0, Some(88.0), None),
+            Verdict::MissedRates
+        );
+        assert_eq!(
+            Verdict::judge(95.0, 100.0, 93.0, 91.0, None, Some(50.0)),
             Verdict::NoneKnown
         );
     }

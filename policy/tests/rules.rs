@@ -655,6 +655,50 @@ fn nothing_passes_a_request_whose_room_is_on_its_way_back() {
     );
 }
 
+/// The benchmark's `rate_oracle`: gaps fixed from outside replace what the requests taught,
+/// until cleared. The same history as above, the known gaps saying the opposite.
+#[test]
+fn known_gaps_replace_the_learned_ones_until_cleared() {
+    let models = vec![
+        ModelConfig {
+            load_seconds: Some(5.0),
+            ..ModelConfig::new("hot", 8 * GIB, 0)
+        },
+        ModelConfig {
+            load_seconds: Some(5.0),
+            ..ModelConfig::new("once", 8 * GIB, 0)
+        },
+        ModelConfig::new("new", 8 * GIB, 0),
+    ];
+    for (gaps, victim) in [
+        (Some(vec![1000.0, 1.0, 1.0]), "hot"),
+        (Some(vec![1.0, 1000.0, 1.0]), "once"),
+        (None, "once"),
+    ] {
+        let mut config = PoolConfig::new(
+            Limits {
+                vram: Some(16 * GIB),
+                ram: None,
+            },
+            models.clone(),
+        );
+        config.mode = Mode::Cache;
+        config.eviction = EvictionPolicy::CostAware;
+        let mut engine = Engine::new(config);
+        engine.set_known_gaps(gaps.clone());
+        let lease = load(&mut engine, secs(0), 1, APP, "hot");
+        engine.release(secs(1), lease);
+        for (n, t) in [10, 20, 30].into_iter().enumerate() {
+            let out = engine.acquire(secs(t), RequestId(2 + n as u64), APP, "hot");
+            engine.release(secs(t + 1), granted(&out)[0].2);
+        }
+        let lease = load(&mut engine, secs(35), 9, APP, "once");
+        engine.release(secs(36), lease);
+        let out = engine.acquire(secs(40), RequestId(10), APP, "new");
+        assert_eq!(unloads(&out)[0].0, victim, "{gaps:?}");
+    }
+}
+
 #[test]
 fn cost_aware_keeps_a_model_asked_for_often_over_a_newer_one_asked_for_once() {
     // hot is asked for every 10 s; once is asked for once, more recently. Lru evicts hot (used

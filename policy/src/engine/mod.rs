@@ -109,9 +109,21 @@ pub struct Engine {
     /// (so against the ceilings), never evicted; a load of the model admits it net of its own
     /// entry and ends the entry (waking it moves the weights back).
     asleep: BTreeMap<String, Footprint>,
+    /// Each model's time between requests, fixed from outside instead of learned (by index in
+    /// the pool's list): the eviction benchmark's `rate_oracle` reference only.
+    known_gaps: Option<Vec<f64>>,
 }
 
 impl Engine {
+    /// Fixes each model's expected time between requests, in seconds, by index in the pool's
+    /// list, instead of learning it from its requests (`None`: learn again). For the eviction
+    /// benchmark's `rate_oracle` reference, an online policy told every model's true long-run
+    /// request rate: what is left between it and the clairvoyant schedule is the order of the
+    /// requests, which no rate estimate can know. The sidecar never sets it; a pool edit clears it.
+    pub fn set_known_gaps(&mut self, gaps: Option<Vec<f64>>) {
+        self.known_gaps = gaps;
+    }
+
     /// A new engine for a pool.
     pub fn new(config: PoolConfig) -> Self {
         let learned = vec![Learned::default(); config.models.len()];
@@ -133,6 +145,7 @@ impl Engine {
             shutting_down: false,
             counters: Counters::default(),
             asleep: BTreeMap::new(),
+            known_gaps: None,
         }
     }
 
@@ -203,6 +216,7 @@ impl Engine {
             .collect();
         self.config = PoolConfig { models, ..config };
         self.learned = learned;
+        self.known_gaps = None;
         self.retired = retired;
         let mut out = Vec::new();
         let stale: Vec<Key> = self

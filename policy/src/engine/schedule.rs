@@ -56,13 +56,20 @@ impl Engine {
     /// Idle, unpinned, loaded instances, as eviction candidates.
     pub(super) fn candidates(&self, now: Duration) -> Vec<Candidate<Key>> {
         let prior = self.prior_gap_s(now);
+        let next_s = |model: usize| {
+            self.known_gaps
+                .as_ref()
+                .and_then(|gaps| gaps.get(model).copied())
+                .unwrap_or_else(|| self.learned[model].demand.next_s(now, prior))
+                .max(1e-3)
+        };
         self.evictable()
             .map(|(key, i)| Candidate {
                 key: *key,
                 priority: self.config.models[key.1].priority,
                 last_used: i.last_used,
                 held: i.held,
-                loss: self.load_seconds(key.1) / self.learned[key.1].demand.next_s(now, prior),
+                loss: self.load_seconds(key.1) / next_s(key.1),
                 size: eviction::size(i.held, self.config.limits),
             })
             .collect()
