@@ -655,10 +655,9 @@ fn nothing_passes_a_request_whose_room_is_on_its_way_back() {
     );
 }
 
-/// The benchmark's `rate_oracle`: gaps fixed from outside replace what the requests taught,
-/// until cleared. The same history as above, the known gaps saying the opposite.
-#[test]
-fn known_gaps_replace_the_learned_ones_until_cleared() {
+/// hot is asked for every 10 s; once is asked for once, more recently; then new, which needs
+/// one of them out (16 GiB, 8 each). Returns the victim.
+fn victim_of_hot_and_once(policy: EvictionPolicy, known_gaps: Option<Vec<f64>>) -> String {
     let models = vec![
         ModelConfig {
             load_seconds: Some(5.0),
@@ -670,75 +669,53 @@ fn known_gaps_replace_the_learned_ones_until_cleared() {
         },
         ModelConfig::new("new", 8 * GIB, 0),
     ];
-    for (gaps, victim) in [
-        (Some(vec![1000.0, 1.0, 1.0]), "hot"),
-        (Some(vec![1.0, 1000.0, 1.0]), "once"),
-        (None, "once"),
-    ] {
-        let mut config = PoolConfig::new(
-            Limits {
-                vram: Some(16 * GIB),
-                ram: None,
-            },
-            models.clone(),
-        );
-        config.mode = Mode::Cache;
-        config.eviction = EvictionPolicy::CostAware;
-        let mut engine = Engine::new(config);
-        engine.set_known_gaps(gaps.clone());
-        let lease = load(&mut engine, secs(0), 1, APP, "hot");
-        engine.release(secs(1), lease);
-        for (n, t) in [10, 20, 30].into_iter().enumerate() {
-            let out = engine.acquire(secs(t), RequestId(2 + n as u64), APP, "hot");
-            engine.release(secs(t + 1), granted(&out)[0].2);
-        }
-        let lease = load(&mut engine, secs(35), 9, APP, "once");
-        engine.release(secs(36), lease);
-        let out = engine.acquire(secs(40), RequestId(10), APP, "new");
-        assert_eq!(unloads(&out)[0].0, victim, "{gaps:?}");
+    let mut config = PoolConfig::new(
+        Limits {
+            vram: Some(16 * GIB),
+            ram: None,
+        },
+        models,
+    );
+    config.mode = Mode::Cache;
+    config.eviction = policy;
+    let mut engine = Engine::new(config);
+    engine.set_known_gaps(known_gaps);
+    let lease = load(&mut engine, secs(0), 1, APP, "hot");
+    engine.release(secs(1), lease);
+    for (n, t) in [10, 20, 30].into_iter().enumerate() {
+        let out = engine.acquire(secs(t), RequestId(2 + n as u64), APP, "hot");
+        engine.release(secs(t + 1), granted(&out)[0].2);
     }
+    let lease = load(&mut engine, secs(35), 9, APP, "once");
+    engine.release(secs(36), lease);
+    let out = engine.acquire(secs(40), RequestId(10), APP, "new");
+    unloads(&out)[0].0.clone()
 }
 
 #[test]
 fn cost_aware_keeps_a_model_asked_for_often_over_a_newer_one_asked_for_once() {
-    // hot is asked for every 10 s; once is asked for once, more recently. Lru evicts hot (used
-    // longer ago); CostAware expects hot back in 10 s and once not for a long while.
-    let models = vec![
-        ModelConfig {
-            load_seconds: Some(5.0),
-            ..ModelConfig::new("hot", 8 * GIB, 0)
-        },
-        ModelConfig {
-            load_seconds: Some(5.0),
-            ..ModelConfig::new("once", 8 * GIB, 0)
-        },
-        ModelConfig::new("new", 8 * GIB, 0),
-    ];
-    for (policy, victim) in [
-        (EvictionPolicy::Lru, "hot"),
-        (EvictionPolicy::CostAware, "once"),
-    ] {
-        let mut config = PoolConfig::new(
-            Limits {
-                vram: Some(16 * GIB),
-                ram: None,
-            },
-            models.clone(),
-        );
-        config.mode = Mode::Cache;
-        config.eviction = policy;
-        let mut engine = Engine::new(config);
-        let lease = load(&mut engine, secs(0), 1, APP, "hot");
-        engine.release(secs(1), lease);
-        for (n, t) in [10, 20, 30].into_iter().enumerate() {
-            let out = engine.acquire(secs(t), RequestId(2 + n as u64), APP, "hot");
-            engine.release(secs(t + 1), granted(&out)[0].2);
-        }
-        let lease = load(&mut engine, secs(35), 9, APP, "once");
-        engine.release(secs(36), lease);
-        let out = engine.acquire(secs(40), RequestId(10), APP, "new");
-        assert_eq!(unloads(&out)[0].0, victim, "{policy:?}");
-    }
+    // Lru evicts hot (used longer ago); CostAware expects hot back in 10 s and once not for a
+    // long while.
+    assert_eq!(victim_of_hot_and_once(EvictionPolicy::Lru, None), "hot");
+    assert_eq!(
+        victim_of_hot_and_once(EvictionPolicy::CostAware, None),
+        "once"
+    );
+}
+
+/// The benchmark's `rate_oracle`: gaps fixed from outside replace what the requests taught.
+/// The same history, the known gaps saying the opposite.
+#[test]
+fn known_gaps_replace_the_learned_ones() {
+    let cost_aware = EvictionPolicy::CostAware;
+    assert_eq!(
+        victim_of_hot_and_once(cost_aware, Some(vec![1000.0, 1.0, 1.0])),
+        "hot"
+    );
+    assert_eq!(
+        victim_of_hot_and_once(cost_aware, Some(vec![1.0, 1000.0, 1.0])),
+        "once"
+    );
 }
 
 #[test]
