@@ -144,30 +144,27 @@ impl ModelScan {
         let mut found = None;
         let mut i = 0;
         while i < chunk.len() {
-            // Inside a string the scan only waits for its closing quote: skip to it (memchr,
-            // many bytes a step), past any escaped character, instead of stepping through a
-            // prompt byte by byte (most of a chat body is its messages' text).
+            // Inside a string the scan only waits for its closing quote: jump to it, past
+            // escaped characters, instead of stepping through a prompt byte by byte (most of
+            // a chat body is its messages' text).
             if self.in_string && self.capture.is_none() {
-                if self.escape {
-                    // The escaped character, first in this chunk.
-                    self.escape = false;
-                    i += 1;
-                }
-                let mut quote = None;
-                while let Some(at) = chunk.get(i..).and_then(next_quote_or_backslash) {
-                    let at = at + i;
+                // A backslash that ended the last chunk escapes this one's first byte.
+                let mut from = i + usize::from(std::mem::take(&mut self.escape));
+                let quote = loop {
+                    let Some(at) = chunk.get(from..).and_then(next_quote_or_backslash) else {
+                        break None;
+                    };
+                    let at = from + at;
                     if chunk[at] == b'"' {
-                        quote = Some(at);
-                        break;
+                        break Some(at);
                     }
                     // A backslash: it and the character it escapes (maybe in the next chunk).
                     self.escape = at + 1 >= chunk.len();
-                    i = at + 2;
-                }
-                // At the closing quote, or past the end of the chunk: the string goes on.
-                i = quote.unwrap_or(chunk.len());
-                if i >= chunk.len() {
-                    break;
+                    from = at + 2;
+                };
+                match quote {
+                    Some(at) => i = at,
+                    None => break, // the string goes on past this chunk
                 }
             }
             let b = chunk[i];
@@ -380,7 +377,7 @@ mod tests {
         }
     }
 
-    /// Strings are skipped to their closing quote (memchr), not stepped through: escapes,
+    /// Strings are jumped through to their closing quote, not stepped through: escapes,
     /// quotes and backslashes at every chunk boundary (and fed byte by byte) give the same outcome.
     #[test]
     fn skipping_strings_keeps_the_outcome_at_every_chunk_boundary() {
@@ -390,7 +387,7 @@ mod tests {
             "the body names \"model\" twice (keys compared without regard to case)".to_owned(),
         );
         let open = Scan::Invalid("the JSON body ends before its object closes".to_owned());
-        // Runs of plain text longer than the byte loop's look ahead (memchr's part).
+        // Runs of plain text longer than one eight-byte step of the search.
         let long = format!(
             r#"{{"prompt": "{}\" {}\\", "x": "{}", "model": "m"}}"#,
             "a".repeat(80),
