@@ -149,10 +149,12 @@ struct ProxyArgs {
     #[command(flatten)]
     common: Common,
     /// Seconds measured per kind, client count and side.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 6.0)]
     seconds: f64,
-    /// Slices the seconds are cut in, alternating proxy and direct.
-    #[arg(long, default_value_t = 6)]
+    /// Slices the seconds are cut in, alternating proxy and direct. Each proxied slice's p99
+    /// is compared with the direct slice before it: `added_p99_slice_*` is the median of
+    /// those differences and its 95 % interval (at least 6 slices).
+    #[arg(long, default_value_t = 12)]
     slices: usize,
     /// Concurrent client counts.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 32])]
