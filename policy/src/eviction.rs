@@ -48,6 +48,11 @@
 //! pressure and over-ceiling eviction (which only know an excess in bytes) candidates go in
 //! order of cost per second per share of the ceilings they hold ([`size`]).
 //!
+//! No adaptation between estimates (ARC/LeCaR-style): following whichever of this estimate
+//! and a pure frequency one had evicted fewer models that were asked for again gained
+//! 0.1–0.3 % on 400 held-apart trace/seed pairs (`BENCHMARKS.md`, eviction, round 10), not
+//! worth a second estimate and a regret ledger in the engine.
+//!
 //! This replaced GreedyDual-Size (`H = L + load_s / size`), which measured frequency only
 //! through recency and gave small, cheap, RAM-heavy models the lowest credit, so those were
 //! reloaded over and over when RAM was short (`BENCHMARKS.md`, eviction).
