@@ -50,7 +50,7 @@
 //!
 //! No adaptation between estimates (ARC/LeCaR-style): following whichever of this estimate
 //! and a pure frequency one had evicted fewer models that were asked for again gained
-//! 0.1–0.3 % on 400 held-apart trace/seed pairs (`BENCHMARKS.md`, eviction, round 10), not
+//! 0.1–0.3 % on 1 000 trace/seed pairs, seeds 1–100 (`BENCHMARKS.md`, eviction, round 10), not
 //! worth a second estimate and a regret ledger in the engine.
 //!
 //! This replaced GreedyDual-Size (`H = L + load_s / size`), which measured frequency only
