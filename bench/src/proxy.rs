@@ -14,6 +14,12 @@
 //! slice's just before it, with a 95 % interval ([`median_with_interval`]). On a shared
 //! machine the first moves by milliseconds with a single stall of the host; the second
 //! resolves a millisecond.
+//!
+//! CPU per request is read from /proc/PID/stat (user + system): the sidecar's over the
+//! proxied slices (`sidecar_cpu_us_per_request`), the upstream's over the direct slices
+//! (`upstream_cpu_us_per_request`, what a bare server spends on the same request), and their
+//! ratio (`sidecar_cpu_to_upstream`). On a machine with few cores the proxy's added latency is
+//! its CPU per request queued behind the others', so this says where the time goes.
 
 use std::{
     convert::Infallible,
@@ -34,7 +40,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::{
     http::{Client, Target, free_port},
-    process::{Proc, Sidecar, percentile, spawn},
+    process::{Proc, Sidecar, clock_ticks_per_second, cpu_ticks, percentile, spawn},
     report::{Printer, Row},
 };
 
@@ -250,7 +256,7 @@ async fn measure(
 /// Runs the scenario.
 pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow::Result<()> {
     let upstream = free_port()?;
-    let _upstream = start_upstream(dir, upstream, options)?;
+    let upstream_proc = start_upstream(dir, upstream, options)?;
     let pool = dir.join("pool.yaml");
     std::fs::write(
         &pool,
@@ -275,17 +281,25 @@ pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow
     let through = Target::Tcp(proxy);
     let slices = options.slices.max(1);
     let slice = options.seconds / slices as f64;
+    let tick_us = 1e6 / clock_ticks_per_second() as f64;
+    let sidecar_pid = sidecar.proc.pid();
+    let upstream_pid = upstream_proc.pid();
     for kind in [Kind::Small, Kind::Stream] {
         let body = kind.body(options.prompt_bytes);
         for &clients in &options.clients {
             let (mut base_n, mut base_lat, mut n, mut lat) = (0.0, Vec::new(), 0.0, Vec::new());
             let mut slice_added_p99 = Vec::with_capacity(slices);
+            let (mut upstream_cpu, mut sidecar_cpu) = (CpuSpent::default(), CpuSpent::default());
             for _ in 0..slices {
+                let before = cpu_ticks(upstream_pid)?;
                 let (ops, l) = measure(&direct, kind, &body, clients, slice).await?;
+                upstream_cpu.add(cpu_ticks(upstream_pid)?.saturating_sub(before), l.len());
                 base_n += ops * slice;
                 let direct_p99 = percentile(&l, 99.0);
                 base_lat.extend(l);
+                let before = cpu_ticks(sidecar_pid)?;
                 let (ops, l) = measure(&through, kind, &body, clients, slice).await?;
+                sidecar_cpu.add(cpu_ticks(sidecar_pid)?.saturating_sub(before), l.len());
                 n += ops * slice;
                 slice_added_p99.push(percentile(&l, 99.0) - direct_p99);
                 lat.extend(l);
@@ -316,12 +330,49 @@ pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow
                     .num("added_p99_slice_median_us", slice_median, 3)
                     .num("added_p99_slice_low_us", slice_low, 3)
                     .num("added_p99_slice_high_us", slice_high, 3)
+                    .num(
+                        "sidecar_cpu_us_per_request",
+                        sidecar_cpu.us_per_request(tick_us),
+                        3,
+                    )
+                    .num(
+                        "upstream_cpu_us_per_request",
+                        upstream_cpu.us_per_request(tick_us),
+                        3,
+                    )
+                    .num(
+                        "sidecar_cpu_to_upstream",
+                        sidecar_cpu.us_per_request(tick_us) / upstream_cpu.us_per_request(tick_us),
+                        3,
+                    )
                     .with("requests", lat.len()),
             );
         }
     }
     drop(sidecar);
     Ok(())
+}
+
+/// CPU clock ticks a process spent over some slices, and the requests answered in them.
+#[derive(Default)]
+struct CpuSpent {
+    ticks: u64,
+    requests: usize,
+}
+
+impl CpuSpent {
+    fn add(&mut self, ticks: u64, requests: usize) {
+        self.ticks += ticks;
+        self.requests += requests;
+    }
+
+    /// µs of CPU per request (NaN when no request was answered).
+    fn us_per_request(&self, tick_us: f64) -> f64 {
+        if self.requests == 0 {
+            return f64::NAN;
+        }
+        self.ticks as f64 * tick_us / self.requests as f64
+    }
 }
 
 /// The median of `values` and a distribution-free 95 % confidence interval for it (the

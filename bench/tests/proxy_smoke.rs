@@ -1,6 +1,7 @@
 //! Runs the proxy scenario through the real binaries (the bench, the sidecar with its serving
 //! proxy, the bench's upstream), briefly: every cell has the keys BENCHMARKS.md names, both
-//! sides answered, and the per-slice added p99 comes with an interval around its median.
+//! sides answered, the per-slice added p99 comes with an interval around its median, and
+//! the CPU per request of the sidecar and of the upstream are read.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -89,5 +90,21 @@ fn proxy_scenario_compares_both_sides_slice_by_slice() {
             num(row, "added_p99_slice_high_us"),
         );
         assert!(low <= median && median <= high, "{row}");
+        // CPU per request is read from /proc; 10 ms ticks can round a short slice to zero.
+        assert!(num(row, "sidecar_cpu_us_per_request") >= 0.0, "{row}");
+        assert!(num(row, "upstream_cpu_us_per_request") >= 0.0, "{row}");
+        if num(row, "upstream_cpu_us_per_request") > 0.0 {
+            let expected =
+                num(row, "sidecar_cpu_us_per_request") / num(row, "upstream_cpu_us_per_request");
+            let got = num(row, "sidecar_cpu_to_upstream");
+            assert!((got - expected).abs() <= 0.01 * expected.max(0.01), "{row}");
+        }
     }
+    // Over all cells the sidecar parsed, leased and forwarded thousands of requests: that
+    // costs CPU time /proc can see.
+    let sidecar_cpu: f64 = rows
+        .iter()
+        .map(|r| num(r, "sidecar_cpu_us_per_request") * num(r, "requests"))
+        .sum();
+    assert!(sidecar_cpu > 0.0, "no sidecar CPU measured: {rows:?}");
 }
