@@ -3,7 +3,7 @@
 //! event into effects.
 //!
 //! ```text
-//!  shell (shell.rs): take readings (meter, clock) ─► lock ─► Core::<event>(now, readings, &mut fx)
+//!  shell (shell/): take readings (meter, clock) ─► lock ─► Core::<event>(now, readings, &mut fx)
 //!                                                              │ engine outputs ─► apply (apply.rs)
 //!                                                              ▼
 //!                   answers (return value, waiting acquires' oneshots), Effects: driver unloads,
@@ -13,7 +13,7 @@
 //!
 //! No I/O, no meter and no clock in here: `now` (time since the sidecar started) and every
 //! reading come in as arguments, so the whole core runs in unit tests with a fake clock and
-//! fake readings (`tests.rs`). The async shell (`shell.rs`) stays thin.
+//! fake readings (`tests.rs`). The async shell (`shell/`) stays thin.
 //!
 //! An instance is keyed by the session that holds it; with the `Http` driver the app server
 //! itself is the holder ([`APP_HOLDER`]) and leases belong to the client sessions. Every
