@@ -309,6 +309,8 @@ pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow
             lat.sort_by(f64::total_cmp);
             let base_ops = base_n / options.seconds;
             let ops = n / options.seconds;
+            let sidecar_us = sidecar_cpu.us_per_request(tick_us);
+            let upstream_us = upstream_cpu.us_per_request(tick_us);
             printer.row(
                 &Row::new("proxy")
                     .with("kind", kind.name())
@@ -330,21 +332,9 @@ pub async fn run(options: &Options, dir: &Path, printer: &mut Printer) -> anyhow
                     .num("added_p99_slice_median_us", slice_median, 3)
                     .num("added_p99_slice_low_us", slice_low, 3)
                     .num("added_p99_slice_high_us", slice_high, 3)
-                    .num(
-                        "sidecar_cpu_us_per_request",
-                        sidecar_cpu.us_per_request(tick_us),
-                        3,
-                    )
-                    .num(
-                        "upstream_cpu_us_per_request",
-                        upstream_cpu.us_per_request(tick_us),
-                        3,
-                    )
-                    .num(
-                        "sidecar_cpu_to_upstream",
-                        sidecar_cpu.us_per_request(tick_us) / upstream_cpu.us_per_request(tick_us),
-                        3,
-                    )
+                    .num("sidecar_cpu_us_per_request", sidecar_us, 3)
+                    .num("upstream_cpu_us_per_request", upstream_us, 3)
+                    .num("sidecar_cpu_to_upstream", sidecar_us / upstream_us, 3)
                     .with("requests", lat.len()),
             );
         }
