@@ -51,6 +51,23 @@ MODELPOOL_MLSERVER_BIN="$(scripts/servers.sh mlserver | tail -n 1)/mlserver"
 export MODELPOOL_MLSERVER_BIN
 echo "mlserver: $MODELPOOL_MLSERVER_BIN"
 
+# A run stopped while Cargo writes (CI cancelled, kill -9) can leave half-written artifacts of
+# the workspace's own crates in a kept target dir, and every later run then fails to link
+# ("undefined hidden symbol"). A marker lives there from the first compile to the last; found
+# at the start, the workspace's crates are cleaned (their dependencies are kept) and rebuilt. A
+# run that fails a compile leaves it too: the next one rebuilds our crates, a few minutes.
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+compiling="$target_dir/.modelpool-compiling"
+if [[ -e "$compiling" ]]; then
+  echo "a previous run stopped while compiling ($compiling): cleaning the workspace's crates"
+  for package in $(cargo metadata --no-deps --format-version 1 --locked |
+    python3 -c 'import json, sys; print(*(p["name"] for p in json.load(sys.stdin)["packages"]))'); do
+    cargo clean --locked -p "$package"
+  done
+fi
+mkdir -p "$target_dir"
+touch "$compiling"
+
 step "lint (cargo clippy --all-targets -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
@@ -70,6 +87,7 @@ if [[ "$first" != "$second" ]]; then
   exit 1
 fi
 cargo test --workspace --locked --no-run
+rm -f "$compiling"
 
 step "Ollama for the driver tests (scripts/servers.sh ollama, built in the background since the start)"
 wait_for_background ollama "$ollama_job"
