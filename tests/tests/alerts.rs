@@ -187,3 +187,85 @@ fn unit_tests_load_the_rules_file() {
         "{out}"
     );
 }
+
+/// Catches a scrape config in the runbook ("Scraping without the Prometheus Operator") that
+/// Prometheus would refuse to load, or whose relabelling keeps on names the chart and the
+/// webhook no longer use (the pool label, the sidecar's and the operator's metrics ports, the
+/// operator Service's component label).
+#[test]
+fn the_runbooks_scrape_config_loads_and_names_what_we_deploy() {
+    let runbook = std::fs::read_to_string(repo_root().join("docs/runbook.md")).expect("runbook");
+    let section = runbook
+        .split("\n## Scraping without the Prometheus Operator")
+        .nth(1)
+        .expect("docs/runbook.md has the section 'Scraping without the Prometheus Operator'");
+    let config = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block in that section");
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("prometheus.yml");
+    std::fs::write(&path, config).expect("write");
+    let out = Command::new(tool("promtool").expect("the pinned promtool"))
+        .args(["check", "config", "--syntax-only"])
+        .arg(&path)
+        .output()
+        .expect("promtool");
+    success_stdout("promtool check config (docs/runbook.md)", out);
+
+    let parsed: Value = serde_saphyr::from_str(config).expect("the runbook's yaml");
+    let jobs = parsed["scrape_configs"].as_array().expect("scrape_configs");
+    let job_names: Vec<&str> = jobs.iter().filter_map(|j| j["job_name"].as_str()).collect();
+    // The names the alerts and the dashboard select on.
+    assert_eq!(job_names, ["modelpool-sidecar", "modelpool-operator"]);
+    let keeps: Vec<String> = jobs
+        .iter()
+        .flat_map(|j| j["relabel_configs"].as_array().cloned().unwrap_or_default())
+        .filter(|r| r["action"] == "keep")
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["source_labels"][0].as_str().unwrap_or(""),
+                r["regex"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let read = |path: &str| {
+        std::fs::read_to_string(repo_root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let inject = read("operator/src/webhook/inject.rs");
+    let helpers = read("charts/modelpool/templates/_helpers.tpl");
+    let service = read("charts/modelpool/templates/operator-service.yaml");
+    for (keep, source, what) in [
+        (
+            "__meta_kubernetes_pod_label_modelpool_io_pool .+",
+            inject.contains("modelpool.io/pool"),
+            "the pool label the webhook selects on",
+        ),
+        (
+            "__meta_kubernetes_pod_container_port_name mp-metrics",
+            inject.contains("\"mp-metrics\""),
+            "the sidecar's metrics port name",
+        ),
+        (
+            "__meta_kubernetes_service_label_app_kubernetes_io_component operator",
+            helpers.contains("app.kubernetes.io/component: operator"),
+            "the operator Service's component label",
+        ),
+        (
+            "__meta_kubernetes_endpoint_port_name metrics",
+            service.contains("- name: metrics"),
+            "the operator Service's port name",
+        ),
+    ] {
+        assert!(
+            keeps.contains(&keep.to_owned()),
+            "the runbook's config does not keep on {keep}: {keeps:?}"
+        );
+        assert!(
+            source,
+            "{what} is no longer what the runbook's config keeps on ({keep})"
+        );
+    }
+}
