@@ -44,6 +44,10 @@
 //!   in use, so granted after `s` and by `t` it is still in use at `t⁺` (and the same with
 //!   `s − load` and `− x_r`, rhs `−1`, for the load of a request that paid one),
 //! - `y + x_{r'} + v_r(t) ≥ 1` when the next request `r'` of its model comes at `t⁺` or later,
+//!   and `y + x_{r'} + Σ x_k ≥ 1` over `r` and the requests of the model before it that came
+//!   within `W + tick` of `t`: the copy `r'` uses was loaded by a request up to `r` that paid,
+//!   and it is held all through the interval unless that request was granted after `t`, so
+//!   was still unanswered then,
 //!
 //! and for `q` itself `y + z_q + v_q(t⁺) ≥ 1`. Then for each ceiling `Σ_m size_m / ceiling ·
 //! y_m ≤ 1`, and its knapsack-cover inequality: with `e = Σ size/ceiling − 1` the excess,
@@ -397,6 +401,27 @@ impl Program {
                     && let Some(kj) = position(j)
                 {
                     lower[m].push((with_v(vec![(pays[kj], 1.0)]), 1.0));
+                    // Relief needs a copy loaded after `t`: by a request of the model still
+                    // unanswered at `t` (within the horizon) that paid.
+                    let mut terms = vec![(pays[kj], 1.0), (pays[kr], 1.0)];
+                    let mut back = prev[r];
+                    let mut known = true;
+                    while let Some(i) = back {
+                        if w.requests[i].t + horizon <= t {
+                            break;
+                        }
+                        match position(i) {
+                            Some(ki) => terms.push((pays[ki], 1.0)),
+                            None => {
+                                known = false;
+                                break;
+                            }
+                        }
+                        back = prev[i];
+                    }
+                    if known {
+                        lower[m].push((terms, 1.0));
+                    }
                 }
             }
             // Models whose previous request lies before the window, more than the horizon
