@@ -77,7 +77,7 @@ cargo build --workspace --bins --locked
 # The images for the node test (tests/tests/node.rs), from the binaries just built (debug: the
 # release build would add minutes; `scripts/build-images.sh` alone builds release images),
 # twice, the second time without the layer cache: the digests must be equal.
-MODELPOOL_IMAGES_DIR="${CARGO_TARGET_DIR:-$PWD/target}/images"
+MODELPOOL_IMAGES_DIR="$target_dir/images"
 export MODELPOOL_IMAGES_DIR
 images() { MODELPOOL_IMAGE_PROFILE=debug MODELPOOL_SKIP_CARGO_BUILD=1 scripts/build-images.sh "$@"; }
 first=$(images | cut -d' ' -f1-2)
@@ -99,12 +99,12 @@ step "cargo test --workspace"
 cargo test --workspace --locked
 
 step "Python SDK tests (sdk/python, against the real sidecar)"
-MODELPOOL_SIDECAR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/modelpool-sidecar" \
+MODELPOOL_SIDECAR_BIN="$target_dir/debug/modelpool-sidecar" \
 MODELPOOL_REQUIRE_SIDECAR=1 MODELPOOL_SKIP_CARGO_BUILD=1 \
   sdk/python/run_tests.sh -q
 
 step "weights estimates against real writers and loaders (weights/tests/py: gguf, safetensors)"
-MODELPOOL_WEIGHTS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/modelpool-weights" \
+MODELPOOL_WEIGHTS_BIN="$target_dir/debug/modelpool-weights" \
   target/py-venv/bin/python -m pytest -q weights/tests/py
 
 # libFuzzer runs (nightly + cargo-fuzz, built once) are opt-in until their cold build is timed

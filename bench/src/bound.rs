@@ -292,7 +292,7 @@ impl Program {
         // `q` paid, `q` is served by `p`'s copy, usable at `a_p + D_p + load` at the earliest.
         for (kq, &q) in chunk.iter().enumerate() {
             let a_q = w.requests[q].t;
-            let mut between: Vec<(Variable, f64)> = vec![(pays[kq], 1.0)];
+            let mut between: Vec<Variable> = vec![pays[kq]];
             let mut p = prev[q];
             while let Some(i) = p {
                 let Some(kp) = position(i) else { break };
@@ -303,10 +303,10 @@ impl Program {
                 }
                 // D_q >= gap · (x_p − z_p − Σ x between)
                 let mut terms = vec![(waits[kq], 1.0), (pays[kp], -gap), (refused[kp], gap)];
-                terms.extend(between.iter().map(|&(x, _)| (x, gap)));
+                terms.extend(between.iter().map(|&x| (x, gap)));
                 problem.add_constraint(terms, ComparisonOp::Ge, 0.0);
                 rows += 1;
-                between.push((pays[kp], 1.0));
+                between.push(pays[kp]);
                 p = prev[i];
             }
         }

@@ -207,12 +207,12 @@ fn the_runbooks_scrape_config_loads_and_names_what_we_deploy() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("prometheus.yml");
     std::fs::write(&path, config).expect("write");
-    let out = Command::new(tool("promtool").expect("the pinned promtool"))
-        .args(["check", "config", "--syntax-only"])
-        .arg(&path)
-        .output()
-        .expect("promtool");
-    success_stdout("promtool check config (docs/runbook.md)", out);
+    promtool(&[
+        "check",
+        "config",
+        "--syntax-only",
+        path.to_str().expect("utf-8 path"),
+    ]);
 
     let parsed: Value = serde_saphyr::from_str(config).expect("the runbook's yaml");
     let jobs = parsed["scrape_configs"].as_array().expect("scrape_configs");
