@@ -2,7 +2,7 @@
 # The serving proxy where it has cores to spare: issue 13's targets (≥ 0.9 of direct
 # throughput, ≤ 1 ms added p99, a loaded model, 1 and 32 clients) judged on a machine that is
 # not the 2-core build machine, where 32 lock-step clients, the upstream and the proxy queue
-# for the same two cores (BENCHMARKS.md, proxy, rounds 10-11). About 3.5 minutes.
+# for the same two cores (BENCHMARKS.md, proxy, rounds 10-11). About 4.5 minutes.
 #
 #   bench/device/prepare.sh     # on the build machine: release binaries -> bench/device/bin/
 #   bash bench/device/proxy.sh  # on the many-core machine (python3 for the summary)
@@ -20,7 +20,8 @@
 #   PROXY_CHECK_SLICES         alternating slices (default 16)
 #   PROXY_CHECK_CLIENTS        client counts (default 1,32)
 #   PROXY_CHECK_WORKS          upstream work per request in µs, space-separated (default
-#                              "10000 2000": a small model's answer, then a fast one)
+#                              "10000 2000 0": a small model's answer, a fast one, and a
+#                              server that does nothing, where the proxy's own HTTP work shows)
 #   PROXY_CHECK_SIDECAR_CORES  K, cores of the pinned run's sidecar (default 4: the proxy's
 #                              default runtime uses at most 4 workers)
 #
@@ -39,7 +40,7 @@ sidecar="${MODELPOOL_SIDECAR_BIN:-$here/bin/modelpool-sidecar}"
 seconds="${PROXY_CHECK_SECONDS:-8}"
 slices="${PROXY_CHECK_SLICES:-16}"
 clients="${PROXY_CHECK_CLIENTS:-1,32}"
-read -r -a works <<<"${PROXY_CHECK_WORKS:-10000 2000}"
+read -r -a works <<<"${PROXY_CHECK_WORKS:-10000 2000 0}"
 sidecar_cores="${PROXY_CHECK_SIDECAR_CORES:-4}"
 
 setup_error() {

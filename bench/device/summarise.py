@@ -43,7 +43,8 @@ def interval_verdict(low: float, high: float) -> str:
 
 def cells(out: pathlib.Path) -> list[dict]:
     found = []
-    for path in sorted(out.glob("*.jsonl")):
+    # In the order the runs were made (each file is written while its run goes on).
+    for path in sorted(out.glob("*.jsonl"), key=lambda p: p.stat().st_mtime):
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
