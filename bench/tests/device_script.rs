@@ -3,26 +3,18 @@
 //! sidecar where it says it does, and write a summary whose verdicts follow from the rows. The
 //! device machine's few minutes are no place to find an orchestration bug.
 
+mod common;
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
 };
 
+use common::sidecar_bin;
 use serde_json::Value;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("device/proxy.sh")
-}
-
-fn sidecar_bin() -> PathBuf {
-    let sidecar =
-        PathBuf::from(env!("CARGO_BIN_EXE_modelpool-bench")).with_file_name("modelpool-sidecar");
-    assert!(
-        sidecar.exists(),
-        "{} is missing: build it with `cargo build -p modelpool-sidecar` (cargo test --workspace does)",
-        sidecar.display()
-    );
-    sidecar
 }
 
 fn run(out: &Path, bench: &Path, sidecar: &Path) -> Output {

@@ -3,22 +3,12 @@
 //! sides answered, the per-slice added p99 comes with an interval around its median, and
 //! the CPU per request of the sidecar and of the upstream are read.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
+use common::sidecar_bin;
 use serde_json::Value;
-
-/// The sidecar binary `cargo test --workspace` builds next to the bench.
-fn sidecar_bin() -> PathBuf {
-    let bench = PathBuf::from(env!("CARGO_BIN_EXE_modelpool-bench"));
-    let sidecar = bench.with_file_name("modelpool-sidecar");
-    assert!(
-        sidecar.exists(),
-        "{} is missing: build it with `cargo build -p modelpool-sidecar` (cargo test --workspace does)",
-        sidecar.display()
-    );
-    sidecar
-}
 
 fn num(row: &Value, key: &str) -> f64 {
     row[key]
